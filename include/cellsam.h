@@ -1,0 +1,127 @@
+/* cellsam: CellSAM (a foundation model for cell segmentation) in C.
+ *
+ * One model handle (read-only after load, shared by threads) and one context per
+ * thread (scratch memory and the current image embedding). Every call returns an
+ * int status (CELLSAM_OK or a CELLSAM_ERR_* code); cellsam_last_error() gives a
+ * one-line message for the calling thread. Everything the library allocates and
+ * hands out is released with a *_free function.
+ */
+#ifndef CELLSAM_H
+#define CELLSAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CELLSAM_VERSION "0.1.0"
+
+enum cellsam_status {
+    CELLSAM_OK = 0,
+    CELLSAM_ERR_IO = 1,          /* cannot open, read or write a file */
+    CELLSAM_ERR_FORMAT = 2,      /* malformed or truncated input */
+    CELLSAM_ERR_NOMEM = 3,       /* allocation failed */
+    CELLSAM_ERR_INVALID = 4,     /* invalid argument */
+    CELLSAM_ERR_UNSUPPORTED = 5, /* valid input that this build cannot handle */
+    CELLSAM_ERR_LIMIT = 6,       /* a size limit was exceeded */
+    CELLSAM_ERR_MODEL = 7        /* checkpoint lacks tensors or has wrong shapes */
+};
+
+const char *cellsam_last_error(void);
+const char *cellsam_status_string(int status);
+/* Free a buffer returned by the library (logits, labels, ...). */
+void cellsam_free(void *p);
+
+/* ------------------------------------------------------------------ model */
+
+typedef struct cellsam_model cellsam_model;
+typedef struct cellsam_context cellsam_context;
+
+typedef struct {
+    const char *config_path; /* optional JSON overriding hyper-parameters (heads, ...) */
+    int weights_dtype;       /* CELLSAM_DTYPE_F32 (default), _F16 or _BF16: compute dtype of weights */
+    int load_detector;       /* 1 (default): require and load CellFinder; 0: SAM only */
+} cellsam_model_params;
+
+enum { CELLSAM_DTYPE_F32 = 0, CELLSAM_DTYPE_F16 = 1, CELLSAM_DTYPE_BF16 = 2 };
+
+cellsam_model_params cellsam_model_default_params(void);
+/* Load a checkpoint: PyTorch .pt (zip + pickle, as published) or .safetensors.
+ * Every tensor the model needs is checked for presence and shape. */
+int cellsam_model_load(const char *path, const cellsam_model_params *params, cellsam_model **out);
+void cellsam_model_free(cellsam_model *model);
+
+typedef struct {
+    int image_size;       /* 1024 */
+    int patch_size;       /* 16 */
+    int embed_dim;        /* ViT width (768 for ViT-B) */
+    int depth;            /* ViT blocks */
+    int num_heads;
+    int window_size;
+    int mlp_dim;
+    int n_global;         /* number of global-attention blocks */
+    int global_blocks[32];
+    int prompt_dim;       /* P: embedding channels (256) */
+    int decoder_depth;
+    int decoder_heads;
+    int decoder_mlp_dim;
+    int has_detector;
+    int det_queries;
+    int det_enc_layers;
+    int det_dec_layers;
+    int det_heads;
+    const char *prefix;   /* "model_cp." or "" (plain SAM) */
+    const char *format;   /* "pytorch" or "safetensors" */
+} cellsam_model_info;
+
+int cellsam_model_get_info(const cellsam_model *model, cellsam_model_info *info);
+
+/* Per-thread context. */
+int cellsam_context_new(const cellsam_model *model, cellsam_context **out);
+void cellsam_context_free(cellsam_context *ctx);
+
+/* ------------------------------------------------------------------ engine */
+
+/* Run the SAM image encoder on a pre-processed network input (3 x S x S float32,
+ * channel-first, S = image_size) and keep the embedding in the context. */
+int cellsam_encode(cellsam_context *ctx, const float *input_chw, int n_threads);
+/* The current embedding (P x 64 x 64), owned by the context. */
+int cellsam_get_embedding(const cellsam_context *ctx, const float **data, int *channels,
+                          int *height, int *width);
+/* Install an embedding computed earlier (copied). */
+int cellsam_set_embedding(cellsam_context *ctx, const float *data, int channels, int height,
+                          int width);
+
+typedef struct {
+    float x1, y1, x2, y2; /* network-input frame (0..image_size) */
+} cellsam_box;
+
+typedef struct {
+    float x, y;
+    int label; /* 1 positive, 0 negative */
+} cellsam_point;
+
+typedef struct {
+    const cellsam_box *boxes;     /* one prompt per box; may be NULL */
+    int n_boxes;
+    const cellsam_point *points;  /* one point set, joined to every box's prompt */
+    int n_points;
+    const float *mask_input;      /* optional 256x256 low-resolution mask logits */
+    int multimask;                /* 0: mask token 0 only; 1: tokens 1..3 */
+    int n_threads;
+} cellsam_prompt;
+
+cellsam_prompt cellsam_default_prompt(void);
+
+/* Decode masks for the context's embedding. Outputs (free with cellsam_free):
+ * logits: n_batch x n_masks x 256 x 256 low-resolution mask logits;
+ * iou:    n_batch x n_masks predicted IoU. */
+int cellsam_decode(cellsam_context *ctx, const cellsam_prompt *prompt, float **logits,
+                   float **iou, int *n_batch, int *n_masks);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,60 @@
+/* Internal helpers shared by every part of the library: errors, checked sizes,
+ * aligned allocation, temp-file-and-rename output. */
+#ifndef CELLSAM_COMMON_H
+#define CELLSAM_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "cellsam.h"
+
+/* Record a one-line message for cellsam_last_error() and return `code`. */
+int cs_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prefix the current message with context ("loading X: ..."), return `code`. */
+int cs_error_prefix(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void cs_error_clear(void);
+
+/* Checked size arithmetic: return 0 and set *out, or return -1 on overflow. */
+static inline int cs_mul_size(size_t a, size_t b, size_t *out) {
+    if (a != 0 && b > SIZE_MAX / a) return -1;
+    *out = a * b;
+    return 0;
+}
+static inline int cs_add_size(size_t a, size_t b, size_t *out) {
+    if (b > SIZE_MAX - a) return -1;
+    *out = a + b;
+    return 0;
+}
+/* Product of n dims with overflow and cap check (cap 0 = none). */
+int cs_dims_product(const int64_t *dims, int n, size_t cap, size_t *out);
+
+/* 64-byte aligned allocation; free with cs_free. Sizes are element count times
+ * element size, multiplication checked. Returns NULL (and sets an error) on failure. */
+void *cs_alloc(size_t n, size_t elem_size);
+void *cs_calloc(size_t n, size_t elem_size);
+void cs_free(void *p);
+
+/* Output files are written to "<path>.tmp.<pid>" and renamed on success, so an
+ * interrupted run never leaves a half-written result under the final name. */
+typedef struct {
+    FILE *f;
+    char *final_path;
+    char *tmp_path;
+} cs_atomic_file;
+int cs_atomic_open(cs_atomic_file *af, const char *path);
+int cs_atomic_commit(cs_atomic_file *af); /* fclose + fsync-free rename; error if any write failed */
+void cs_atomic_abort(cs_atomic_file *af); /* close and unlink the temporary */
+
+/* Read a whole file (capped) into a malloc'd buffer. */
+int cs_read_file(const char *path, size_t cap, unsigned char **data, size_t *size);
+
+/* Half-precision conversions (round to nearest even). */
+float cs_f16_to_f32(uint16_t h);
+uint16_t cs_f32_to_f16(float f);
+float cs_bf16_to_f32(uint16_t h);
+uint16_t cs_f32_to_bf16(float f);
+
+double cs_now_seconds(void);
+
+#endif

@@ -1,0 +1,145 @@
+/* The model as loaded: hyper-parameters and float32 weight pointers for every part.
+ * Weights point into the checkpoint's memory map where possible (f32, aligned) and
+ * into owned converted copies otherwise. Read-only after load. */
+#ifndef CELLSAM_MODEL_H
+#define CELLSAM_MODEL_H
+
+#include "cellsam.h"
+#include "weights.h"
+
+/* ---- binding named tensors with shape checks ----
+ * Every failed lookup is recorded, so that a load error names every missing or
+ * mis-shaped tensor at once (the official loader silently keeps random values). */
+typedef struct {
+    const cs_weights *w;
+    const char *prefix;
+    char *problems;      /* newline-separated list */
+    size_t problems_len, problems_cap;
+    int n_problems;
+    void **owned;        /* converted copies (freed with the model) */
+    size_t n_owned, cap_owned;
+} cs_binder;
+
+/* Look up prefix+name and check its shape (ndim dims follow; -1 matches any size).
+ * Returns a float32 pointer or NULL (problem recorded). */
+const float *cs_bind(cs_binder *b, const char *name, int ndim, ...);
+/* NOTE: cs_bind's variadic dims must be int64_t: write (int64_t)n or use cs_bindf. */
+/* Same with a printf-formatted name and a dims array. */
+const float *cs_bindf(cs_binder *b, int ndim, const int64_t *dims, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+void cs_binder_release(cs_binder *b);
+
+/* ---- SAM ViT image encoder (also the CellFinder trunk, without neck) ---- */
+typedef struct {
+    const float *norm1_w, *norm1_b;
+    const float *qkv_w, *qkv_b;   /* (3D, D), (3D) */
+    const float *proj_w, *proj_b; /* (D, D) */
+    const float *rel_h, *rel_w;   /* (2*S-1, head_dim), S = window or grid */
+    const float *norm2_w, *norm2_b;
+    const float *lin1_w, *lin1_b; /* (mlp, D) */
+    const float *lin2_w, *lin2_b; /* (D, mlp) */
+    int window;                   /* 0 = global attention */
+} cs_vit_block;
+
+typedef struct {
+    int img_size, patch, grid; /* 1024, 16, 64 */
+    int dim, depth, heads, window, mlp;
+    const float *patch_w, *patch_b; /* (D,3,16,16), (D) */
+    const float *pos_embed;         /* (1,grid,grid,D) */
+    cs_vit_block *blocks;
+    int has_neck, out_chans;
+    const float *neck0_w;           /* (P, D, 1, 1) */
+    const float *neck1_w, *neck1_b; /* (P) */
+    const float *neck2_w;           /* (P, P, 3, 3) */
+    const float *neck3_w, *neck3_b; /* (P) */
+} cs_vit;
+
+/* Run the ViT on a 3 x img x img input. Output is channel-first:
+ * (out_chans, grid, grid) with a neck, (dim, grid, grid) without. */
+int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_threads);
+
+/* ---- SAM prompt encoder ---- */
+typedef struct {
+    int dim;                /* P */
+    int img_size;           /* 1024 */
+    int grid;               /* 64 */
+    const float *pe_gauss;  /* (2, P/2) */
+    const float *point_emb[4]; /* (1,P): neg, pos, box corner 1, box corner 2 */
+    const float *not_a_point;  /* (1,P) */
+    const float *no_mask;      /* (1,P) */
+    /* mask downscaling (used only with a mask prompt) */
+    int mask_in_chans;
+    const float *md0_w, *md0_b, *md1_w, *md1_b, *md3_w, *md3_b, *md4_w, *md4_b, *md6_w, *md6_b;
+} cs_prompt_encoder;
+
+/* Positional encoding of normalised coordinates (u,v) in [0,1]: out has P floats. */
+void cs_pe_encode(const cs_prompt_encoder *pe, float u, float v, float *out);
+/* Dense positional map (P, grid, grid), channel-first. */
+void cs_prompt_dense_pe(const cs_prompt_encoder *pe, float *out);
+/* Sparse embeddings for one prompt: optional box (x1,y1,x2,y2 in the 1024 frame)
+ * and points. Writes n_tokens x P to out (out must hold n_points+3 tokens);
+ * returns n_tokens. A padding point is added when there is no box. */
+int cs_prompt_sparse(const cs_prompt_encoder *pe, const float *box, const cellsam_point *points,
+                     int n_points, float *out);
+/* Dense embedding (P, grid, grid): no_mask broadcast, or the downscaled mask input
+ * (4*grid x 4*grid logits). */
+int cs_prompt_dense(const cs_prompt_encoder *pe, const float *mask_input, float *out, int n_threads);
+
+/* ---- SAM mask decoder (two-way transformer) ---- */
+typedef struct {
+    const float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
+    int internal; /* internal dim */
+} cs_attn;
+
+typedef struct {
+    cs_attn self_attn, t2i, i2t;
+    const float *norm1_w, *norm1_b, *norm2_w, *norm2_b, *norm3_w, *norm3_b, *norm4_w, *norm4_b;
+    const float *mlp1_w, *mlp1_b, *mlp2_w, *mlp2_b;
+} cs_twoway_layer;
+
+typedef struct {
+    int dim, depth, heads, mlp, n_mask_tokens;
+    cs_twoway_layer *layers;
+    cs_attn final_attn;
+    const float *norm_final_w, *norm_final_b;
+    const float *iou_token, *mask_tokens; /* (1,P), (n_mask_tokens,P) */
+    const float *up0_w, *up0_b;           /* ConvT (P, P/4, 2, 2) */
+    const float *up1_w, *up1_b;           /* LN2d (P/4) */
+    const float *up3_w, *up3_b;           /* ConvT (P/4, P/8, 2, 2) */
+    const float *hyper_w[16][3], *hyper_b[16][3]; /* per mask token: P->P->P->P/8 */
+    const float *iou_w[3], *iou_b[3];     /* P->H->H->n_mask_tokens */
+    int iou_hidden;
+} cs_mask_decoder;
+
+/* Decode one prompt batch. image_emb and dense_pe: (P,64,64); dense: (P,64,64) per
+ * batch item (dense_stride floats apart, 0 = shared); sparse: n_batch x n_tok x P.
+ * Outputs all mask tokens: logits n_batch x n_mask_tokens x 256 x 256, iou n_batch x n_mask_tokens. */
+int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
+                            const float *dense, size_t dense_stride, const float *sparse,
+                            int n_batch, int n_tok, float *logits, float *iou, int n_threads);
+
+/* ---- CellFinder head (Anchor-DETR with RCDA), filled in by cellfinder.c ---- */
+struct cs_cellfinder;
+
+struct cellsam_model {
+    cs_weights *weights;
+    char prefix[32];
+    cs_vit sam_vit;
+    cs_prompt_encoder pe;
+    cs_mask_decoder md;
+    int has_detector;
+    cs_vit det_vit;
+    struct cs_cellfinder *det;
+    cs_binder binder; /* owns converted tensors */
+    cellsam_model_info info;
+};
+
+struct cellsam_context {
+    const cellsam_model *model;
+    float *embedding; /* (P,64,64) */
+    int has_embedding;
+    float *dense_pe;  /* (P,64,64), computed once */
+};
+
+#endif

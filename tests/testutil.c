@@ -1,0 +1,78 @@
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+const char *tu_testdata(void) {
+    const char *e = getenv("CELLSAM_TESTDATA");
+    return e && *e ? e : CELLSAM_TESTDATA_DEFAULT;
+}
+
+const char *tu_datadir(void) {
+    const char *e = getenv("CELLSAM_DATA");
+    return e && *e ? e : CELLSAM_DATA_DEFAULT;
+}
+
+const char *tu_path(const char *fmt, ...) {
+    static char bufs[8][1024];
+    static int slot;
+    char rel[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rel, sizeof rel, fmt, ap);
+    va_end(ap);
+    char *b = bufs[slot++ & 7];
+    snprintf(b, 1024, "%s/%s", tu_testdata(), rel);
+    return b;
+}
+
+void tu_load(cs_npy *out, const char *fmt, ...) {
+    char rel[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(rel, sizeof rel, fmt, ap);
+    va_end(ap);
+    const char *p = tu_path("%s", rel);
+    if (cs_npy_load(p, out) != 0) fail_msg("cannot load reference %s", p);
+}
+
+double tu_check_close(const char *what, const float *got, const float *ref, size_t n, double atol) {
+    double maxerr = 0;
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)ref[i]);
+        if (isnan(got[i]) != isnan(ref[i])) d = INFINITY;
+        if (!(d <= maxerr)) {
+            maxerr = d;
+            at = i;
+        }
+    }
+    printf("  %-48s n=%-9zu max_abs_err=%.3g (tol %.1g)\n", what, n, maxerr, atol);
+    if (!(maxerr <= atol))
+        fail_msg("%s: max abs error %.6g at index %zu (got %.8g, want %.8g) exceeds %.3g", what,
+                 maxerr, at, (double)got[at], (double)ref[at], atol);
+    return maxerr;
+}
+
+double tu_check_npy(const char *what, const float *got, size_t n, const cs_npy *ref, double atol) {
+    if (ref->count != n) fail_msg("%s: reference has %zu elements, result %zu", what, ref->count, n);
+    float *r = cs_npy_to_f32(ref);
+    assert_non_null(r);
+    double e = tu_check_close(what, got, r, n, atol);
+    free(r);
+    return e;
+}
+
+const char *tu_cli(void) { return CELLSAM_CLI_PATH; }
+
+const char *tu_tmpdir(void) {
+    static char dir[256];
+    if (!dir[0]) {
+        snprintf(dir, sizeof dir, "/tmp/cellsam-test-XXXXXX");
+        if (!mkdtemp(dir)) fail_msg("mkdtemp failed");
+    }
+    return dir;
+}

@@ -1,0 +1,32 @@
+/* Shared test helpers: locating the reference folders, loading .npy references,
+ * comparing arrays at a stated tolerance (and printing the error seen). */
+#ifndef CELLSAM_TESTUTIL_H
+#define CELLSAM_TESTUTIL_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "npy.h"
+
+/* $CELLSAM_TESTDATA, else the build's default (../shared/testdata/tiny). */
+const char *tu_testdata(void);
+/* $CELLSAM_DATA, else ../shared/data. */
+const char *tu_datadir(void);
+/* Path under the reference folder (static buffer rotated over 8 slots). */
+const char *tu_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Load a reference array; fails the test if it is missing. */
+void tu_load(cs_npy *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* max |a-b| over n, and fail (with a message) if it exceeds atol. NaN fails. */
+double tu_check_close(const char *what, const float *got, const float *ref, size_t n, double atol);
+/* Compare got (float32) with a loaded reference of the same element count. */
+double tu_check_npy(const char *what, const float *got, size_t n, const cs_npy *ref, double atol);
+/* Path of the built CLI. */
+const char *tu_cli(void);
+/* Temporary directory for the test (created once). */
+const char *tu_tmpdir(void);
+
+#endif
