@@ -90,15 +90,6 @@ static const float *bind_impl(cs_binder *b, const char *name, int ndim, const in
     return f;
 }
 
-const float *cs_bind(cs_binder *b, const char *name, int ndim, ...) {
-    int64_t dims[CS_MAX_DIMS];
-    va_list ap;
-    va_start(ap, ndim);
-    for (int i = 0; i < ndim && i < CS_MAX_DIMS; i++) dims[i] = va_arg(ap, int64_t);
-    va_end(ap);
-    return bind_impl(b, name, ndim, dims);
-}
-
 const float *cs_bindf(cs_binder *b, int ndim, const int64_t *dims, const char *fmt, ...) {
     char name[512];
     va_list ap;

@@ -20,11 +20,12 @@ typedef struct {
     size_t n_owned, cap_owned;
 } cs_binder;
 
-/* Look up prefix+name and check its shape (ndim dims follow; -1 matches any size).
- * Returns a float32 pointer or NULL (problem recorded). */
-const float *cs_bind(cs_binder *b, const char *name, int ndim, ...);
-/* NOTE: cs_bind's variadic dims must be int64_t: write (int64_t)n or use cs_bindf. */
-/* Same with a printf-formatted name and a dims array. */
+/* Look up prefix+name (printf-formatted) and check its shape (-1 matches any size).
+ * Returns a float32 pointer or NULL (problem recorded). Use with CS_SHAPE:
+ *   cs_bindf(b, CS_SHAPE(D, 3, 16, 16), "image_encoder.patch_embed.proj.weight") */
+#define CS_SHAPE(...)                                                        \
+    (int)(sizeof((const int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),         \
+        (const int64_t[]) { __VA_ARGS__ }
 const float *cs_bindf(cs_binder *b, int ndim, const int64_t *dims, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
