@@ -1,0 +1,24 @@
+/* cellsam CLI: one function per subcommand, each in tools/cmd_<name>.c.
+ * A subcommand returns the process exit status: 0 success, 1 failure (with a
+ * one-line "cellsam <cmd>: error: ..." on stderr), 2 usage error. */
+#ifndef CELLSAM_CLI_H
+#define CELLSAM_CLI_H
+
+int cmd_embed(int argc, char **argv);
+int cmd_prompt(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_segment(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+int cmd_train(int argc, char **argv);
+int cmd_finetune(int argc, char **argv);
+
+/* Shared helpers (tools/cli_util.c). */
+void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int cli_parse_int(const char *s, int lo, int hi, int *out);
+int cli_parse_floats(const char *s, float *out, int n); /* "a,b,c" -> exactly n values */
+int cli_default_threads(void);
+
+#endif
