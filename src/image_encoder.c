@@ -1,0 +1,214 @@
+/* SAM ViT image encoder (spec §4.2): patch embedding, absolute positions, blocks
+ * with windowed or global attention and decomposed relative positions, optional
+ * neck. Used twice: SAM's encoder (with neck) and CellFinder's trunk (without).
+ *
+ * Tokens are kept channel-last (N x D, row-major), so every linear layer is one
+ * GEMM against the PyTorch (out, in) weight without transposes. */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "model.h"
+#include "ops.h"
+
+/* Query rows per attention block: bounds the score buffer to QB x N floats, so the
+ * global attention never holds a full N x N matrix (let alone all heads at once). */
+#define ATTN_QBLOCK 128
+
+/* One attention head over one window (or the whole grid, for global blocks).
+ * q/k/v rows are `ld` floats apart; n = side*side tokens in row-major order.
+ * out rows are `ldo` floats apart. scratch: ATTN_QBLOCK*(n + hd + 2*side) floats. */
+static void attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
+                           const float *rel_h, const float *rel_w, float scale, float *out, int ldo,
+                           float *scratch) {
+    int n = side * side;
+    float *scores = scratch;
+    float *qs = scores + (size_t)ATTN_QBLOCK * n;
+    float *rh = qs + (size_t)ATTN_QBLOCK * hd;
+    float *rw = rh + (size_t)ATTN_QBLOCK * side;
+    for (int q0 = 0; q0 < n; q0 += ATTN_QBLOCK) {
+        int qb = n - q0 < ATTN_QBLOCK ? n - q0 : ATTN_QBLOCK;
+        for (int i = 0; i < qb; i++)
+            for (int c = 0; c < hd; c++) qs[(size_t)i * hd + c] = q[(size_t)(q0 + i) * ld + c] * scale;
+        /* scores = (q * scale) k^T, as the reference orders it */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f,
+                    scores, n);
+        /* decomposed relative positions, from the unscaled q:
+         * rh[i][ky] = q_i . Rh[qy - ky + side - 1], rw[i][kx] = q_i . Rw[qx - kx + side - 1] */
+        for (int i = 0; i < qb; i++) {
+            int t = q0 + i, qy = t / side, qx = t % side;
+            const float *qi = q + (size_t)t * ld;
+            for (int kk = 0; kk < side; kk++) {
+                const float *ph = rel_h + (size_t)(qy - kk + side - 1) * hd;
+                const float *pw = rel_w + (size_t)(qx - kk + side - 1) * hd;
+                float sh = 0.f, sw = 0.f;
+                for (int c = 0; c < hd; c++) {
+                    sh += qi[c] * ph[c];
+                    sw += qi[c] * pw[c];
+                }
+                rh[(size_t)i * side + kk] = sh;
+                rw[(size_t)i * side + kk] = sw;
+            }
+            float *srow = scores + (size_t)i * n;
+            for (int ky = 0; ky < side; ky++) {
+                float h = rh[(size_t)i * side + ky];
+                float *s = srow + (size_t)ky * side;
+                const float *w = rw + (size_t)i * side;
+                for (int kx = 0; kx < side; kx++) s[kx] += h + w[kx];
+            }
+            cs_softmax_row(srow, n);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, hd, n, 1.0f, scores, n, v, ld, 0.0f,
+                    out + (size_t)q0 * ldo, ldo);
+    }
+}
+
+/* Attention sub-block: X (grid*grid x D) is LN1 output; writes the attention
+ * result (before proj) into O (grid*grid x D). */
+static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
+                           int n_threads) {
+    const int D = v->dim, G = v->grid, H = v->heads, hd = D / H;
+    const int side = b->window ? b->window : G;
+    const int nwin_side = (G + side - 1) / side;
+    const int Gp = nwin_side * side; /* padded grid */
+    const int nwin = nwin_side * nwin_side;
+    const size_t ntok = (size_t)nwin * side * side;
+    float *Yw = cs_calloc(ntok, (size_t)D * sizeof(float));
+    float *QKV = cs_alloc(ntok, (size_t)3 * D * sizeof(float));
+    float *Ow = cs_alloc(ntok, (size_t)D * sizeof(float));
+    if (!Yw || !QKV || !Ow) {
+        free(Yw);
+        free(QKV);
+        free(Ow);
+        return CELLSAM_ERR_NOMEM;
+    }
+    /* window partition of the zero-padded grid: padded tokens stay 0 after the norm,
+     * so their q/k/v equal the bias and they take part in attention (reference behaviour) */
+    for (int y = 0; y < G; y++)
+        for (int x = 0; x < G; x++) {
+            int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
+            size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
+            memcpy(Yw + row * D, Y + ((size_t)y * G + x) * D, (size_t)D * sizeof(float));
+        }
+    (void)Gp;
+    cs_linear(Yw, (int)ntok, D, b->qkv_w, b->qkv_b, 3 * D, QKV, n_threads);
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int n = side * side;
+    const size_t scratch_len = (size_t)ATTN_QBLOCK * (n + hd + 2 * side);
+    const int items = nwin * H;
+    int nt = n_threads < items ? n_threads : items;
+    float *scratch = cs_alloc((size_t)nt, scratch_len * sizeof(float));
+    if (!scratch) {
+        free(Yw);
+        free(QKV);
+        free(Ow);
+        return CELLSAM_ERR_NOMEM;
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int it = 0; it < items; it++) {
+        int w = it / H, h = it % H;
+        const float *base = QKV + (size_t)w * n * 3 * D;
+        attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
+                       b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D,
+                       scratch + (size_t)omp_get_thread_num() * scratch_len);
+    }
+    free(scratch);
+    /* un-partition and crop the padding */
+    for (int y = 0; y < G; y++)
+        for (int x = 0; x < G; x++) {
+            int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
+            size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
+            memcpy(O + ((size_t)y * G + x) * D, Ow + row * D, (size_t)D * sizeof(float));
+        }
+    free(Yw);
+    free(QKV);
+    free(Ow);
+    return CELLSAM_OK;
+}
+
+int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_threads) {
+    const int D = v->dim, G = v->grid, P = v->patch, S = v->img_size;
+    const size_t N = (size_t)G * G;
+    const int K = 3 * P * P;
+    if (n_threads < 1) n_threads = 1;
+    float *X = cs_alloc(N, (size_t)D * sizeof(float));
+    float *Y = cs_alloc(N, (size_t)D * sizeof(float));
+    float *T = cs_alloc(N, (size_t)(K > D ? K : D) * sizeof(float));
+    float *M = cs_alloc(N, (size_t)v->mlp * sizeof(float));
+    int rc = CELLSAM_OK;
+    if (!X || !Y || !T || !M) {
+        rc = CELLSAM_ERR_NOMEM;
+        goto done;
+    }
+    /* patch embedding as one GEMM: rows = patches, columns = (c, ky, kx) as in the conv weight */
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int py = 0; py < G; py++)
+        for (int px = 0; px < G; px++) {
+            float *row = T + ((size_t)py * G + px) * K;
+            for (int c = 0; c < 3; c++)
+                for (int ky = 0; ky < P; ky++)
+                    memcpy(row + (c * P + ky) * P,
+                           input_chw + ((size_t)c * S + (size_t)py * P + ky) * S + (size_t)px * P,
+                           (size_t)P * sizeof(float));
+        }
+    cs_linear(T, (int)N, K, v->patch_w, v->patch_b, D, X, n_threads);
+    cs_add(X, v->pos_embed, N * D);
+
+    for (int bi = 0; bi < v->depth; bi++) {
+        const cs_vit_block *b = &v->blocks[bi];
+        cs_layernorm(X, Y, (int)N, D, b->norm1_w, b->norm1_b, 1e-6f, n_threads);
+        rc = block_attention(v, b, Y, T, n_threads);
+        if (rc) goto done;
+        /* X += proj(attn): accumulate straight into X through beta = 1 */
+        for (size_t i = 0; i < N; i++) cs_add(X + i * D, b->proj_b, (size_t)D);
+        cs_gemm((int)N, D, D, T, D, b->proj_w, D, 1, 1.0f, X, D, n_threads);
+        cs_layernorm(X, Y, (int)N, D, b->norm2_w, b->norm2_b, 1e-6f, n_threads);
+        cs_linear(Y, (int)N, D, b->lin1_w, b->lin1_b, v->mlp, M, n_threads);
+        cs_gelu(M, N * v->mlp, n_threads);
+        for (size_t i = 0; i < N; i++) cs_add(X + i * D, b->lin2_b, (size_t)D);
+        cs_gemm((int)N, D, v->mlp, M, v->mlp, b->lin2_w, v->mlp, 1, 1.0f, X, D, n_threads);
+    }
+
+    if (!v->has_neck) {
+        cs_transpose(X, out, (int)N, D);
+        goto done;
+    }
+    {
+        const int C = v->out_chans;
+        /* 1x1 conv (no bias) + LayerNorm2d over channels (= LayerNorm per token) */
+        cs_linear(X, (int)N, D, v->neck0_w, NULL, C, Y, n_threads);
+        cs_layernorm(Y, Y, (int)N, C, v->neck1_w, v->neck1_b, 1e-6f, n_threads);
+        /* 3x3 conv, padding 1, no bias, via im2col: columns (c, ky, kx) */
+        float *col = cs_alloc(N, (size_t)C * 9 * sizeof(float));
+        if (!col) {
+            rc = CELLSAM_ERR_NOMEM;
+            goto done;
+        }
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int y = 0; y < G; y++)
+            for (int x = 0; x < G; x++) {
+                float *row = col + ((size_t)y * G + x) * C * 9;
+                for (int c = 0; c < C; c++)
+                    for (int ky = 0; ky < 3; ky++)
+                        for (int kx = 0; kx < 3; kx++) {
+                            int sy = y + ky - 1, sx = x + kx - 1;
+                            row[c * 9 + ky * 3 + kx] =
+                                (sy < 0 || sy >= G || sx < 0 || sx >= G) ? 0.f : Y[((size_t)sy * G + sx) * C + c];
+                        }
+            }
+        cs_linear(col, (int)N, C * 9, v->neck2_w, NULL, C, X, n_threads);
+        free(col);
+        cs_layernorm(X, X, (int)N, C, v->neck3_w, v->neck3_b, 1e-6f, n_threads);
+        cs_transpose(X, out, (int)N, C);
+    }
+done:
+    free(X);
+    free(Y);
+    free(T);
+    free(M);
+    if (rc == CELLSAM_ERR_NOMEM) return cs_error(rc, "out of memory in the image encoder");
+    return rc;
+}

@@ -1,0 +1,277 @@
+/* SAM parity against the official PyTorch outputs (testdata MANIFEST.md):
+ * image encoder (unit pattern), the CellFinder ViT trunk, prompt encoder (boxes,
+ * points, padding point, dense PE), mask decoder (single and multimask, IoU), on
+ * every case and prompt set of the reference folder. */
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "model.h"
+#include "testutil.h"
+
+static cellsam_model *g_model;
+static cellsam_context *g_ctx;
+
+static int setup(void **state) {
+    (void)state;
+    cellsam_model_params p = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    p.config_path = cfg;
+    if (cellsam_model_load(tu_path("checkpoint.safetensors"), &p, &g_model) != 0) {
+        fprintf(stderr, "load failed: %s\n", cellsam_last_error());
+        return -1;
+    }
+    return cellsam_context_new(g_model, &g_ctx) == 0 ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    cellsam_context_free(g_ctx);
+    cellsam_model_free(g_model);
+    return 0;
+}
+
+static float *pattern_input(int a, int b, int c_mul, int kind) {
+    float *x = malloc((size_t)3 * 1024 * 1024 * sizeof(float));
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < 1024; y++)
+            for (int xx = 0; xx < 1024; xx++) {
+                int v = (a * xx + b * y + c_mul * c) % 256;
+                x[((size_t)c * 1024 + y) * 1024 + xx] = kind == 0 ? (float)v / 64.0f - 2.0f : (float)v / 255.0f;
+            }
+    return x;
+}
+
+static void test_sam_encoder_unit_pattern(void **state) {
+    (void)state;
+    float *x = pattern_input(7, 13, 29, 0);
+    assert_int_equal(cellsam_encode(g_ctx, x, 2), 0);
+    const float *emb;
+    int C, H, W;
+    assert_int_equal(cellsam_get_embedding(g_ctx, &emb, &C, &H, &W), 0);
+    cs_npy ref;
+    tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
+    tu_check_npy("sam_encoder_output", emb, (size_t)C * H * W, &ref, 1e-4);
+    cs_npy_free(&ref);
+    free(x);
+}
+
+static void test_detector_trunk_unit_pattern(void **state) {
+    (void)state;
+    if (!g_model->det_vit.blocks) skip();
+    float *x = pattern_input(11, 5, 17, 1);
+    const cs_vit *v = &g_model->det_vit;
+    float *out = malloc((size_t)v->dim * 64 * 64 * sizeof(float));
+    assert_int_equal(cs_vit_forward(v, x, out, 2), 0);
+    cs_npy ref;
+    tu_load(&ref, "unit_pattern/det_backbone_features.npy");
+    tu_check_npy("det_backbone_features", out, (size_t)v->dim * 64 * 64, &ref, 1e-4);
+    cs_npy_free(&ref);
+    free(out);
+    free(x);
+}
+
+static void test_dense_pe_and_no_mask(void **state) {
+    (void)state;
+    const int P = g_model->pe.dim;
+    float *crop = malloc((size_t)P * 16 * 16 * sizeof(float));
+    for (int c = 0; c < P; c++)
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 16; j++)
+                crop[(c * 16 + i) * 16 + j] = g_ctx->dense_pe[((size_t)c * 64 + 24 + i) * 64 + 24 + j];
+    cs_npy ref;
+    tu_load(&ref, "common/dense_pe_crop.npy");
+    tu_check_npy("dense_pe_crop", crop, (size_t)P * 256, &ref, 2e-5);
+    cs_npy_free(&ref);
+    float *dense = malloc((size_t)P * 4096 * sizeof(float));
+    assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
+    float *first = malloc((size_t)P * sizeof(float));
+    for (int c = 0; c < P; c++) first[c] = dense[(size_t)c * 4096 + 4095];
+    tu_load(&ref, "common/no_mask_dense_embedding.npy");
+    tu_check_npy("no_mask_dense_embedding", first, (size_t)P, &ref, 0);
+    cs_npy_free(&ref);
+    free(first);
+    free(dense);
+    free(crop);
+}
+
+static void install_embedding(const char *case_dir) {
+    cs_npy emb;
+    tu_load(&emb, "%s/20_sam_image_embedding.npy", case_dir);
+    float *e = cs_npy_to_f32(&emb);
+    assert_int_equal(cellsam_set_embedding(g_ctx, e, (int)emb.shape[0], (int)emb.shape[1], (int)emb.shape[2]), 0);
+    free(e);
+    cs_npy_free(&emb);
+}
+
+/* Every case: sparse embeddings and IoU of each kept box, low-res logits of the first. */
+static void test_cases_prompt_and_decoder(void **state) {
+    (void)state;
+    DIR *d = opendir(tu_testdata());
+    assert_non_null(d);
+    struct dirent *de;
+    int n_cases = 0;
+    const int P = g_model->pe.dim;
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, "case_", 5) != 0) continue;
+        char name[256];
+        snprintf(name, sizeof name, "%s", de->d_name);
+        printf(" %s\n", name);
+        install_embedding(name);
+        cs_npy boxes, sparse, iou, low;
+        tu_load(&boxes, "%s/39_sam_box_prompts.npy", name);
+        tu_load(&sparse, "%s/40_prompt_sparse.npy", name);
+        tu_load(&iou, "%s/42_iou_predictions.npy", name);
+        tu_load(&low, "%s/41_lowres_mask_logits_first.npy", name);
+        int K = (int)boxes.shape[0];
+        cellsam_box *bx = malloc((size_t)K * sizeof *bx);
+        float *sp = malloc((size_t)K * 2 * P * sizeof(float));
+        for (int k = 0; k < K; k++) {
+            bx[k].x1 = (float)cs_npy_get(&boxes, 4 * k);
+            bx[k].y1 = (float)cs_npy_get(&boxes, 4 * k + 1);
+            bx[k].x2 = (float)cs_npy_get(&boxes, 4 * k + 2);
+            bx[k].y2 = (float)cs_npy_get(&boxes, 4 * k + 3);
+            float b4[4] = {bx[k].x1, bx[k].y1, bx[k].x2, bx[k].y2};
+            assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sp + (size_t)k * 2 * P), 2);
+        }
+        tu_check_npy("40_prompt_sparse", sp, (size_t)K * 2 * P, &sparse, 2e-5);
+        cellsam_prompt pr = cellsam_default_prompt();
+        pr.boxes = bx;
+        pr.n_boxes = K;
+        pr.n_threads = 2;
+        float *lg, *io;
+        int nb, nmk;
+        assert_int_equal(cellsam_decode(g_ctx, &pr, &lg, &io, &nb, &nmk), 0);
+        assert_int_equal(nb, K);
+        assert_int_equal(nmk, 1);
+        tu_check_npy("42_iou_predictions", io, (size_t)K, &iou, 1e-5);
+        tu_check_npy("41_lowres_mask_logits_first", lg, 256 * 256, &low, 1e-4);
+        /* one box at a time (the official loop) gives the same as the batch */
+        pr.n_boxes = 1;
+        float *lg1, *io1;
+        assert_int_equal(cellsam_decode(g_ctx, &pr, &lg1, &io1, &nb, &nmk), 0);
+        tu_check_close("batch vs single box", lg1, lg, 256 * 256, 1e-5);
+        cellsam_free(lg1);
+        cellsam_free(io1);
+        cellsam_free(lg);
+        cellsam_free(io);
+        free(sp);
+        free(bx);
+        cs_npy_free(&boxes);
+        cs_npy_free(&sparse);
+        cs_npy_free(&iou);
+        cs_npy_free(&low);
+        n_cases++;
+    }
+    closedir(d);
+    assert_true(n_cases > 0);
+}
+
+/* Hand-chosen prompt sets (boxes, multimask, points with padding, box plus points). */
+static void test_prompt_sets(void **state) {
+    (void)state;
+    DIR *d = opendir(tu_testdata());
+    assert_non_null(d);
+    struct dirent *de;
+    int n_sets = 0;
+    const int P = g_model->pe.dim;
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, "prompts_", 8) != 0) continue;
+        char base[256], emb_case[300];
+        snprintf(base, sizeof base, "%s", de->d_name);
+        snprintf(emb_case, sizeof emb_case, "case_%s", base + 8);
+        install_embedding(emb_case);
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/%s", tu_testdata(), base);
+        DIR *d2 = opendir(dir);
+        assert_non_null(d2);
+        struct dirent *e2;
+        while ((e2 = readdir(d2))) {
+            if (e2->d_name[0] == '.') continue;
+            char set[600];
+            snprintf(set, sizeof set, "%s/%s", base, e2->d_name);
+            printf(" %s\n", set);
+            struct stat st;
+            cs_npy boxes = {0}, coords = {0}, labels = {0}, sparse, low, iou;
+            int has_boxes = stat(tu_path("%s/in_boxes.npy", set), &st) == 0;
+            int has_points = stat(tu_path("%s/in_point_coords.npy", set), &st) == 0;
+            if (has_boxes) tu_load(&boxes, "%s/in_boxes.npy", set);
+            if (has_points) {
+                tu_load(&coords, "%s/in_point_coords.npy", set);
+                tu_load(&labels, "%s/in_point_labels.npy", set);
+            }
+            tu_load(&sparse, "%s/sparse.npy", set);
+            tu_load(&low, "%s/lowres_logits.npy", set);
+            tu_load(&iou, "%s/iou_pred.npy", set);
+            int nbx = has_boxes ? (int)boxes.shape[0] : 0;
+            int npt = has_points ? (int)coords.shape[1] : 0;
+            cellsam_box *bx = calloc((size_t)(nbx ? nbx : 1), sizeof *bx);
+            cellsam_point *pts = calloc((size_t)(npt ? npt : 1), sizeof *pts);
+            for (int k = 0; k < nbx; k++) {
+                bx[k].x1 = (float)cs_npy_get(&boxes, 4 * k);
+                bx[k].y1 = (float)cs_npy_get(&boxes, 4 * k + 1);
+                bx[k].x2 = (float)cs_npy_get(&boxes, 4 * k + 2);
+                bx[k].y2 = (float)cs_npy_get(&boxes, 4 * k + 3);
+            }
+            for (int k = 0; k < npt; k++) {
+                pts[k].x = (float)cs_npy_get(&coords, 2 * k);
+                pts[k].y = (float)cs_npy_get(&coords, 2 * k + 1);
+                pts[k].label = (int)cs_npy_get(&labels, k);
+            }
+            int multimask = (int)low.shape[1] > 1;
+            /* sparse tokens */
+            int nb = nbx ? nbx : 1;
+            int ntok = (int)sparse.shape[1];
+            float *sp = malloc((size_t)nb * ntok * P * sizeof(float));
+            for (int k = 0; k < nb; k++) {
+                float b4[4] = {bx[k].x1, bx[k].y1, bx[k].x2, bx[k].y2};
+                int t = cs_prompt_sparse(&g_model->pe, nbx ? b4 : NULL, pts, npt, sp + (size_t)k * ntok * P);
+                assert_int_equal(t, ntok);
+            }
+            tu_check_npy("sparse", sp, (size_t)nb * ntok * P, &sparse, 2e-5);
+            cellsam_prompt pr = cellsam_default_prompt();
+            pr.boxes = nbx ? bx : NULL;
+            pr.n_boxes = nbx;
+            pr.points = pts;
+            pr.n_points = npt;
+            pr.multimask = multimask;
+            pr.n_threads = 2;
+            float *lg, *io;
+            int ob, om;
+            assert_int_equal(cellsam_decode(g_ctx, &pr, &lg, &io, &ob, &om), 0);
+            assert_int_equal(ob * om, (int)(low.count / (256 * 256)));
+            tu_check_npy("lowres_logits", lg, low.count, &low, 1e-4);
+            tu_check_npy("iou_pred", io, iou.count, &iou, 1e-5);
+            cellsam_free(lg);
+            cellsam_free(io);
+            free(sp);
+            free(bx);
+            free(pts);
+            cs_npy_free(&boxes);
+            cs_npy_free(&coords);
+            cs_npy_free(&labels);
+            cs_npy_free(&sparse);
+            cs_npy_free(&low);
+            cs_npy_free(&iou);
+            n_sets++;
+        }
+        closedir(d2);
+    }
+    closedir(d);
+    assert_true(n_sets > 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dense_pe_and_no_mask),
+        cmocka_unit_test(test_sam_encoder_unit_pattern),
+        cmocka_unit_test(test_detector_trunk_unit_pattern),
+        cmocka_unit_test(test_cases_prompt_and_decoder),
+        cmocka_unit_test(test_prompt_sets),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
