@@ -329,13 +329,20 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     if (!rc && b->n_problems) rc = CELLSAM_ERR_MODEL;
     if (rc) {
         if (b->n_problems) {
-            /* one line: count plus the first problems, then the full list on later lines */
-            char first[300] = "";
-            const char *nl = b->problems ? strchr(b->problems, '\n') : NULL;
-            if (nl) snprintf(first, sizeof first, "%.*s", (int)(nl - b->problems), b->problems);
-            rc = cs_error(CELLSAM_ERR_MODEL, "%s: %d tensor problem%s: %s%s%s", path, b->n_problems,
-                          b->n_problems > 1 ? "s" : "", first, b->n_problems > 1 ? "; all:\n" : "",
-                          b->n_problems > 1 ? b->problems : "");
+            /* one line naming every problem (the first 20, then a count) */
+            char list[900];
+            size_t o = 0;
+            int shown = 0;
+            for (const char *p = b->problems; p && *p && shown < 20; shown++) {
+                const char *nl = strchr(p, '\n');
+                size_t len = nl ? (size_t)(nl - p) : strlen(p);
+                int n = snprintf(list + o, sizeof list - o, "%s%.*s", shown ? "; " : "", (int)len, p);
+                if (n < 0 || (size_t)n >= sizeof list - o) break;
+                o += (size_t)n;
+                p = nl ? nl + 1 : p + len;
+            }
+            rc = cs_error(CELLSAM_ERR_MODEL, "%s: %d tensor problem%s: %s%s", path, b->n_problems,
+                          b->n_problems > 1 ? "s" : "", list, b->n_problems > shown ? "; ..." : "");
         } else {
             cs_error_prefix(rc, "%s", path);
         }
