@@ -121,6 +121,59 @@ cellsam_prompt cellsam_default_prompt(void);
 int cellsam_decode(cellsam_context *ctx, const cellsam_prompt *prompt, float **logits,
                    float **iou, int *n_batch, int *n_masks);
 
+
+/* ------------------------------------------------------------ segmentation */
+
+typedef struct {
+    float bbox_threshold;  /* detector score threshold blended with k-means (0.4) */
+    float iou_threshold;   /* masks with predicted IoU below this are dropped (0.5) */
+    float mask_threshold;  /* sigmoid(logit) > this is foreground (0.4) */
+    int min_size;          /* objects smaller than this many pixels are removed (25) */
+    int remove_boundaries; /* subtract a 1-pixel outline from every label (0) */
+    int normalize;         /* percentile clip + CLAHE per channel, as the official code (1) */
+    const cellsam_box *boxes; /* optional user boxes in image pixels: skip CellFinder */
+    int n_boxes;
+    /* tiled (whole-slide) mode, the official default: blocks with halos, IoU linking */
+    int tiled;             /* 1 (default) tiled, 0 whole image (official segment_cellular_image) */
+    int block_size;        /* 400 */
+    int overlap;           /* 56: halo on every side of a block */
+    int iou_depth;         /* 56: half-width of the linking band */
+    float link_iou;        /* 0.5: IoU needed to merge labels across tiles */
+    int halo_mirror;       /* 0: periodic wrap at image borders (official); 1: mirror */
+    int n_threads;
+    /* progress: called after each tile with (done, total); may be NULL */
+    void (*progress)(int done, int total, void *user);
+    void *progress_user;
+} cellsam_segment_params;
+
+cellsam_segment_params cellsam_segment_default_params(void);
+
+typedef struct {
+    uint32_t label;
+    int x0, y0, x1, y1;    /* bounding box, half-open, image pixels */
+    int64_t area;
+    double cx, cy;         /* centroid */
+    float score;           /* detector score (1 for user boxes) */
+    float iou;             /* predicted IoU of the mask */
+} cellsam_cell;
+
+typedef struct {
+    int width, height;
+    uint32_t *labels;      /* height x width, 0 = background */
+    int n_cells;
+    cellsam_cell *cells;   /* n_cells entries, by label */
+    int n_boxes_detected;  /* boxes kept by the detector (or given) */
+    double seconds;        /* wall time of the call */
+} cellsam_result;
+
+/* Segment an image: `image` is height x width x channels float32 (interleaved), with
+ * channels already in the official order: 1 channel = whole-cell, 2 = (nuclear,
+ * whole-cell), 3 = (blank, nuclear, whole-cell) or RGB as the official code takes it.
+ * A result with zero cells is a success (n_cells = 0), not an error. */
+int cellsam_segment(cellsam_context *ctx, const float *image, int width, int height, int channels,
+                    const cellsam_segment_params *params, cellsam_result **out);
+void cellsam_result_free(cellsam_result *result);
+
 #ifdef __cplusplus
 }
 #endif

@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cellfinder_api.h"
+#include "cellfinder.h"
 #include "common.h"
 #include "model.h"
 #include "ops.h"
@@ -276,7 +276,7 @@ void cellsam_model_free(cellsam_model *m) {
     free(m->sam_vit.blocks);
     free(m->det_vit.blocks);
     free(m->md.layers);
-    cs_cellfinder_release(m->det);
+    cs_cellfinder_free(m->det);
     cs_binder_release(&m->binder);
     cs_weights_free(m->weights);
     free(m);
@@ -322,7 +322,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         rc = bind_vit(b, "cellfinder.decode_head.backbone.body.", &m->det_vit, vit_heads, 0);
         if (!rc) {
             b->prefix = "cellfinder.decode_head.";
-            rc = cs_cellfinder_bind_model(&m->det, b, m->det_vit.dim, ho.det_heads ? ho.det_heads : 8);
+            rc = cs_cellfinder_bind(&m->det, b, m->det_vit.dim, ho.det_heads ? ho.det_heads : 8);
         }
         m->has_detector = rc == CELLSAM_OK;
     }
@@ -368,7 +368,14 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     in->decoder_heads = m->md.heads;
     in->decoder_mlp_dim = m->md.mlp;
     in->has_detector = m->has_detector;
-    cs_cellfinder_info(m->det, &in->det_queries, &in->det_enc_layers, &in->det_dec_layers, &in->det_heads);
+    if (m->det) {
+        cs_cellfinder_dims dd;
+        cs_cellfinder_get_dims(m->det, &dd);
+        in->det_queries = dd.n_queries;
+        in->det_enc_layers = dd.enc_layers;
+        in->det_dec_layers = dd.dec_layers;
+        in->det_heads = dd.n_heads;
+    }
     in->prefix = m->prefix;
     in->format = cs_weights_format(w);
     if (m->sam_vit.img_size != 1024 || m->sam_vit.grid != 64) {

@@ -1,0 +1,36 @@
+/* The single-image CellSAM pipeline (official segment_cellular_image) used by
+ * cellsam_segment directly and by the tiled mode per tile. */
+#ifndef CELLSAM_PIPELINE_H
+#define CELLSAM_PIPELINE_H
+
+#include <stdint.h>
+
+#include "cellsam.h"
+
+typedef struct {
+    uint32_t *labels;  /* H x W */
+    int n_labels;      /* labels are 1..n_labels */
+    float *score;      /* per label (index label-1): detector score */
+    float *iou;        /* per label: predicted IoU */
+    int n_boxes;       /* boxes kept by the detector (or given) */
+} cs_tile_result;
+
+/* Segment an H x W x 3 image (channels already placed as format_image_shape does).
+ * user_boxes (n_user_boxes x 4, xyxy in image pixels) skip the detector. */
+int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
+                   cs_tile_result *out);
+void cs_tile_result_free(cs_tile_result *r);
+
+/* Place 1..3 channels of an interleaved H x W x C image into H x W x 3 (last C slots),
+ * as the official format_image_shape does. */
+int cs_place_channels(const float *img, int H, int W, int C, float **hw3);
+
+/* Per-cell statistics for a label image. */
+int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, const float *iou, int n_labels,
+                  cellsam_cell **cells, int *n_cells);
+
+/* Tiled mode (src/tiling.c). */
+int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
+                     uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes);
+
+#endif

@@ -1,0 +1,296 @@
+/* End to end on every reference case: 00_input through every stage the reference
+ * stores (20 embedding, 30 detector trunk, 33/34 detector outputs of all layers,
+ * 35-39 post-process and threshold, 40-42 prompts and decoder, 43 upscaled logits,
+ * 44/45 masks and composition, 46 boxes, 50 final labels), then the public
+ * cellsam_segment (whole-image mode) against 50_label_final. */
+#include <dirent.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "cellfinder.h"
+#include "model.h"
+#include "pipeline.h"
+#include "postprocess.h"
+#include "preprocess.h"
+#include "testutil.h"
+
+static cellsam_model *g_model;
+static cellsam_context *g_ctx;
+
+static int setup(void **state) {
+    (void)state;
+    cellsam_model_params p = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    p.config_path = cfg;
+    if (cellsam_model_load(tu_path("checkpoint.pt"), &p, &g_model) != 0) {
+        fprintf(stderr, "load failed: %s\n", cellsam_last_error());
+        return -1;
+    }
+    return cellsam_context_new(g_model, &g_ctx) == 0 ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    cellsam_context_free(g_ctx);
+    cellsam_model_free(g_model);
+    return 0;
+}
+
+static int has(const char *c, const char *f) {
+    struct stat st;
+    return stat(tu_path("%s/%s", c, f), &st) == 0;
+}
+
+/* crop rows 24:40, cols 24:40 of a (C,64,64) map */
+static float *crop64(const float *m, int C) {
+    float *o = malloc((size_t)C * 256 * sizeof(float));
+    for (int c = 0; c < C; c++)
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 16; j++) o[(c * 16 + i) * 16 + j] = m[((size_t)c * 64 + 24 + i) * 64 + 24 + j];
+    return o;
+}
+
+/* Compare label images: identical pixel fraction and mean IoU of same-id objects. */
+static void compare_labels(const char *what, const uint32_t *got, const cs_npy *ref, size_t n, double min_equal) {
+    size_t equal = 0;
+    uint32_t maxg = 0, maxr = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t r = (uint32_t)cs_npy_get(ref, i);
+        equal += got[i] == r;
+        maxg = got[i] > maxg ? got[i] : maxg;
+        maxr = r > maxr ? r : maxr;
+    }
+    double iou_sum = 0;
+    for (uint32_t l = 1; l <= maxr; l++) {
+        size_t inter = 0, uni = 0;
+        for (size_t i = 0; i < n; i++) {
+            int a = got[i] == l, b = (uint32_t)cs_npy_get(ref, i) == l;
+            inter += a && b;
+            uni += a || b;
+        }
+        iou_sum += uni ? (double)inter / uni : 1.0;
+    }
+    double frac = (double)equal / n;
+    printf("  %-32s labels %u (ref %u)  identical pixels %.5f  mean IoU %.5f\n", what, maxg, maxr, frac,
+           maxr ? iou_sum / maxr : 1.0);
+    assert_int_equal(maxg, maxr);
+    assert_true(frac >= min_equal);
+    if (maxr) assert_true(iou_sum / maxr >= 0.999);
+}
+
+static void run_case(const char *c) {
+    printf(" %s\n", c);
+    const cellsam_model *m = g_model;
+    cs_npy in;
+    tu_load(&in, "%s/00_input.npy", c);
+    float *raw = cs_npy_to_f32(&in);
+    float *hw3;
+    int H, W;
+    assert_int_equal(cs_format_image_shape(raw, in.ndim, in.shape, &hw3, &H, &W), 0);
+    size_t npix = (size_t)H * W;
+    float *chw = malloc(npix * 3 * sizeof(float));
+    assert_int_equal(cs_normalize_image(hw3, H, W, chw), 0);
+    float *sam_in = malloc((size_t)3 << 20 << 2), *det_in = malloc((size_t)3 << 20 << 2);
+    assert_int_equal(cs_prep_branches(chw, H, W, sam_in, det_in), 0);
+    /* SAM embedding */
+    assert_int_equal(cellsam_encode(g_ctx, sam_in, 2), 0);
+    cs_npy ref;
+    tu_load(&ref, "%s/20_sam_image_embedding.npy", c);
+    tu_check_npy("20_sam_image_embedding", g_ctx->embedding, ref.count, &ref, 1e-4);
+    cs_npy_free(&ref);
+    /* detector trunk and head */
+    const int E = m->det_vit.dim;
+    float *feat = malloc((size_t)E * 4096 * sizeof(float));
+    assert_int_equal(cs_vit_forward(&m->det_vit, det_in, feat, 2), 0);
+    float *fc = crop64(feat, E);
+    tu_load(&ref, "%s/30_det_backbone_features_crop.npy", c);
+    tu_check_npy("30_det_backbone_features_crop", fc, ref.count, &ref, 1e-4);
+    cs_npy_free(&ref);
+    free(fc);
+    cs_cellfinder_dims d;
+    cs_cellfinder_get_dims(m->det, &d);
+    int Q = d.n_queries, L = d.dec_layers;
+    float *lg = malloc((size_t)Q * 2 * sizeof(float)), *bx = malloc((size_t)Q * 4 * sizeof(float));
+    float *alg = malloc((size_t)L * Q * 2 * sizeof(float)), *abx = malloc((size_t)L * Q * 4 * sizeof(float));
+    assert_int_equal(cs_cellfinder_forward(m->det, feat, lg, bx, alg, abx, 2), 0);
+    tu_load(&ref, "%s/33_det_pred_logits_all_layers.npy", c);
+    tu_check_npy("33_det_pred_logits_all_layers", alg, ref.count, &ref, 1e-2);
+    cs_npy_free(&ref);
+    tu_load(&ref, "%s/34_det_pred_boxes_all_layers.npy", c);
+    tu_check_npy("34_det_pred_boxes_all_layers", abx, ref.count, &ref, 1e-5);
+    cs_npy_free(&ref);
+    float *scores = malloc((size_t)Q * sizeof(float)), *xyxy = malloc((size_t)Q * 4 * sizeof(float));
+    int *qi = malloc((size_t)Q * sizeof(int));
+    unsigned char *keep = malloc((size_t)Q);
+    assert_int_equal(cs_cellfinder_postprocess(lg, bx, Q, scores, qi, xyxy), 0);
+    tu_load(&ref, "%s/35_det_scores_sorted.npy", c);
+    tu_check_npy("35_det_scores_sorted", scores, ref.count, &ref, 2e-3);
+    cs_npy_free(&ref);
+    float thr;
+    assert_int_equal(cs_dynamic_threshold(scores, Q, 0.4f, &thr, keep), 0);
+    tu_load(&ref, "%s/38_det_keep_mask.npy", c);
+    int K = 0;
+    for (int i = 0; i < Q; i++) {
+        assert_int_equal(keep[i], (int)cs_npy_get(&ref, i));
+        K += keep[i];
+    }
+    cs_npy_free(&ref);
+    /* the kept boxes: order and values */
+    cs_npy qref, bref;
+    tu_load(&qref, "%s/36_det_topk_query_index.npy", c);
+    tu_load(&bref, "%s/39_sam_box_prompts.npy", c);
+    assert_int_equal((int)bref.shape[0], K);
+    float *kb = malloc((size_t)(K ? K : 1) * 4 * sizeof(float));
+    for (int i = 0, k = 0; i < Q; i++)
+        if (keep[i]) {
+            assert_int_equal(qi[i], (int)cs_npy_get(&qref, i));
+            memcpy(kb + 4 * k, xyxy + 4 * i, 4 * sizeof(float));
+            k++;
+        }
+    tu_check_npy("39_sam_box_prompts", kb, (size_t)K * 4, &bref, 1e-5 * 1024);
+    cs_npy_free(&qref);
+    cs_npy_free(&bref);
+    /* decoder on our embedding and boxes */
+    cellsam_box *cb = malloc((size_t)(K ? K : 1) * sizeof *cb);
+    for (int k = 0; k < K; k++) cb[k] = (cellsam_box){kb[4 * k], kb[4 * k + 1], kb[4 * k + 2], kb[4 * k + 3]};
+    cellsam_prompt pr = cellsam_default_prompt();
+    pr.boxes = cb;
+    pr.n_boxes = K;
+    pr.n_threads = 2;
+    float *dl, *di;
+    int nb, nmk;
+    assert_int_equal(cellsam_decode(g_ctx, &pr, &dl, &di, &nb, &nmk), 0);
+    tu_load(&ref, "%s/42_iou_predictions.npy", c);
+    tu_check_npy("42_iou_predictions", di, (size_t)K, &ref, 1e-5);
+    cs_npy_free(&ref);
+    tu_load(&ref, "%s/41_lowres_mask_logits_first.npy", c);
+    tu_check_npy("41_lowres_mask_logits_first", dl, 256 * 256, &ref, 1e-4);
+    cs_npy_free(&ref);
+    int first_pass = -1;
+    for (int k = 0; k < K && first_pass < 0; k++)
+        if (di[k] >= 0.5f) first_pass = k;
+    if (has(c, "43_upscaled_mask_logits_first.npy") && first_pass >= 0) {
+        float *up = malloc(npix * sizeof(float));
+        assert_int_equal(cs_upsample_logits(dl + (size_t)first_pass * 65536, H, W, up), 0);
+        tu_load(&ref, "%s/43_upscaled_mask_logits_first.npy", c);
+        tu_check_npy("43_upscaled_mask_logits_first", up, npix, &ref, 7e-4);
+        cs_npy_free(&ref);
+        free(up);
+    }
+    /* final boxes in the original frame (46) */
+    tu_load(&ref, "%s/46_final_boxes_orig_frame.npy", c);
+    {
+        int kp = 0;
+        float *fb = malloc((size_t)(K ? K : 1) * 4 * sizeof(float));
+        for (int k = 0; k < K; k++)
+            if (di[k] >= 0.5f) {
+                double o[4];
+                cs_box_to_orig_frame(kb + 4 * k, H, W, o);
+                for (int j = 0; j < 4; j++) fb[4 * kp + j] = (float)o[j];
+                kp++;
+            }
+        assert_int_equal((size_t)kp * 4, ref.count);
+        tu_check_npy("46_final_boxes_orig_frame", fb, ref.count, &ref, 1e-3);
+        free(fb);
+    }
+    cs_npy_free(&ref);
+    cellsam_free(dl);
+    cellsam_free(di);
+    /* the whole single-image pipeline, and the public API */
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.tiled = 0;
+    sp.n_threads = 2;
+    cs_tile_result tr;
+    assert_int_equal(cs_segment_hw3(g_ctx, hw3, H, W, &sp, &tr), 0);
+    tu_load(&ref, "%s/50_label_final.npy", c);
+    compare_labels("50_label_final (pipeline)", tr.labels, &ref, npix, 0.999);
+    cs_tile_result_free(&tr);
+    cellsam_result *res;
+    assert_int_equal(cellsam_segment(g_ctx, hw3, W, H, 3, &sp, &res), 0);
+    compare_labels("50_label_final (cellsam_segment)", res->labels, &ref, npix, 0.999);
+    assert_int_equal(res->n_boxes_detected, K);
+    for (int i = 0; i < res->n_cells; i++) {
+        assert_true(res->cells[i].area > 0);
+        assert_true(res->cells[i].iou >= 0.5f);
+        assert_true(res->cells[i].score > thr);
+    }
+    cellsam_result_free(res);
+    cs_npy_free(&ref);
+    free(cb);
+    free(kb);
+    free(keep);
+    free(qi);
+    free(xyxy);
+    free(scores);
+    free(lg);
+    free(bx);
+    free(alg);
+    free(abx);
+    free(feat);
+    free(sam_in);
+    free(det_in);
+    free(chw);
+    free(hw3);
+    free(raw);
+    cs_npy_free(&in);
+}
+
+static void test_all_cases(void **state) {
+    (void)state;
+    DIR *d = opendir(tu_testdata());
+    assert_non_null(d);
+    struct dirent *de;
+    char names[64][256];
+    int n = 0;
+    while ((de = readdir(d)) && n < 64)
+        if (!strncmp(de->d_name, "case_", 5)) snprintf(names[n++], 256, "%s", de->d_name);
+    closedir(d);
+    assert_true(n > 0);
+    for (int i = 0; i < n; i++) run_case(names[i]);
+}
+
+/* Bad and degenerate images: an error or a valid empty result, never a crash. */
+static void test_degenerate_images(void **state) {
+    (void)state;
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.tiled = 0;
+    sp.n_threads = 2;
+    cellsam_result *r = NULL;
+    float *img = calloc(64 * 64, sizeof(float));
+    /* all black: no cells, success */
+    assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
+    for (int i = 0; i < 64 * 64; i++) assert_int_equal(r->labels[i], 0);
+    printf("  all-black: %d cells\n", r->n_cells);
+    assert_int_equal(r->n_cells, 0);
+    cellsam_result_free(r);
+    /* NaN: a clear error */
+    img[5] = NAN;
+    assert_int_not_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
+    printf("  NaN: %s\n", cellsam_last_error());
+    assert_null(r);
+    /* zero size and a channel count the model cannot take */
+    assert_int_not_equal(cellsam_segment(g_ctx, img, 0, 64, 1, &sp, &r), 0);
+    assert_int_not_equal(cellsam_segment(g_ctx, img, 8, 8, 5, &sp, &r), 0);
+    free(img);
+    /* 1x1 and a 1 x 300 strip run */
+    float one = 7.0f;
+    assert_int_equal(cellsam_segment(g_ctx, &one, 1, 1, 1, &sp, &r), 0);
+    cellsam_result_free(r);
+    float *strip = malloc(300 * sizeof(float));
+    for (int i = 0; i < 300; i++) strip[i] = (float)(i % 17);
+    assert_int_equal(cellsam_segment(g_ctx, strip, 300, 1, 1, &sp, &r), 0);
+    cellsam_result_free(r);
+    free(strip);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_all_cases),
+        cmocka_unit_test(test_degenerate_images),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
