@@ -1,6 +1,7 @@
 /* Basic tensor operations (see ops.h). */
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "common.h"
@@ -10,35 +11,13 @@ void cs_gemm(int M, int N, int K, const float *A, int lda, const float *B, int l
              float beta, float *C, int ldc, int n_threads) {
     if (M <= 0 || N <= 0) return;
     if (n_threads < 1) n_threads = 1;
-    /* Split the larger of M and N into per-thread panels; small problems run on one thread. */
+    /* OpenBLAS (OpenMP build) takes its thread count from the calling thread's
+     * OpenMP ICV, so setting it here makes n_threads a per-call, per-thread setting;
+     * inside one of our own parallel regions OpenBLAS runs single-threaded. */
     double flops = 2.0 * M * (double)N * K;
-    int nt = flops < 4e6 ? 1 : n_threads;
-    CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
-    if (nt == 1) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    if (M >= N || M >= 64 * nt) {
-        int chunk = ((M + nt - 1) / nt + 7) & ~7;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int t = 0; t < nt; t++) {
-            int m0 = t * chunk, m1 = m0 + chunk < M ? m0 + chunk : M;
-            if (m1 > m0)
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, m1 - m0, N, K, 1.0f, A + (size_t)m0 * lda,
-                            lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
-        }
-    } else {
-        int chunk = ((N + nt - 1) / nt + 15) & ~15;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int t = 0; t < nt; t++) {
-            int n0 = t * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-            if (n1 > n0) {
-                const float *Bp = trans_b ? B + (size_t)n0 * ldb : B + n0;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, M, n1 - n0, K, 1.0f, A, lda, Bp, ldb,
-                            beta, C + n0, ldc);
-            }
-        }
-    }
+    omp_set_num_threads(flops < 4e6 ? 1 : n_threads);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, M, N, K, 1.0f, A, lda, B,
+                ldb, beta, C, ldc);
 }
 
 void cs_linear(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y,

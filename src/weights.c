@@ -194,6 +194,10 @@ int cs_weights_open(const char *path, cs_weights **out) {
     fclose(f);
     if (got == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4)
         return cs_weights_open_pt(path, out);
+    if (got >= 2 && magic[0] == 0x80 && magic[1] <= 5)
+        return cs_error(CELLSAM_ERR_UNSUPPORTED,
+                        "%s: legacy (pre-1.6) PyTorch serialization; re-save it with torch >= 1.6 "
+                        "(torch.save(torch.load(f), g)) or convert it to safetensors", path);
     return cs_weights_open_safetensors(path, out);
 }
 
@@ -274,9 +278,12 @@ int cs_weights_parse_safetensors(const unsigned char *data, size_t size, cs_weig
                           key, (long long)b, (long long)e, avail);
             break;
         }
-        size_t n;
-        if (cs_dims_product(shape, (int)nd, 0, &n) || cs_mul_size(n, cs_dtype_size(dt), &n) ||
-            n != (size_t)(e - b)) {
+        size_t n = 0;
+        if (cs_dims_product(shape, (int)nd, 0, &n) || cs_mul_size(n, cs_dtype_size(dt), &n)) {
+            rc = cs_error(CELLSAM_ERR_FORMAT, "safetensors: tensor %s: shape is too large", key);
+            break;
+        }
+        if (n != (size_t)(e - b)) {
             rc = cs_error(CELLSAM_ERR_FORMAT,
                           "safetensors: tensor %s: shape needs %zu bytes but offsets give %lld", key,
                           n, (long long)(e - b));

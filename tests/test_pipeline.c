@@ -261,12 +261,32 @@ static void test_degenerate_images(void **state) {
     sp.n_threads = 2;
     cellsam_result *r = NULL;
     float *img = calloc(64 * 64, sizeof(float));
-    /* all black: no cells, success */
+    /* all black: success, and the result is a consistent label image (the random
+     * test model may still find "cells" in a constant image) */
     assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
-    for (int i = 0; i < 64 * 64; i++) assert_int_equal(r->labels[i], 0);
+    uint32_t maxl = 0;
+    for (int i = 0; i < 64 * 64; i++) maxl = r->labels[i] > maxl ? r->labels[i] : maxl;
     printf("  all-black: %d cells\n", r->n_cells);
+    assert_int_equal((int)maxl, r->n_cells);
+    cellsam_result_free(r);
+    /* zero cells (every mask fails the IoU test): a valid empty label image, where
+     * the official code crashes */
+    sp.iou_threshold = 100.0f;
+    for (int i = 0; i < 64 * 64; i++) img[i] = (float)((i * 7919) % 251);
+    assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
+    assert_int_equal(r->n_cells, 0);
+    for (int i = 0; i < 64 * 64; i++) assert_int_equal(r->labels[i], 0);
+    printf("  zero cells: %d boxes detected, %d cells\n", r->n_boxes_detected, r->n_cells);
+    cellsam_result_free(r);
+    sp.iou_threshold = 0.5f;
+    /* no boxes at all (user gave an empty box list) */
+    cellsam_box nobox;
+    sp.boxes = &nobox;
+    sp.n_boxes = 0;
+    assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
     assert_int_equal(r->n_cells, 0);
     cellsam_result_free(r);
+    sp.boxes = NULL;
     /* NaN: a clear error */
     img[5] = NAN;
     assert_int_not_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);

@@ -1,0 +1,1861 @@
+/* cellsam serve back end: libmicrohttpd + jansson. See server.h for the API. */
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <limits.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "image_io.h"
+#include "pipeline.h"
+#include "postprocess.h"
+#include "preprocess.h"
+#include "server.h"
+
+#define MAX_PATH_LEN 1024
+#define MAX_POINTS 64
+#define LOGIT_SLOTS 4           /* low-res logits kept per image for refinement */
+#define LIST_MAX_FILES 5000
+#define LIST_MAX_VISITED 50000
+#define LIST_MAX_DEPTH 8
+#define STATIC_MAX_BYTES (16u << 20)
+#define MAX_MASK_REGION ((size_t)1 << 26) /* pixels of one upsampled prompt mask */
+#define LABEL_MAX_VALUE 65535u  /* autosave is a 16-bit PNG */
+#define LOWRES (CS_LOWRES_SIZE * CS_LOWRES_SIZE)
+
+enum { ST_NONE, ST_QUEUED, ST_RUNNING, ST_READY, ST_ERROR };
+static const char *const k_state[] = {"none", "queued", "running", "ready", "error"};
+enum { JOB_EMBED, JOB_SEGMENT };
+
+typedef struct {
+    uint64_t ref;
+    int n_masks;
+    float *logits; /* n_masks x 256 x 256 */
+} logit_slot;
+
+typedef struct image {
+    char id[16];
+    char *rel, *abs;
+    int nuclear, cell, grey;
+    int width, height, channels;
+    long long mtime_ns, fsize;
+    int refs; /* handlers and queued jobs using it */
+    uint64_t last_used;
+    /* embedding */
+    int emb_state;
+    float *emb;
+    int emb_c, emb_h, emb_w;
+    uint64_t emb_serial;
+    double emb_t0, emb_seconds;
+    char emb_error[256];
+    /* segment all */
+    int seg_state;
+    cellsam_segment_params seg_params;
+    double seg_t0, seg_seconds;
+    int seg_done, seg_total;
+    cellsam_result *seg;
+    char seg_error[256];
+    logit_slot slots[LOGIT_SLOTS];
+    int slot_next;
+    struct image *next;
+} image;
+
+typedef struct job {
+    image *im;
+    int kind;
+    struct job *next;
+} job;
+
+typedef struct {
+    cellsam_context *ctx;
+    uint64_t serial; /* embedding the context holds (0: none) */
+    int busy;
+} ctx_slot;
+
+struct cs_server {
+    cs_server_options o;
+    char *root, *web; /* real paths */
+    struct MHD_Daemon *daemon;
+    int port;
+    pthread_mutex_t mu;
+    pthread_cond_t job_cv, ctx_cv;
+    image *images;
+    int n_images;
+    uint64_t clock, serial, next_id, next_ref;
+    job *jobs_head, *jobs_tail;
+    int quit;
+    pthread_t worker;
+    int worker_started;
+    cellsam_context *worker_ctx;
+    ctx_slot *pool;
+    int n_pool;
+    double emb_estimate, seg_estimate; /* seconds of the last run, for progress */
+};
+
+typedef struct {
+    char *body;
+    size_t len, cap, limit;
+    int too_large, responded;
+    double t0;
+} request;
+
+cs_server_options cs_server_default_options(void) {
+    cs_server_options o;
+    memset(&o, 0, sizeof o);
+    o.root = ".";
+    o.host = "127.0.0.1";
+    o.port = 0;
+    o.threads = 1;
+    o.http_threads = 4;
+    o.cache = 8;
+    o.max_images = 32;
+    o.max_upload = (size_t)512 << 20;
+    o.max_json = (size_t)1 << 20;
+    o.max_pixels = (size_t)100 << 20;
+    return o;
+}
+
+int cs_server_port(const cs_server *s) { return s ? s->port : 0; }
+
+/* ------------------------------------------------------------ responses */
+
+static enum MHD_Result respond(struct MHD_Connection *c, unsigned status, const char *ctype, void *data,
+                               size_t len, const char *const *headers) {
+    struct MHD_Response *r;
+    if (len == 0) {
+        free(data);
+        r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    } else {
+        r = MHD_create_response_from_buffer(len, data, MHD_RESPMEM_MUST_FREE);
+        if (!r) free(data);
+    }
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", ctype);
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    for (int i = 0; headers && headers[i]; i += 2) MHD_add_response_header(r, headers[i], headers[i + 1]);
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result respond_json(struct MHD_Connection *c, unsigned status, json_t *obj) {
+    char *txt = json_dumps(obj, JSON_COMPACT);
+    json_decref(obj);
+    if (!txt) return MHD_NO;
+    return respond(c, status, "application/json", txt, strlen(txt), NULL);
+}
+
+static enum MHD_Result respond_error(struct MHD_Connection *c, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static enum MHD_Result respond_error(struct MHD_Connection *c, unsigned status, const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return respond_json(c, status, json_pack("{s:s}", "error", msg));
+}
+
+/* ------------------------------------------------------------ small helpers */
+
+static int has_image_ext(const char *name) {
+    const char *dot = strrchr(name, '.');
+    if (!dot) return 0;
+    const char *exts[] = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy"};
+    for (size_t i = 0; i < sizeof exts / sizeof exts[0]; i++)
+        if (!strcasecmp(dot, exts[i])) return 1;
+    return 0;
+}
+
+static int valid_id(const char *s, size_t n) {
+    if (n == 0 || n >= 16) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= '0' && s[i] <= '9'))) return 0;
+    return 1;
+}
+
+static void put_u32(unsigned char *p, uint32_t v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static uint32_t get_u32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* mkdir that refuses to walk through a symlink (the folder must be ours). */
+static int ensure_dir(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) == 0) return S_ISDIR(st.st_mode) ? 0 : -1;
+    if (mkdir(path, 0777) != 0 && errno != EEXIST) return -1;
+    return lstat(path, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -1;
+}
+
+/* Resolve a client path relative to the root. Returns 0 and malloc'd absolute
+ * and normalised relative paths, or an HTTP status with a message. */
+static int resolve_path(const cs_server *s, const char *rel, char **abs_out, char **norm_out, char *msg,
+                        size_t msz) {
+    *abs_out = *norm_out = NULL;
+    size_t n = strlen(rel);
+    if (n == 0 || n > MAX_PATH_LEN) {
+        snprintf(msg, msz, "path is empty or too long");
+        return 400;
+    }
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)rel[i] < 0x20 || rel[i] == 0x7f) {
+            snprintf(msg, msz, "path contains control characters");
+            return 400;
+        }
+    if (rel[0] == '/') {
+        snprintf(msg, msz, "absolute paths are not allowed (paths are relative to the root)");
+        return 403;
+    }
+    char *norm = malloc(n + 1);
+    if (!norm) {
+        snprintf(msg, msz, "out of memory");
+        return 500;
+    }
+    size_t k = 0;
+    const char *p = rel;
+    while (*p) {
+        const char *e = strchr(p, '/');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len > 0) {
+            if (p[0] == '.') {
+                free(norm);
+                snprintf(msg, msz, "path components may not be '..' or start with '.'");
+                return 403;
+            }
+            if (k) norm[k++] = '/';
+            memcpy(norm + k, p, len);
+            k += len;
+        }
+        p += len;
+        if (*p == '/') p++;
+    }
+    norm[k] = 0;
+    if (k == 0) {
+        free(norm);
+        snprintf(msg, msz, "path is empty");
+        return 400;
+    }
+    size_t jl = strlen(s->root) + 1 + k + 1;
+    char *joined = malloc(jl);
+    if (!joined) {
+        free(norm);
+        snprintf(msg, msz, "out of memory");
+        return 500;
+    }
+    snprintf(joined, jl, "%s/%s", s->root, norm);
+    char *real = realpath(joined, NULL);
+    free(joined);
+    if (!real) {
+        free(norm);
+        snprintf(msg, msz, "no such file");
+        return 404;
+    }
+    size_t rl = strlen(s->root);
+    if (strncmp(real, s->root, rl) != 0 || real[rl] != '/') {
+        free(real);
+        free(norm);
+        snprintf(msg, msz, "path leads outside the root");
+        return 403;
+    }
+    struct stat st;
+    if (stat(real, &st) != 0 || !S_ISREG(st.st_mode)) {
+        free(real);
+        free(norm);
+        snprintf(msg, msz, "not a regular file");
+        return 404;
+    }
+    *abs_out = real;
+    *norm_out = norm;
+    return 0;
+}
+
+/* ------------------------------------------------------------ registry (lock held) */
+
+static image *find_image(cs_server *s, const char *id, size_t n) {
+    for (image *im = s->images; im; im = im->next)
+        if (strlen(im->id) == n && !memcmp(im->id, id, n)) return im;
+    return NULL;
+}
+
+static void free_slots(image *im) {
+    for (int i = 0; i < LOGIT_SLOTS; i++) {
+        free(im->slots[i].logits);
+        im->slots[i].logits = NULL;
+        im->slots[i].ref = 0;
+    }
+}
+
+static void image_free(image *im) {
+    if (!im) return;
+    free(im->rel);
+    free(im->abs);
+    free(im->emb);
+    cellsam_result_free(im->seg);
+    free_slots(im);
+    free(im);
+}
+
+static void queue_job(cs_server *s, image *im, int kind) {
+    job *j = calloc(1, sizeof *j);
+    if (!j) {
+        if (kind == JOB_EMBED) {
+            im->emb_state = ST_ERROR;
+            snprintf(im->emb_error, sizeof im->emb_error, "out of memory");
+        } else {
+            im->seg_state = ST_ERROR;
+            snprintf(im->seg_error, sizeof im->seg_error, "out of memory");
+        }
+        return;
+    }
+    j->im = im;
+    j->kind = kind;
+    im->refs++;
+    if (kind == JOB_EMBED) im->emb_state = ST_QUEUED;
+    else im->seg_state = ST_QUEUED;
+    if (s->jobs_tail) s->jobs_tail->next = j;
+    else s->jobs_head = j;
+    s->jobs_tail = j;
+    pthread_cond_signal(&s->job_cv);
+}
+
+static int image_busy(const image *im) {
+    return im->refs > 0 || im->emb_state == ST_QUEUED || im->emb_state == ST_RUNNING ||
+           im->seg_state == ST_QUEUED || im->seg_state == ST_RUNNING;
+}
+
+/* Keep at most o.cache embeddings: drop the least recently used (not `keep`). */
+static void evict_embeddings(cs_server *s, const image *keep) {
+    for (;;) {
+        int n = 0;
+        image *lru = NULL;
+        for (image *im = s->images; im; im = im->next) {
+            if (im->emb_state != ST_READY) continue;
+            n++;
+            if (im != keep && (!lru || im->last_used < lru->last_used)) lru = im;
+        }
+        if (n <= s->o.cache || !lru) return;
+        free(lru->emb);
+        lru->emb = NULL;
+        lru->emb_state = ST_NONE;
+        free_slots(lru);
+    }
+}
+
+static json_t *status_json(const cs_server *s, const image *im) {
+    double now = cs_now_seconds();
+    json_t *emb = json_pack("{s:s}", "state", k_state[im->emb_state]);
+    double ep = im->emb_state == ST_READY ? 1.0 : 0.0;
+    if (im->emb_state == ST_RUNNING) {
+        double el = now - im->emb_t0;
+        ep = s->emb_estimate > 0 ? el / s->emb_estimate : 0.5;
+        if (ep > 0.95) ep = 0.95;
+        json_object_set_new(emb, "elapsed", json_real(el));
+    }
+    json_object_set_new(emb, "progress", json_real(ep));
+    if (im->emb_state == ST_READY) json_object_set_new(emb, "seconds", json_real(im->emb_seconds));
+    if (im->emb_state == ST_ERROR) json_object_set_new(emb, "error", json_string(im->emb_error));
+    json_t *seg = json_pack("{s:s}", "state", k_state[im->seg_state]);
+    double sp = im->seg_state == ST_READY ? 1.0 : 0.0;
+    if (im->seg_state == ST_RUNNING) {
+        double el = now - im->seg_t0;
+        if (im->seg_total > 0) sp = (double)im->seg_done / im->seg_total;
+        else sp = s->seg_estimate > 0 ? el / s->seg_estimate : 0.5;
+        if (sp > 0.95) sp = 0.95;
+        json_object_set_new(seg, "elapsed", json_real(el));
+        json_object_set_new(seg, "tiles_done", json_integer(im->seg_done));
+        json_object_set_new(seg, "tiles_total", json_integer(im->seg_total));
+    }
+    json_object_set_new(seg, "progress", json_real(sp));
+    if (im->seg_state == ST_READY && im->seg) {
+        json_object_set_new(seg, "seconds", json_real(im->seg_seconds));
+        json_object_set_new(seg, "n_cells", json_integer(im->seg->n_cells));
+    }
+    if (im->seg_state == ST_ERROR) json_object_set_new(seg, "error", json_string(im->seg_error));
+    return json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:i,s:b,s:o,s:o}", "id", im->id, "path", im->rel, "width",
+                     im->width, "height", im->height, "channels", im->channels, "nuclear", im->nuclear, "cell",
+                     im->cell, "grey", im->grey, "embedding", emb, "segment", seg);
+}
+
+/* ------------------------------------------------------------ worker */
+
+/* Read the image file again and place its channels as the model takes them. */
+static int load_model_input(const image *im, const char *abs, float **hw3, char *err, size_t esz) {
+    *hw3 = NULL;
+    cs_image img;
+    if (cs_image_read(abs, &img)) {
+        snprintf(err, esz, "%s", cellsam_last_error());
+        return -1;
+    }
+    int rc = 0;
+    if (img.width != im->width || img.height != im->height) {
+        snprintf(err, esz, "the file changed since it was opened; open it again");
+        rc = -1;
+    } else if (cs_image_to_model_input(&img, im->nuclear, im->cell, im->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL,
+                                       hw3)) {
+        snprintf(err, esz, "%s", cellsam_last_error());
+        rc = -1;
+    }
+    cs_image_free(&img);
+    return rc;
+}
+
+static int compute_embedding(cs_server *s, const image *im, const char *abs, float **emb, int *C, int *h, int *w,
+                             char *err, size_t esz) {
+    float *hw3 = NULL, *chw = NULL, *sam = NULL;
+    if (load_model_input(im, abs, &hw3, err, esz)) return -1;
+    int rc = CELLSAM_OK;
+    chw = cs_alloc((size_t)im->width * im->height, 3 * sizeof(float));
+    sam = cs_alloc((size_t)3 * CS_PREP_SIZE, CS_PREP_SIZE * sizeof(float));
+    if (!chw || !sam) rc = CELLSAM_ERR_NOMEM;
+    if (!rc) rc = cs_normalize_image(hw3, im->height, im->width, chw);
+    if (!rc) rc = cs_prep_branches(chw, im->height, im->width, sam, NULL);
+    if (!rc) rc = cellsam_encode(s->worker_ctx, sam, s->o.threads);
+    const float *e = NULL;
+    if (!rc) rc = cellsam_get_embedding(s->worker_ctx, &e, C, h, w);
+    if (!rc) {
+        size_t n = (size_t)*C * *h * *w;
+        *emb = malloc(n * sizeof(float));
+        if (*emb) memcpy(*emb, e, n * sizeof(float));
+        else rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+    }
+    if (rc) snprintf(err, esz, "%s", rc == CELLSAM_ERR_NOMEM ? "out of memory" : cellsam_last_error());
+    free(hw3);
+    cs_free(chw);
+    cs_free(sam);
+    return rc ? -1 : 0;
+}
+
+typedef struct {
+    cs_server *s;
+    image *im;
+} progress_ctx;
+
+static void seg_progress(int done, int total, void *user) {
+    progress_ctx *p = user;
+    pthread_mutex_lock(&p->s->mu);
+    p->im->seg_done = done;
+    p->im->seg_total = total;
+    pthread_mutex_unlock(&p->s->mu);
+}
+
+static void *worker_main(void *arg) {
+    cs_server *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (!s->quit && !s->jobs_head) pthread_cond_wait(&s->job_cv, &s->mu);
+        if (s->quit) break;
+        job *j = s->jobs_head;
+        s->jobs_head = j->next;
+        if (!s->jobs_head) s->jobs_tail = NULL;
+        image *im = j->im;
+        char err[256] = "";
+        char *abs = strdup(im->abs);
+        double t0 = cs_now_seconds();
+        if (j->kind == JOB_EMBED) {
+            im->emb_state = ST_RUNNING;
+            im->emb_t0 = t0;
+            pthread_mutex_unlock(&s->mu);
+            float *emb = NULL;
+            int C = 0, h = 0, w = 0;
+            int rc = abs ? compute_embedding(s, im, abs, &emb, &C, &h, &w, err, sizeof err) : -1;
+            if (!abs) snprintf(err, sizeof err, "out of memory");
+            pthread_mutex_lock(&s->mu);
+            if (!rc) {
+                free(im->emb);
+                im->emb = emb;
+                im->emb_c = C;
+                im->emb_h = h;
+                im->emb_w = w;
+                im->emb_serial = ++s->serial;
+                im->emb_state = ST_READY;
+                im->emb_seconds = cs_now_seconds() - t0;
+                s->emb_estimate = im->emb_seconds;
+                free_slots(im);
+                evict_embeddings(s, im);
+            } else {
+                im->emb_state = ST_ERROR;
+                snprintf(im->emb_error, sizeof im->emb_error, "%s", err);
+            }
+        } else {
+            im->seg_state = ST_RUNNING;
+            im->seg_t0 = t0;
+            im->seg_done = im->seg_total = 0;
+            cellsam_segment_params sp = im->seg_params;
+            pthread_mutex_unlock(&s->mu);
+            progress_ctx pc = {s, im};
+            sp.n_threads = s->o.threads;
+            sp.progress = seg_progress;
+            sp.progress_user = &pc;
+            float *hw3 = NULL;
+            cellsam_result *r = NULL;
+            int rc = abs ? load_model_input(im, abs, &hw3, err, sizeof err) : -1;
+            if (!abs) snprintf(err, sizeof err, "out of memory");
+            if (!rc && cellsam_segment(s->worker_ctx, hw3, im->width, im->height, 3, &sp, &r)) {
+                snprintf(err, sizeof err, "%s", cellsam_last_error());
+                rc = -1;
+            }
+            free(hw3);
+            pthread_mutex_lock(&s->mu);
+            if (!rc) {
+                cellsam_result_free(im->seg);
+                im->seg = r;
+                im->seg_state = ST_READY;
+                im->seg_seconds = cs_now_seconds() - t0;
+                s->seg_estimate = im->seg_seconds;
+            } else {
+                im->seg_state = ST_ERROR;
+                snprintf(im->seg_error, sizeof im->seg_error, "%s", err);
+            }
+        }
+        free(abs);
+        im->refs--;
+        free(j);
+    }
+    /* drop what is still queued */
+    while (s->jobs_head) {
+        job *j = s->jobs_head;
+        s->jobs_head = j->next;
+        j->im->refs--;
+        if (j->kind == JOB_EMBED) j->im->emb_state = ST_NONE;
+        else j->im->seg_state = ST_NONE;
+        free(j);
+    }
+    s->jobs_tail = NULL;
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ label container */
+
+/* Encode labels (W x H) as the "CSL1" run-length container with optional JSON. */
+static unsigned char *encode_labels(const uint32_t *lab, int W, int H, const char *info, size_t *len_out) {
+    size_t n = (size_t)W * H, runs = 0;
+    for (size_t i = 0; i < n; i++)
+        if (i == 0 || lab[i] != lab[i - 1]) runs++;
+    size_t ilen = info ? strlen(info) : 0, total;
+    if (cs_mul_size(runs, 8, &total) || cs_add_size(total, 16 + ilen, &total)) return NULL;
+    unsigned char *b = malloc(total);
+    if (!b) return NULL;
+    memcpy(b, "CSL1", 4);
+    put_u32(b + 4, (uint32_t)W);
+    put_u32(b + 8, (uint32_t)H);
+    put_u32(b + 12, (uint32_t)runs);
+    unsigned char *p = b + 16;
+    size_t i = 0;
+    while (i < n) {
+        size_t j = i + 1;
+        while (j < n && lab[j] == lab[i] && j - i < UINT32_MAX) j++;
+        put_u32(p, (uint32_t)(j - i));
+        put_u32(p + 4, lab[i]);
+        p += 8;
+        i = j;
+    }
+    if (ilen) memcpy(p, info, ilen);
+    *len_out = total;
+    return b;
+}
+
+/* Decode and validate a container for a W x H image. info_out gets the parsed
+ * JSON (or NULL). Returns 0 or an HTTP status with a message. */
+static int decode_labels(const unsigned char *b, size_t len, int W, int H, uint32_t **out, json_t **info_out,
+                         char *msg, size_t msz) {
+    *out = NULL;
+    *info_out = NULL;
+    if (len < 16 || memcmp(b, "CSL1", 4) != 0) {
+        snprintf(msg, msz, "body is not a label container (expected 'CSL1' header)");
+        return 400;
+    }
+    if (get_u32(b + 4) != (uint32_t)W || get_u32(b + 8) != (uint32_t)H) {
+        snprintf(msg, msz, "label image is %ux%u, the image is %dx%d", get_u32(b + 4), get_u32(b + 8), W, H);
+        return 400;
+    }
+    uint64_t runs = get_u32(b + 12), n = (uint64_t)W * H;
+    if (runs == 0 || runs > n || 16 + runs * 8 > len) {
+        snprintf(msg, msz, "bad run count %llu", (unsigned long long)runs);
+        return 400;
+    }
+    uint32_t *lab = malloc((size_t)n * sizeof *lab);
+    if (!lab) {
+        snprintf(msg, msz, "out of memory");
+        return 500;
+    }
+    uint64_t pos = 0;
+    const unsigned char *p = b + 16;
+    for (uint64_t r = 0; r < runs; r++, p += 8) {
+        uint64_t cnt = get_u32(p);
+        uint32_t v = get_u32(p + 4);
+        if (cnt == 0 || pos + cnt > n) {
+            free(lab);
+            snprintf(msg, msz, "runs do not cover the image exactly");
+            return 400;
+        }
+        if (v > LABEL_MAX_VALUE) {
+            free(lab);
+            snprintf(msg, msz, "label %u is above %u (renumber the labels)", v, LABEL_MAX_VALUE);
+            return 400;
+        }
+        for (uint64_t i = 0; i < cnt; i++) lab[pos + i] = v;
+        pos += cnt;
+    }
+    if (pos != n) {
+        free(lab);
+        snprintf(msg, msz, "runs do not cover the image exactly");
+        return 400;
+    }
+    size_t rest = len - 16 - (size_t)runs * 8;
+    if (rest) {
+        json_error_t je;
+        json_t *info = json_loadb((const char *)p, rest, JSON_REJECT_DUPLICATES, &je);
+        if (!info || !json_is_object(info)) {
+            json_decref(info);
+            free(lab);
+            snprintf(msg, msz, "cell info after the runs is not a JSON object");
+            return 400;
+        }
+        *info_out = info;
+    }
+    *out = lab;
+    return 0;
+}
+
+/* ------------------------------------------------------------ storage */
+
+/* root/.cellsam/<rel>.<suffix>, creating folders. NULL if a folder cannot be made. */
+static char *store_path(const cs_server *s, const char *rel, const char *suffix, int create) {
+    size_t n = strlen(s->root) + strlen(rel) + strlen(suffix) + 16;
+    char *p = malloc(n);
+    if (!p) return NULL;
+    snprintf(p, n, "%s/.cellsam", s->root);
+    if (create && ensure_dir(p)) {
+        free(p);
+        return NULL;
+    }
+    size_t base = strlen(p);
+    snprintf(p + base, n - base, "/%s%s", rel, suffix);
+    if (create)
+        for (char *q = p + base + 1; *q; q++)
+            if (*q == '/') {
+                *q = 0;
+                int bad = ensure_dir(p);
+                *q = '/';
+                if (bad) {
+                    free(p);
+                    return NULL;
+                }
+            }
+    return p;
+}
+
+/* Saved labels of an image: 0 ok, 404 none, other status on error. */
+static int load_saved(const cs_server *s, const char *rel, int W, int H, uint32_t **lab_out, json_t **info_out,
+                      char *msg, size_t msz) {
+    *lab_out = NULL;
+    *info_out = NULL;
+    char *lp = store_path(s, rel, ".labels.png", 0);
+    char *ip = store_path(s, rel, ".cells.json", 0);
+    int status = 0;
+    struct stat st;
+    if (!lp || !ip) {
+        snprintf(msg, msz, "out of memory");
+        status = 500;
+    } else if (lstat(lp, &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(msg, msz, "no labels saved for this image");
+        status = 404;
+    }
+    cs_image img;
+    memset(&img, 0, sizeof img);
+    if (!status && cs_image_read(lp, &img)) {
+        snprintf(msg, msz, "saved labels unreadable: %s", cellsam_last_error());
+        status = 500;
+    }
+    if (!status && (img.width != W || img.height != H || img.channels != 1)) {
+        snprintf(msg, msz, "saved labels are %dx%d, the image is %dx%d", img.width, img.height, W, H);
+        status = 409;
+    }
+    if (!status) {
+        size_t n = (size_t)W * H;
+        uint32_t *lab = malloc(n * sizeof *lab);
+        if (!lab) {
+            snprintf(msg, msz, "out of memory");
+            status = 500;
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                float v = img.data[i];
+                lab[i] = v > 0 && v <= 4294967040.0f ? (uint32_t)v : 0;
+            }
+            *lab_out = lab;
+            if (lstat(ip, &st) == 0 && S_ISREG(st.st_mode)) {
+                json_error_t je;
+                json_t *info = json_load_file(ip, JSON_REJECT_DUPLICATES, &je);
+                if (info && json_is_object(info)) *info_out = info;
+                else json_decref(info);
+            }
+        }
+    }
+    cs_image_free(&img);
+    free(lp);
+    free(ip);
+    return status;
+}
+
+/* ------------------------------------------------------------ handlers */
+
+static enum MHD_Result h_info(cs_server *s, struct MHD_Connection *c) {
+    cellsam_model_info mi;
+    json_t *model = NULL;
+    if (!cellsam_model_get_info(s->o.model, &mi))
+        model = json_pack("{s:i,s:i,s:i,s:i,s:b}", "embed_dim", mi.embed_dim, "depth", mi.depth, "prompt_dim",
+                          mi.prompt_dim, "image_size", mi.image_size, "has_detector", mi.has_detector);
+    if (!model) model = json_object();
+    return respond_json(c, 200, json_pack("{s:s,s:o,s:i,s:i,s:I,s:I,s:I,s:b}", "version", CELLSAM_VERSION, "model",
+                                          model, "cache", s->o.cache, "threads", s->o.threads, "max_upload",
+                                          (json_int_t)s->o.max_upload, "max_json", (json_int_t)s->o.max_json,
+                                          "max_pixels", (json_int_t)s->o.max_pixels, "tiled", s->o.tiled));
+}
+
+typedef struct {
+    const cs_server *s;
+    json_t *files;
+    int n_files, n_visited, truncated;
+} walk_state;
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static void walk(walk_state *w, const char *dir, const char *rel, int depth) {
+    if (depth > LIST_MAX_DEPTH) {
+        w->truncated = 1;
+        return;
+    }
+    DIR *d = opendir(dir);
+    if (!d) return;
+    char **names = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (++w->n_visited > LIST_MAX_VISITED) {
+            w->truncated = 1;
+            break;
+        }
+        if (de->d_name[0] == '.') continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 32;
+            char **nn = realloc(names, cap * sizeof *nn);
+            if (!nn) break;
+            names = nn;
+        }
+        if (!(names[n] = strdup(de->d_name))) break;
+        n++;
+    }
+    closedir(d);
+    if (n) qsort(names, n, sizeof *names, cmp_str);
+    size_t rl = strlen(w->s->root);
+    for (size_t i = 0; i < n; i++) {
+        char path[4096], relp[4096];
+        int l1 = snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        int l2 = snprintf(relp, sizeof relp, "%s%s%s", rel, *rel ? "/" : "", names[i]);
+        if (l1 >= (int)sizeof path || l2 >= (int)sizeof relp || l2 > MAX_PATH_LEN) continue;
+        struct stat st;
+        if (lstat(path, &st) != 0) continue;
+        if (S_ISLNK(st.st_mode)) {
+            /* symlinked files count when they stay inside the root; linked folders are skipped (loops) */
+            char *real = realpath(path, NULL);
+            int inside = real && !strncmp(real, w->s->root, rl) && real[rl] == '/' && stat(real, &st) == 0 &&
+                         S_ISREG(st.st_mode);
+            free(real);
+            if (!inside) continue;
+        }
+        if (S_ISDIR(st.st_mode)) walk(w, path, relp, depth + 1);
+        else if (S_ISREG(st.st_mode) && has_image_ext(names[i])) {
+            if (w->n_files >= LIST_MAX_FILES) {
+                w->truncated = 1;
+                continue;
+            }
+            w->n_files++;
+            json_array_append_new(w->files, json_pack("{s:s,s:I}", "path", relp, "size", (json_int_t)st.st_size));
+        }
+    }
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+static enum MHD_Result h_files(cs_server *s, struct MHD_Connection *c) {
+    walk_state w = {s, json_array(), 0, 0, 0};
+    walk(&w, s->root, "", 0);
+    const char *base = strrchr(s->root, '/');
+    return respond_json(c, 200, json_pack("{s:s,s:o,s:b}", "root", base && base[1] ? base + 1 : s->root, "files",
+                                          w.files, "truncated", w.truncated));
+}
+
+static enum MHD_Result h_upload(cs_server *s, struct MHD_Connection *c, request *rq) {
+    const char *name = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "name");
+    if (!name || !*name) return respond_error(c, 400, "give the file name: /api/upload?name=FILE");
+    const char *base = name;
+    for (const char *q = name; *q; q++)
+        if (*q == '/' || *q == '\\') base = q + 1;
+    char clean[128];
+    size_t k = 0;
+    for (const char *q = base; *q && k < sizeof clean - 1; q++) {
+        char ch = *q;
+        int ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+                 ch == '_' || ch == '-';
+        if (k == 0 && (ch == '.' || ch == '-')) continue; /* no hidden files, no option-like names */
+        clean[k++] = ok ? ch : '_';
+    }
+    clean[k] = 0;
+    if (!k || !has_image_ext(clean))
+        return respond_error(c, 415, "file name must end in .tif, .tiff, .png, .jpg, .jpeg or .npy");
+    if (rq->len == 0) return respond_error(c, 400, "empty upload");
+    cs_image img;
+    if (cs_image_decode((const unsigned char *)rq->body, rq->len, clean, &img))
+        return respond_error(c, 415, "not a readable image: %s", cellsam_last_error());
+    size_t npix = (size_t)img.width * img.height;
+    cs_image_free(&img);
+    if (npix > s->o.max_pixels) return respond_error(c, 413, "image has more than %zu pixels", s->o.max_pixels);
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/uploads", s->root);
+    if (ensure_dir(dir)) return respond_error(c, 500, "cannot create the uploads folder");
+    char stem[128], ext[16];
+    const char *dot = strrchr(clean, '.');
+    snprintf(ext, sizeof ext, "%s", dot);
+    snprintf(stem, sizeof stem, "%.*s", (int)(dot - clean), clean);
+    char path[4400], rel[200];
+    int fd = -1;
+    for (int i = 0; i < 1000 && fd < 0; i++) {
+        if (i == 0) snprintf(rel, sizeof rel, "uploads/%s%s", stem, ext);
+        else snprintf(rel, sizeof rel, "uploads/%s-%d%s", stem, i, ext);
+        snprintf(path, sizeof path, "%s/%s", s->root, rel);
+        fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd < 0) return respond_error(c, 500, "cannot create the upload file");
+    size_t off = 0;
+    while (off < rq->len) {
+        ssize_t w = write(fd, rq->body + off, rq->len - off);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) break;
+        off += (size_t)w;
+    }
+    int ok = off == rq->len;
+    if (close(fd) != 0) ok = 0;
+    if (!ok) {
+        unlink(path);
+        return respond_error(c, 500, "cannot write the upload");
+    }
+    return respond_json(c, 201, json_pack("{s:s,s:I}", "path", rel, "size", (json_int_t)rq->len));
+}
+
+static json_t *parse_body(request *rq, struct MHD_Connection *c, enum MHD_Result *ret, int allow_empty) {
+    if (rq->len == 0 && allow_empty) return json_object();
+    json_error_t je;
+    json_t *j = rq->len ? json_loadb(rq->body, rq->len, JSON_REJECT_DUPLICATES, &je) : NULL;
+    if (!j) {
+        *ret = rq->len ? respond_error(c, 400, "malformed JSON: %s (line %d)", je.text, je.line)
+                       : respond_error(c, 400, "expected a JSON body");
+        return NULL;
+    }
+    if (!json_is_object(j)) {
+        json_decref(j);
+        *ret = respond_error(c, 400, "expected a JSON object");
+        return NULL;
+    }
+    return j;
+}
+
+/* Optional integer member in [lo, hi]; 0 ok, -1 bad (message set). */
+static int get_int(json_t *o, const char *key, int lo, int hi, int *out, char *msg, size_t msz) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) {
+        snprintf(msg, msz, "'%s' must be a whole number from %d to %d", key, lo, hi);
+        return -1;
+    }
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+static int get_bool(json_t *o, const char *key, int *out, char *msg, size_t msz) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) {
+        snprintf(msg, msz, "'%s' must be true or false", key);
+        return -1;
+    }
+    *out = json_is_true(v);
+    return 0;
+}
+
+static int get_real(json_t *o, const char *key, double lo, double hi, float *out, char *msg, size_t msz) {
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v) || !(json_number_value(v) >= lo && json_number_value(v) <= hi)) {
+        snprintf(msg, msz, "'%s' must be a number from %g to %g", key, lo, hi);
+        return -1;
+    }
+    *out = (float)json_number_value(v);
+    return 0;
+}
+
+static enum MHD_Result h_open(cs_server *s, struct MHD_Connection *c, request *rq) {
+    enum MHD_Result ret = MHD_NO;
+    json_t *j = parse_body(rq, c, &ret, 0);
+    if (!j) return ret;
+    char msg[300];
+    json_t *pv = json_object_get(j, "path");
+    int nuclear = 0, cell = 0, grey = 0;
+    if (!json_is_string(pv)) {
+        json_decref(j);
+        return respond_error(c, 400, "'path' must be a string (relative to the root)");
+    }
+    if (get_int(j, "nuclear", 0, CS_IMAGE_MAX_CHANNELS, &nuclear, msg, sizeof msg) ||
+        get_int(j, "cell", 0, CS_IMAGE_MAX_CHANNELS, &cell, msg, sizeof msg) ||
+        get_bool(j, "grey", &grey, msg, sizeof msg)) {
+        json_decref(j);
+        return respond_error(c, 400, "%s", msg);
+    }
+    if (grey && (nuclear || cell)) {
+        json_decref(j);
+        return respond_error(c, 400, "'grey' cannot be combined with 'nuclear' or 'cell'");
+    }
+    char *abs = NULL, *rel = NULL;
+    int st = resolve_path(s, json_string_value(pv), &abs, &rel, msg, sizeof msg);
+    json_decref(j);
+    if (st) return respond_error(c, (unsigned)st, "%s", msg);
+    struct stat sb;
+    int W = 0, H = 0, C = 0;
+    if (stat(abs, &sb) != 0 || cs_image_probe(abs, &W, &H, &C)) {
+        free(abs);
+        free(rel);
+        return respond_error(c, 415, "cannot read the image: %s", cellsam_last_error());
+    }
+    if ((size_t)W * H > s->o.max_pixels) {
+        free(abs);
+        free(rel);
+        return respond_error(c, 413, "image has %dx%d pixels, more than the server's limit of %zu", W, H,
+                             s->o.max_pixels);
+    }
+    if (nuclear > C || cell > C) {
+        free(abs);
+        free(rel);
+        return respond_error(c, 400, "the image has %d channel%s", C, C == 1 ? "" : "s");
+    }
+    long long mt = (long long)sb.st_mtim.tv_sec * 1000000000LL + sb.st_mtim.tv_nsec;
+    pthread_mutex_lock(&s->mu);
+    image *im = NULL;
+    for (image *x = s->images; x; x = x->next)
+        if (!strcmp(x->rel, rel) && x->nuclear == nuclear && x->cell == cell && x->grey == grey &&
+            x->mtime_ns == mt && x->fsize == (long long)sb.st_size && x->width == W && x->height == H) {
+            im = x;
+            break;
+        }
+    if (!im) {
+        if (s->n_images >= s->o.max_images) {
+            image **lp = NULL;
+            for (image **pp = &s->images; *pp; pp = &(*pp)->next)
+                if (!image_busy(*pp) && (!lp || (*pp)->last_used < (*lp)->last_used)) lp = pp;
+            if (!lp) {
+                pthread_mutex_unlock(&s->mu);
+                free(abs);
+                free(rel);
+                return respond_error(c, 503, "too many images open; try again later");
+            }
+            image *old = *lp;
+            *lp = old->next;
+            image_free(old);
+            s->n_images--;
+        }
+        im = calloc(1, sizeof *im);
+        if (!im) {
+            pthread_mutex_unlock(&s->mu);
+            free(abs);
+            free(rel);
+            return respond_error(c, 500, "out of memory");
+        }
+        snprintf(im->id, sizeof im->id, "i%llu", (unsigned long long)++s->next_id);
+        im->rel = rel;
+        im->abs = abs;
+        rel = abs = NULL;
+        im->nuclear = nuclear;
+        im->cell = cell;
+        im->grey = grey;
+        im->width = W;
+        im->height = H;
+        im->channels = C;
+        im->mtime_ns = mt;
+        im->fsize = (long long)sb.st_size;
+        im->next = s->images;
+        s->images = im;
+        s->n_images++;
+    }
+    free(abs);
+    free(rel);
+    im->last_used = ++s->clock;
+    if (im->emb_state == ST_NONE) queue_job(s, im, JOB_EMBED);
+    json_t *out = status_json(s, im);
+    char *lp = store_path(s, im->rel, ".labels.png", 0);
+    pthread_mutex_unlock(&s->mu);
+    json_object_set_new(out, "saved_labels", json_boolean(lp && access(lp, R_OK) == 0));
+    free(lp);
+    return respond_json(c, 200, out);
+}
+
+/* Look up the image of an /api/images/ID/... request and take a reference. */
+static image *acquire_image(cs_server *s, const char *id, size_t n) {
+    pthread_mutex_lock(&s->mu);
+    image *im = find_image(s, id, n);
+    if (im) {
+        im->refs++;
+        im->last_used = ++s->clock;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return im;
+}
+
+static void release_image(cs_server *s, image *im) {
+    pthread_mutex_lock(&s->mu);
+    im->refs--;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static enum MHD_Result h_status(cs_server *s, struct MHD_Connection *c, image *im) {
+    pthread_mutex_lock(&s->mu);
+    json_t *out = status_json(s, im);
+    pthread_mutex_unlock(&s->mu);
+    return respond_json(c, 200, out);
+}
+
+/* Display data: uint16 planes (channel-major), each channel stretched from its
+ * min to max; headers give min/max and the 0.5/99.5 percentiles in that scale. */
+static enum MHD_Result h_pixels(cs_server *s, struct MHD_Connection *c, image *im) {
+    cs_image img;
+    if (cs_image_read(im->abs, &img)) return respond_error(c, 500, "cannot read the image: %s", cellsam_last_error());
+    if (img.width != im->width || img.height != im->height) {
+        cs_image_free(&img);
+        return respond_error(c, 409, "the file changed since it was opened; open it again");
+    }
+    size_t npix = (size_t)img.width * img.height, total;
+    int C = img.channels;
+    if (cs_mul_size(npix, (size_t)C * 2, &total)) {
+        cs_image_free(&img);
+        return respond_error(c, 413, "image too large");
+    }
+    uint16_t *out = malloc(total ? total : 1);
+    uint32_t *hist = calloc(65536, sizeof *hist);
+    if (!out || !hist) {
+        free(out);
+        free(hist);
+        cs_image_free(&img);
+        return respond_error(c, 500, "out of memory");
+    }
+    char stats[CS_IMAGE_MAX_CHANNELS * 80 + 1] = "";
+    size_t sl = 0;
+    for (int ch = 0; ch < C; ch++) {
+        double mn = INFINITY, mx = -INFINITY;
+        for (size_t i = 0; i < npix; i++) {
+            float v = img.data[i * C + ch];
+            if (!isfinite(v)) continue;
+            if (v < mn) mn = v;
+            if (v > mx) mx = v;
+        }
+        if (!(mn <= mx)) mn = mx = 0;
+        double scale = mx > mn ? 65535.0 / (mx - mn) : 0.0;
+        memset(hist, 0, 65536 * sizeof *hist);
+        uint16_t *plane = out + (size_t)ch * npix;
+        for (size_t i = 0; i < npix; i++) {
+            float v = img.data[i * C + ch];
+            double t = isfinite(v) ? (v - mn) * scale : 0.0;
+            uint16_t q = (uint16_t)(t < 0 ? 0 : t > 65535 ? 65535 : t + 0.5);
+            plane[i] = q; /* little-endian hosts: the client reads a Uint16Array */
+            hist[q]++;
+        }
+        size_t lo_n = (size_t)(npix * 0.005), hi_n = (size_t)(npix * 0.995), acc = 0;
+        int lo = -1, hi = 65535;
+        for (int v = 0; v < 65536; v++) {
+            acc += hist[v];
+            if (lo < 0 && acc > lo_n) lo = v;
+            if (acc > hi_n || acc == npix) {
+                hi = v;
+                break;
+            }
+        }
+        if (lo < 0) lo = 0;
+        if (hi <= lo) hi = lo + 1 > 65535 ? 65535 : lo + 1;
+        sl += (size_t)snprintf(stats + sl, sizeof stats - sl, "%s%.9g,%.9g,%d,%d", ch ? ";" : "", mn, mx, lo, hi);
+    }
+    free(hist);
+    char dims[64];
+    snprintf(dims, sizeof dims, "%d,%d,%d", img.width, img.height, C);
+    cs_image_free(&img);
+    const char *hdr[] = {"X-Cellsam-Stats", stats, "X-Cellsam-Dims", dims, NULL};
+    return respond(c, 200, "application/octet-stream", out, total, hdr);
+}
+
+static int parse_xy(json_t *a, int n, double *v) {
+    if (!json_is_array(a) || (int)json_array_size(a) != n) return -1;
+    for (int i = 0; i < n; i++) {
+        json_t *e = json_array_get(a, (size_t)i);
+        if (!json_is_number(e)) return -1;
+        v[i] = json_number_value(e);
+        if (!isfinite(v[i]) || fabs(v[i]) > 1e9) return -1;
+    }
+    return 0;
+}
+
+static double clampd(double v, double lo, double hi) { return v < lo ? lo : v > hi ? hi : v; }
+
+/* One mask: tight box and run lengths (alternating off/on from off) inside it. */
+static json_t *mask_json(const float *lg, int W, int H, float iou, char *msg, size_t msz) {
+    int x0, y0, x1, y1;
+    int nlow = cs_mask_support_region(lg, H, W, CS_MASK_LOGIT_OFF, &x0, &y0, &x1, &y1);
+    json_t *counts = json_array();
+    long long area = 0;
+    int bx0 = 0, by0 = 0, bx1 = 0, by1 = 0;
+    if (nlow > 0 && x1 > x0 && y1 > y0) {
+        size_t rw = (size_t)(x1 - x0), rh = (size_t)(y1 - y0);
+        if (rw * rh > MAX_MASK_REGION) {
+            json_decref(counts);
+            snprintf(msg, msz, "mask region too large");
+            return NULL;
+        }
+        float *buf = malloc(rw * rh * sizeof *buf);
+        uint8_t *on = malloc(rw * rh);
+        if (!buf || !on || cs_upsample_logits_region(lg, H, W, x0, y0, x1, y1, buf)) {
+            free(buf);
+            free(on);
+            json_decref(counts);
+            snprintf(msg, msz, "mask upsampling failed");
+            return NULL;
+        }
+        int tx0 = INT_MAX, ty0 = INT_MAX, tx1 = -1, ty1 = -1;
+        for (size_t y = 0; y < rh; y++)
+            for (size_t x = 0; x < rw; x++) {
+                uint8_t v = (uint8_t)cs_mask_logit_on(buf[y * rw + x]);
+                on[y * rw + x] = v;
+                if (v) {
+                    area++;
+                    if ((int)x < tx0) tx0 = (int)x;
+                    if ((int)x > tx1) tx1 = (int)x;
+                    if ((int)y < ty0) ty0 = (int)y;
+                    if ((int)y > ty1) ty1 = (int)y;
+                }
+            }
+        if (area) {
+            bx0 = x0 + tx0;
+            by0 = y0 + ty0;
+            bx1 = x0 + tx1 + 1;
+            by1 = y0 + ty1 + 1;
+            uint8_t cur = 0;
+            long long run = 0;
+            for (int y = ty0; y <= ty1; y++)
+                for (int x = tx0; x <= tx1; x++) {
+                    uint8_t v = on[(size_t)y * rw + x];
+                    if (v != cur) {
+                        json_array_append_new(counts, json_integer(run));
+                        run = 0;
+                        cur = v;
+                    }
+                    run++;
+                }
+            json_array_append_new(counts, json_integer(run));
+        }
+        free(buf);
+        free(on);
+    }
+    return json_pack("{s:f,s:I,s:[iiii],s:o}", "iou", (double)iou, "area", (json_int_t)area, "bbox", bx0, by0, bx1,
+                     by1, "counts", counts);
+}
+
+static ctx_slot *pool_acquire(cs_server *s, uint64_t serial) {
+    for (;;) {
+        ctx_slot *any = NULL;
+        for (int i = 0; i < s->n_pool; i++) {
+            if (s->pool[i].busy) continue;
+            if (s->pool[i].serial == serial) {
+                s->pool[i].busy = 1;
+                return &s->pool[i];
+            }
+            if (!any) any = &s->pool[i];
+        }
+        if (any) {
+            any->busy = 1;
+            return any;
+        }
+        pthread_cond_wait(&s->ctx_cv, &s->mu);
+    }
+}
+
+static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request *rq, image *im) {
+    double t0 = cs_now_seconds();
+    enum MHD_Result ret = MHD_NO;
+    json_t *j = parse_body(rq, c, &ret, 0);
+    if (!j) return ret;
+    char msg[300];
+    const int W = im->width, H = im->height;
+    cellsam_box box;
+    cellsam_point pts[MAX_POINTS];
+    int has_box = 0, np = 0, multimask = 0;
+    long long mref = -1, midx = 0;
+    json_t *bv = json_object_get(j, "box"), *pv = json_object_get(j, "points"), *mv = json_object_get(j, "mask_input");
+    if (bv && !json_is_null(bv)) {
+        double b[4];
+        if (parse_xy(bv, 4, b)) {
+            json_decref(j);
+            return respond_error(c, 400, "'box' must be [x0, y0, x1, y1] in image pixels");
+        }
+        double xa = clampd(fmin(b[0], b[2]), 0, W), xb = clampd(fmax(b[0], b[2]), 0, W);
+        double ya = clampd(fmin(b[1], b[3]), 0, H), yb = clampd(fmax(b[1], b[3]), 0, H);
+        box.x1 = (float)(xa * CS_SAM_INPUT_SIZE / W);
+        box.y1 = (float)(ya * CS_SAM_INPUT_SIZE / H);
+        box.x2 = (float)(xb * CS_SAM_INPUT_SIZE / W);
+        box.y2 = (float)(yb * CS_SAM_INPUT_SIZE / H);
+        has_box = 1;
+    }
+    if (pv && !json_is_null(pv)) {
+        if (!json_is_array(pv) || json_array_size(pv) > MAX_POINTS) {
+            json_decref(j);
+            return respond_error(c, 400, "'points' must be an array of at most %d [x, y, label]", MAX_POINTS);
+        }
+        for (size_t i = 0; i < json_array_size(pv); i++) {
+            json_t *e = json_array_get(pv, i);
+            json_t *xv = json_array_get(e, 0), *yv = json_array_get(e, 1), *lv = json_array_get(e, 2);
+            double xy[2] = {json_number_value(xv), json_number_value(yv)};
+            int bad = !json_is_array(e) || json_array_size(e) != 3 || !json_is_number(xv) || !json_is_number(yv) ||
+                      !isfinite(xy[0]) || !isfinite(xy[1]) || !json_is_integer(lv) ||
+                      (json_integer_value(lv) != 0 && json_integer_value(lv) != 1);
+            if (bad) {
+                json_decref(j);
+                return respond_error(c, 400, "point %zu must be [x, y, label] with label 1 (positive) or 0 (negative)",
+                                     i);
+            }
+            pts[np].x = (float)(clampd(xy[0], 0, W) * CS_SAM_INPUT_SIZE / W);
+            pts[np].y = (float)(clampd(xy[1], 0, H) * CS_SAM_INPUT_SIZE / H);
+            pts[np].label = (int)json_integer_value(lv);
+            np++;
+        }
+    }
+    if (get_bool(j, "multimask", &multimask, msg, sizeof msg)) {
+        json_decref(j);
+        return respond_error(c, 400, "%s", msg);
+    }
+    if (mv && !json_is_null(mv)) {
+        json_t *r = json_object_get(mv, "ref"), *k = json_object_get(mv, "index");
+        if (!json_is_object(mv) || !json_is_integer(r) || (k && !json_is_integer(k))) {
+            json_decref(j);
+            return respond_error(c, 400, "'mask_input' must be {\"ref\": N, \"index\": K}");
+        }
+        mref = json_integer_value(r);
+        midx = k ? json_integer_value(k) : 0;
+    }
+    json_decref(j);
+    if (!has_box && np == 0) return respond_error(c, 400, "give a 'box' or at least one point");
+
+    pthread_mutex_lock(&s->mu);
+    if (im->emb_state != ST_READY) {
+        if (im->emb_state == ST_NONE) queue_job(s, im, JOB_EMBED);
+        json_t *st = status_json(s, im);
+        pthread_mutex_unlock(&s->mu);
+        json_object_set_new(st, "error", json_string("the image embedding is not ready yet"));
+        return respond_json(c, 409, st);
+    }
+    ctx_slot *slot = pool_acquire(s, im->emb_serial);
+    if (im->emb_state != ST_READY) { /* evicted while waiting */
+        slot->busy = 0;
+        pthread_cond_signal(&s->ctx_cv);
+        pthread_mutex_unlock(&s->mu);
+        return respond_error(c, 409, "the image embedding is not ready yet");
+    }
+    int rc = CELLSAM_OK;
+    if (slot->serial != im->emb_serial) {
+        rc = cellsam_set_embedding(slot->ctx, im->emb, im->emb_c, im->emb_h, im->emb_w);
+        slot->serial = rc ? 0 : im->emb_serial;
+    }
+    float *mask_in = NULL;
+    int mask_used = 0;
+    if (mref >= 0)
+        for (int i = 0; i < LOGIT_SLOTS; i++)
+            if (im->slots[i].logits && (long long)im->slots[i].ref == mref && midx >= 0 &&
+                midx < im->slots[i].n_masks) {
+                mask_in = malloc(LOWRES * sizeof(float));
+                if (mask_in) memcpy(mask_in, im->slots[i].logits + (size_t)midx * LOWRES, LOWRES * sizeof(float));
+                mask_used = mask_in != NULL;
+            }
+    pthread_mutex_unlock(&s->mu);
+
+    float *logits = NULL, *iou = NULL;
+    int nb = 0, nm = 0;
+    double td = cs_now_seconds();
+    if (!rc) {
+        cellsam_prompt pr = cellsam_default_prompt();
+        pr.boxes = has_box ? &box : NULL;
+        pr.n_boxes = has_box;
+        pr.points = np ? pts : NULL;
+        pr.n_points = np;
+        pr.mask_input = mask_in;
+        pr.multimask = multimask;
+        pr.n_threads = 1;
+        rc = cellsam_decode(slot->ctx, &pr, &logits, &iou, &nb, &nm);
+    }
+    double decode_ms = (cs_now_seconds() - td) * 1000;
+    if (rc) snprintf(msg, sizeof msg, "%s", cellsam_last_error());
+    free(mask_in);
+    pthread_mutex_lock(&s->mu);
+    slot->busy = 0;
+    pthread_cond_signal(&s->ctx_cv);
+    uint64_t ref = 0;
+    if (!rc && nb == 1 && nm > 0) {
+        logit_slot *ls = &im->slots[im->slot_next];
+        float *copy = malloc((size_t)nm * LOWRES * sizeof(float));
+        if (copy) {
+            memcpy(copy, logits, (size_t)nm * LOWRES * sizeof(float));
+            free(ls->logits);
+            ls->logits = copy;
+            ls->n_masks = nm;
+            ls->ref = ref = ++s->next_ref;
+            im->slot_next = (im->slot_next + 1) % LOGIT_SLOTS;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (rc) {
+        cellsam_free(logits);
+        cellsam_free(iou);
+        return respond_error(c, 400, "decoding failed: %s", msg);
+    }
+    json_t *masks = json_array();
+    int best = 0;
+    for (int k = 0; k < nm && masks; k++) {
+        json_t *m = mask_json(logits + (size_t)k * LOWRES, W, H, iou[k], msg, sizeof msg);
+        if (!m) {
+            json_decref(masks);
+            masks = NULL;
+            break;
+        }
+        json_array_append_new(masks, m);
+        if (iou[k] > iou[best]) best = k;
+    }
+    cellsam_free(logits);
+    cellsam_free(iou);
+    if (!masks) return respond_error(c, 413, "%s", msg);
+    return respond_json(c, 200,
+                        json_pack("{s:o,s:i,s:I,s:b,s:f,s:f}", "masks", masks, "best", best, "ref", (json_int_t)ref,
+                                  "mask_input_used", mask_used, "decode_ms", decode_ms,
+                                  "total_ms", (cs_now_seconds() - t0) * 1000));
+}
+
+static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, request *rq, image *im) {
+    enum MHD_Result ret = MHD_NO;
+    json_t *j = parse_body(rq, c, &ret, 1);
+    if (!j) return ret;
+    char msg[300];
+    cellsam_segment_params p = cellsam_segment_default_params();
+    p.tiled = s->o.tiled;
+    int tiled = p.tiled, rb = 0;
+    if (get_real(j, "bbox_threshold", 0, 1, &p.bbox_threshold, msg, sizeof msg) ||
+        get_real(j, "iou_threshold", -10, 10, &p.iou_threshold, msg, sizeof msg) ||
+        get_int(j, "min_size", 0, 1000000, &p.min_size, msg, sizeof msg) ||
+        get_bool(j, "tiled", &tiled, msg, sizeof msg) || get_bool(j, "remove_boundaries", &rb, msg, sizeof msg)) {
+        json_decref(j);
+        return respond_error(c, 400, "%s", msg);
+    }
+    json_decref(j);
+    p.tiled = tiled;
+    p.remove_boundaries = rb;
+    cellsam_model_info mi;
+    if (cellsam_model_get_info(s->o.model, &mi) == 0 && !mi.has_detector)
+        return respond_error(c, 501, "the model was loaded without its detector: segment-all is not available");
+    pthread_mutex_lock(&s->mu);
+    if (im->seg_state == ST_QUEUED || im->seg_state == ST_RUNNING) {
+        json_t *st = status_json(s, im);
+        pthread_mutex_unlock(&s->mu);
+        return respond_json(c, 202, st);
+    }
+    im->seg_params = p;
+    queue_job(s, im, JOB_SEGMENT);
+    json_t *st = status_json(s, im);
+    pthread_mutex_unlock(&s->mu);
+    return respond_json(c, 202, st);
+}
+
+static char *cells_info_from_result(const cellsam_result *r) {
+    json_t *cells = json_object();
+    for (int i = 0; i < r->n_cells; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "%u", r->cells[i].label);
+        json_object_set_new(cells, key, json_pack("[ff]", (double)r->cells[i].score, (double)r->cells[i].iou));
+    }
+    json_t *o = json_pack("{s:o,s:i}", "cells", cells, "n_cells", r->n_cells);
+    char *txt = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return txt;
+}
+
+static enum MHD_Result h_segment_result(cs_server *s, struct MHD_Connection *c, image *im) {
+    pthread_mutex_lock(&s->mu);
+    if (im->seg_state != ST_READY || !im->seg) {
+        json_t *st = status_json(s, im);
+        pthread_mutex_unlock(&s->mu);
+        json_object_set_new(st, "error", json_string("no segment-all result (start one with POST)"));
+        return respond_json(c, im->seg_state == ST_NONE ? 404 : 409, st);
+    }
+    /* the result stays owned by the image; it is only replaced by the worker under
+       the lock, so encode while holding it (one pass over the labels) */
+    char *info = cells_info_from_result(im->seg);
+    size_t len = 0;
+    unsigned char *b = encode_labels(im->seg->labels, im->seg->width, im->seg->height, info, &len);
+    pthread_mutex_unlock(&s->mu);
+    free(info);
+    if (!b) return respond_error(c, 500, "out of memory");
+    return respond(c, 200, "application/octet-stream", b, len, NULL);
+}
+
+static enum MHD_Result h_labels_get(cs_server *s, struct MHD_Connection *c, image *im) {
+    uint32_t *lab = NULL;
+    json_t *info = NULL;
+    char msg[300];
+    int st = load_saved(s, im->rel, im->width, im->height, &lab, &info, msg, sizeof msg);
+    if (st) return respond_error(c, (unsigned)st, "%s", msg);
+    char *txt = info ? json_dumps(info, JSON_COMPACT) : NULL;
+    json_decref(info);
+    size_t len = 0;
+    unsigned char *b = encode_labels(lab, im->width, im->height, txt, &len);
+    free(lab);
+    free(txt);
+    if (!b) return respond_error(c, 500, "out of memory");
+    return respond(c, 200, "application/octet-stream", b, len, NULL);
+}
+
+static enum MHD_Result h_labels_put(cs_server *s, struct MHD_Connection *c, request *rq, image *im) {
+    uint32_t *lab = NULL;
+    json_t *info = NULL;
+    char msg[300];
+    int st = decode_labels((const unsigned char *)rq->body, rq->len, im->width, im->height, &lab, &info, msg,
+                           sizeof msg);
+    if (st) return respond_error(c, (unsigned)st, "%s", msg);
+    uint32_t mx = 0;
+    size_t n = (size_t)im->width * im->height;
+    for (size_t i = 0; i < n; i++) mx = lab[i] > mx ? lab[i] : mx;
+    char *lp = store_path(s, im->rel, ".labels.png", 1);
+    char *ip = store_path(s, im->rel, ".cells.json", 1);
+    int rc = lp && ip ? cs_write_labels(lp, lab, im->width, im->height) : -1;
+    if (!rc && info) {
+        cs_atomic_file af;
+        rc = cs_atomic_open(&af, ip);
+        if (!rc) {
+            if (json_dumpf(info, af.f, JSON_COMPACT)) {
+                cs_atomic_abort(&af);
+                rc = -1;
+            } else rc = cs_atomic_commit(&af);
+        }
+    } else if (!rc && ip) unlink(ip);
+    free(lab);
+    json_decref(info);
+    free(lp);
+    free(ip);
+    if (rc) return respond_error(c, 500, "cannot save the labels: %s", rc > 0 ? cellsam_last_error() : "folder");
+    return respond_json(c, 200, json_pack("{s:b,s:i}", "saved", 1, "max_label", (int)mx));
+}
+
+/* Export: saved labels renumbered 1..N in order of their value. */
+static enum MHD_Result h_export(cs_server *s, struct MHD_Connection *c, image *im) {
+    const char *fmt = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "format");
+    if (!fmt) fmt = "png";
+    int kind = !strcmp(fmt, "png") ? 0 : (!strcmp(fmt, "tif") || !strcmp(fmt, "tiff")) ? 1 : !strcmp(fmt, "csv") ? 2
+                                                                                                               : -1;
+    if (kind < 0) return respond_error(c, 400, "format must be png, tif or csv");
+    uint32_t *lab = NULL;
+    json_t *info = NULL;
+    char msg[300];
+    int st = load_saved(s, im->rel, im->width, im->height, &lab, &info, msg, sizeof msg);
+    if (st) return respond_error(c, (unsigned)st, "%s", msg);
+    size_t n = (size_t)im->width * im->height;
+    uint32_t mx = 0;
+    for (size_t i = 0; i < n; i++) mx = lab[i] > mx ? lab[i] : mx;
+    uint32_t *map = calloc((size_t)mx + 1, sizeof *map);
+    if (!map) {
+        free(lab);
+        json_decref(info);
+        return respond_error(c, 500, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) map[lab[i]] = 1;
+    int nl = 0;
+    for (uint32_t v = 1; v <= mx; v++)
+        if (map[v]) map[v] = (uint32_t)++nl;
+    for (size_t i = 0; i < n; i++) lab[i] = map[lab[i]];
+    /* file name: the image's stem, restricted to safe characters */
+    const char *base = strrchr(im->rel, '/');
+    base = base ? base + 1 : im->rel;
+    char stem[128];
+    size_t k = 0;
+    for (const char *q = base; *q && k < sizeof stem - 1; q++)
+        stem[k++] = (char)((*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z') || (*q >= '0' && *q <= '9') ||
+                                   *q == '-' || *q == '_' || *q == '.'
+                               ? *q
+                               : '_');
+    stem[k] = 0;
+    char *dot = strrchr(stem, '.');
+    if (dot && dot != stem) *dot = 0;
+    char disp[256];
+    unsigned char *data = NULL;
+    size_t len = 0;
+    int rc = 0;
+    if (kind == 2) {
+        float *score = malloc(((size_t)nl + 1) * sizeof *score), *iou = malloc(((size_t)nl + 1) * sizeof *iou);
+        cellsam_cell *cells = NULL;
+        int nc = 0;
+        rc = score && iou ? 0 : -1;
+        json_t *ci = json_object_get(info, "cells");
+        for (uint32_t v = 1; !rc && v <= mx; v++) {
+            if (!map[v]) continue;
+            char key[16];
+            snprintf(key, sizeof key, "%u", v);
+            json_t *e = json_object_get(ci, key);
+            int ok = json_is_array(e) && json_array_size(e) == 2 && json_is_number(json_array_get(e, 0)) &&
+                     json_is_number(json_array_get(e, 1));
+            score[map[v] - 1] = ok ? (float)json_number_value(json_array_get(e, 0)) : NAN;
+            iou[map[v] - 1] = ok ? (float)json_number_value(json_array_get(e, 1)) : NAN;
+        }
+        if (!rc) rc = cs_cell_stats(lab, im->height, im->width, score, iou, nl, &cells, &nc);
+        char *mem = NULL;
+        size_t ml = 0;
+        FILE *f = rc ? NULL : open_memstream(&mem, &ml);
+        if (f) {
+            fprintf(f, "label,x0,y0,x1,y1,area,centroid_x,centroid_y,score,predicted_iou\n");
+            for (int i = 0; i < nc; i++) {
+                const cellsam_cell *cc = &cells[i];
+                fprintf(f, "%u,%d,%d,%d,%d,%lld,%.3f,%.3f,", cc->label, cc->x0, cc->y0, cc->x1, cc->y1,
+                        (long long)cc->area, cc->cx, cc->cy);
+                /* hand-drawn cells have no detector score or predicted IoU */
+                if (isfinite(cc->score)) fprintf(f, "%.6f", cc->score);
+                fputc(',', f);
+                if (isfinite(cc->iou)) fprintf(f, "%.6f", cc->iou);
+                fputc('\n', f);
+            }
+            rc = fclose(f) ? -1 : 0;
+            data = (unsigned char *)mem;
+            len = ml;
+        } else if (!rc) rc = -1;
+        free(score);
+        free(iou);
+        free(cells);
+        snprintf(disp, sizeof disp, "attachment; filename=\"%s_cells.csv\"", stem);
+    } else {
+        char tdir[] = "/tmp/cellsam-export-XXXXXX";
+        if (!mkdtemp(tdir)) rc = -1;
+        else {
+            char tp[64];
+            snprintf(tp, sizeof tp, "%s/labels.%s", tdir, kind ? "tif" : "png");
+            rc = cs_write_labels(tp, lab, im->width, im->height);
+            if (!rc) rc = cs_read_file(tp, (size_t)1 << 34, &data, &len);
+            unlink(tp);
+            rmdir(tdir);
+        }
+        snprintf(disp, sizeof disp, "attachment; filename=\"%s_labels.%s\"", stem, kind ? "tif" : "png");
+    }
+    free(lab);
+    free(map);
+    json_decref(info);
+    if (rc) {
+        free(data);
+        return respond_error(c, 500, "export failed: %s", cellsam_last_error());
+    }
+    char ncount[32];
+    snprintf(ncount, sizeof ncount, "%d", nl);
+    const char *hdr[] = {"Content-Disposition", disp, "X-Cellsam-Labels", ncount, NULL};
+    return respond(c, 200, kind == 2 ? "text/csv" : kind ? "image/tiff" : "image/png", data, len, hdr);
+}
+
+/* ------------------------------------------------------------ static files */
+
+static enum MHD_Result serve_static(cs_server *s, struct MHD_Connection *c, const char *url) {
+    const char *name = url[0] == '/' ? url + 1 : url;
+    if (!*name) name = "index.html";
+    size_t n = strlen(name);
+    int ok = n > 0 && n < 64 && name[0] != '.' && name[0] != '-';
+    for (size_t i = 0; ok && i < n; i++) {
+        char ch = name[i];
+        ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+             ch == '_' || ch == '-';
+    }
+    if (!ok) return respond_error(c, 404, "not found");
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", s->web, name);
+    struct stat st;
+    if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode)) return respond_error(c, 404, "not found");
+    unsigned char *data = NULL;
+    size_t len = 0;
+    if (cs_read_file(path, STATIC_MAX_BYTES, &data, &len)) return respond_error(c, 500, "cannot read %s", name);
+    const char *dot = strrchr(name, '.');
+    const char *type = "application/octet-stream";
+    if (dot) {
+        if (!strcmp(dot, ".html")) type = "text/html; charset=utf-8";
+        else if (!strcmp(dot, ".js")) type = "text/javascript; charset=utf-8";
+        else if (!strcmp(dot, ".css")) type = "text/css; charset=utf-8";
+        else if (!strcmp(dot, ".png")) type = "image/png";
+        else if (!strcmp(dot, ".svg")) type = "image/svg+xml";
+        else if (!strcmp(dot, ".json")) type = "application/json";
+        else if (!strcmp(dot, ".ico")) type = "image/x-icon";
+    }
+    return respond(c, 200, type, data, len, NULL);
+}
+
+/* ------------------------------------------------------------ dispatch */
+
+static enum MHD_Result method_not_allowed(struct MHD_Connection *c, const char *allow) {
+    char *txt = strdup("{\"error\":\"method not allowed\"}");
+    if (!txt) return MHD_NO;
+    const char *hdr[] = {"Allow", allow, NULL};
+    return respond(c, 405, "application/json", txt, strlen(txt), hdr);
+}
+
+static enum MHD_Result dispatch(cs_server *s, struct MHD_Connection *c, const char *url, const char *method,
+                                request *rq) {
+    int get = !strcmp(method, "GET") || !strcmp(method, "HEAD"), post = !strcmp(method, "POST"),
+        put = !strcmp(method, "PUT");
+    if (strncmp(url, "/api/", 5) != 0) {
+        if (!get) return method_not_allowed(c, "GET, HEAD");
+        return serve_static(s, c, url);
+    }
+    const char *r = url + 5;
+    if (!strcmp(r, "info")) return get ? h_info(s, c) : method_not_allowed(c, "GET");
+    if (!strcmp(r, "files")) return get ? h_files(s, c) : method_not_allowed(c, "GET");
+    if (!strcmp(r, "upload")) return post ? h_upload(s, c, rq) : method_not_allowed(c, "POST");
+    if (!strcmp(r, "open")) return post ? h_open(s, c, rq) : method_not_allowed(c, "POST");
+    if (strncmp(r, "images/", 7) != 0) return respond_error(c, 404, "no such API endpoint");
+    const char *id = r + 7, *slash = strchr(id, '/');
+    size_t idn = slash ? (size_t)(slash - id) : strlen(id);
+    const char *action = slash ? slash + 1 : "";
+    static const char *const actions[] = {"", "pixels", "prompt", "segment", "labels", "export"};
+    int a = -1;
+    for (int i = 0; i < (int)(sizeof actions / sizeof actions[0]); i++)
+        if (!strcmp(action, actions[i])) a = i;
+    if (a < 0) return respond_error(c, 404, "no such API endpoint");
+    if (!valid_id(id, idn)) return respond_error(c, 404, "unknown image id");
+    static const char *const allow[] = {"GET", "GET", "POST", "GET, POST", "GET, PUT", "GET"};
+    int ok = (a == 2) ? post : (a == 3) ? (get || post) : (a == 4) ? (get || put) : get;
+    if (!ok) return method_not_allowed(c, allow[a]);
+    image *im = acquire_image(s, id, idn);
+    if (!im) return respond_error(c, 404, "unknown image id (open the image first)");
+    enum MHD_Result ret;
+    switch (a) {
+    case 0: ret = h_status(s, c, im); break;
+    case 1: ret = h_pixels(s, c, im); break;
+    case 2: ret = h_prompt(s, c, rq, im); break;
+    case 3: ret = post ? h_segment_start(s, c, rq, im) : h_segment_result(s, c, im); break;
+    case 4: ret = put ? h_labels_put(s, c, rq, im) : h_labels_get(s, c, im); break;
+    default: ret = h_export(s, c, im); break;
+    }
+    release_image(s, im);
+    return ret;
+}
+
+/* Body limit of a request, known from its method and URL before the body arrives. */
+static size_t body_limit(cs_server *s, const char *method, const char *url) {
+    if (!strcmp(method, "POST") && !strcmp(url, "/api/upload")) return s->o.max_upload;
+    if (!strcmp(method, "PUT") && !strncmp(url, "/api/images/", 12)) {
+        const char *id = url + 12, *slash = strchr(id, '/');
+        size_t lim = s->o.max_json;
+        if (slash && valid_id(id, (size_t)(slash - id))) {
+            pthread_mutex_lock(&s->mu);
+            image *im = find_image(s, id, (size_t)(slash - id));
+            /* worst case one run per pixel, plus the cell info */
+            if (im) lim = 16 + (size_t)im->width * im->height * 8 + ((size_t)8 << 20);
+            pthread_mutex_unlock(&s->mu);
+        }
+        return lim;
+    }
+    if (!strcmp(method, "POST") || !strcmp(method, "PUT")) return s->o.max_json;
+    return 0;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls) {
+    (void)version;
+    cs_server *s = cls;
+    request *rq = *con_cls;
+    if (!rq) {
+        rq = calloc(1, sizeof *rq);
+        if (!rq) return MHD_NO;
+        *con_cls = rq;
+        rq->t0 = cs_now_seconds();
+        if (s->o.log) fprintf(stderr, "cellsam serve: %s %.200s\n", method, url);
+        rq->limit = body_limit(s, method, url);
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl) {
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(cl, &end, 10);
+            if (errno || end == cl || v > rq->limit) {
+                rq->too_large = rq->responded = 1;
+                return respond_error(c, 413, "request body too large (limit %zu bytes)", rq->limit);
+            }
+        }
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (!rq->too_large) {
+            if (*upload_size > rq->limit - rq->len) {
+                rq->too_large = 1;
+                free(rq->body);
+                rq->body = NULL;
+                rq->len = rq->cap = 0;
+            } else {
+                if (rq->len + *upload_size > rq->cap) {
+                    size_t nc = rq->cap ? rq->cap * 2 : 65536;
+                    while (nc < rq->len + *upload_size) nc *= 2;
+                    if (nc > rq->limit) nc = rq->limit;
+                    char *nb = realloc(rq->body, nc);
+                    if (!nb) return MHD_NO;
+                    rq->body = nb;
+                    rq->cap = nc;
+                }
+                memcpy(rq->body + rq->len, upload, *upload_size);
+                rq->len += *upload_size;
+            }
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (rq->responded) return MHD_YES;
+    rq->responded = 1;
+    if (rq->too_large) return respond_error(c, 413, "request body too large (limit %zu bytes)", rq->limit);
+    return dispatch(s, c, url, method, rq);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    (void)c;
+    (void)toe;
+    cs_server *s = cls;
+    request *rq = *con_cls;
+    if (!rq) return;
+    if (s->o.log) fprintf(stderr, "cellsam serve: request done in %.1f ms\n", (cs_now_seconds() - rq->t0) * 1000);
+    free(rq->body);
+    free(rq);
+    *con_cls = NULL;
+}
+
+/* ------------------------------------------------------------ start / stop */
+
+void cs_server_stop(cs_server *s) {
+    if (!s) return;
+    if (s->daemon) MHD_stop_daemon(s->daemon);
+    if (s->worker_started) {
+        pthread_mutex_lock(&s->mu);
+        s->quit = 1;
+        pthread_cond_broadcast(&s->job_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->worker, NULL);
+    }
+    while (s->images) {
+        image *im = s->images;
+        s->images = im->next;
+        image_free(im);
+    }
+    for (int i = 0; i < s->n_pool; i++) cellsam_context_free(s->pool[i].ctx);
+    free(s->pool);
+    cellsam_context_free(s->worker_ctx);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->job_cv);
+    pthread_cond_destroy(&s->ctx_cv);
+    free(s->root);
+    free(s->web);
+    free(s);
+}
+
+int cs_server_start(const cs_server_options *opt, cs_server **out) {
+    *out = NULL;
+    if (!opt || !opt->model || !opt->root || !opt->web_dir) return cs_error(CELLSAM_ERR_INVALID, "null argument");
+    if (opt->port < 0 || opt->port > 65535) return cs_error(CELLSAM_ERR_INVALID, "port %d out of range", opt->port);
+    cs_server *s = calloc(1, sizeof *s);
+    if (!s) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+    s->o = *opt;
+    if (s->o.threads < 1) s->o.threads = 1;
+    if (s->o.http_threads < 1) s->o.http_threads = 1;
+    if (s->o.http_threads > 64) s->o.http_threads = 64;
+    if (s->o.cache < 1) s->o.cache = 1;
+    if (s->o.max_images < s->o.cache) s->o.max_images = s->o.cache;
+    if (!s->o.host) s->o.host = "127.0.0.1";
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->job_cv, NULL);
+    pthread_cond_init(&s->ctx_cv, NULL);
+    s->emb_estimate = 0;
+    int rc = CELLSAM_OK;
+    struct stat st;
+    s->root = realpath(opt->root, NULL);
+    if (!s->root || stat(s->root, &st) || !S_ISDIR(st.st_mode)) {
+        rc = cs_error(CELLSAM_ERR_IO, "root folder %s does not exist", opt->root);
+        goto fail;
+    }
+    s->web = realpath(opt->web_dir, NULL);
+    if (!s->web || stat(s->web, &st) || !S_ISDIR(st.st_mode)) {
+        rc = cs_error(CELLSAM_ERR_IO, "web folder %s does not exist (give --web DIR)", opt->web_dir);
+        goto fail;
+    }
+    s->n_pool = s->o.http_threads;
+    s->pool = calloc((size_t)s->n_pool, sizeof *s->pool);
+    if (!s->pool) {
+        rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < s->n_pool; i++)
+        if ((rc = cellsam_context_new(opt->model, &s->pool[i].ctx))) goto fail;
+    if ((rc = cellsam_context_new(opt->model, &s->worker_ctx))) goto fail;
+
+    struct sockaddr_in a4;
+    struct sockaddr_in6 a6;
+    memset(&a4, 0, sizeof a4);
+    memset(&a6, 0, sizeof a6);
+    const struct sockaddr *sa;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO;
+    if (inet_pton(AF_INET, s->o.host, &a4.sin_addr) == 1) {
+        a4.sin_family = AF_INET;
+        a4.sin_port = htons((uint16_t)s->o.port);
+        sa = (const struct sockaddr *)&a4;
+    } else if (inet_pton(AF_INET6, s->o.host, &a6.sin6_addr) == 1) {
+        a6.sin6_family = AF_INET6;
+        a6.sin6_port = htons((uint16_t)s->o.port);
+        sa = (const struct sockaddr *)&a6;
+        flags |= MHD_USE_IPv6;
+    } else {
+        rc = cs_error(CELLSAM_ERR_INVALID, "--host needs a numeric IPv4 or IPv6 address, not '%s'", s->o.host);
+        goto fail;
+    }
+    if (pthread_create(&s->worker, NULL, worker_main, s) != 0) {
+        rc = cs_error(CELLSAM_ERR_NOMEM, "cannot start the worker thread");
+        goto fail;
+    }
+    s->worker_started = 1;
+    s->daemon = MHD_start_daemon(flags, (uint16_t)s->o.port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, sa,
+                                 MHD_OPTION_THREAD_POOL_SIZE, (unsigned)s->o.http_threads,
+                                 MHD_OPTION_CONNECTION_LIMIT, 256u, MHD_OPTION_CONNECTION_TIMEOUT, 60u,
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_END);
+    if (!s->daemon) {
+        rc = cs_error(CELLSAM_ERR_IO, "cannot listen on %s port %d (in use?)", s->o.host, s->o.port);
+        goto fail;
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : s->o.port;
+    *out = s;
+    return CELLSAM_OK;
+fail:
+    cs_server_stop(s);
+    return rc ? rc : CELLSAM_ERR_IO;
+}
