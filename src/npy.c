@@ -58,7 +58,7 @@ int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
     if (hlen > size - hoff || hlen > 65536) return cs_error(CELLSAM_ERR_FORMAT, ".npy header truncated");
     const char *h = (const char *)buf + hoff, *end = h + hlen;
     const char *d = find_key(h, end, "descr");
-    if (!d || *d != '\'') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no descr");
+    if (!d || d + 1 >= end || *d != '\'') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no descr");
     const char *dq = memchr(d + 1, '\'', (size_t)(end - d - 1));
     if (!dq) return cs_error(CELLSAM_ERR_FORMAT, ".npy header: bad descr");
     size_t dl = (size_t)(dq - d - 1);
@@ -70,10 +70,10 @@ int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
         }
     if (!found) return cs_error(CELLSAM_ERR_UNSUPPORTED, ".npy dtype '%.*s' is not supported", (int)(dl < 16 ? dl : 16), d + 1);
     const char *fo = find_key(h, end, "fortran_order");
-    if (!fo || (size_t)(end - fo) < 5) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no fortran_order");
+    if (!fo || fo >= end || (size_t)(end - fo) < 5) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no fortran_order");
     if (memcmp(fo, "False", 5) != 0) return cs_error(CELLSAM_ERR_UNSUPPORTED, ".npy in Fortran order is not supported");
     const char *sh = find_key(h, end, "shape");
-    if (!sh || *sh != '(') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no shape");
+    if (!sh || sh >= end || *sh != '(') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no shape");
     const char *p = sh + 1;
     out->ndim = 0;
     for (;;) {
