@@ -269,95 +269,6 @@ static float inverse_sigmoid(float x) {
 
 /* ------------------------------------------------------------ attention */
 
-/* exp(x) for x <= 0 without branches, so the softmax loop vectorises (the decoder
- * self-attention evaluates Q*Q*heads*layers ~ 6e8 of them at full size). Cody-Waite
- * reduction by ln 2 and the Cephes expf polynomial: about 1 ulp, like the Sleef
- * expf_u10 of PyTorch's vectorised softmax. Arguments below -87.3 give ~1e-38. */
-static inline float exp_nonpos(float x) {
-    x = x > -87.3f ? x : -87.3f;
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    const float z = r * r;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * z + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float p2;
-    memcpy(&p2, &bits, sizeof p2);
-    return y * p2;
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-/* exp_nonpos on 8 lanes (same reduction and polynomial, fused multiply-adds). */
-static inline __m256 exp_nonpos8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    const __m256 n = _mm256_floor_ps(
-        _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    const __m256 z = _mm256_mul_ps(r, r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, r), _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float hmax8(__m256 v) {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-/* In-place softmax of one row: max-subtracted, float32 sums over 8 lanes. */
-static void softmax_row(float *x, int n) {
-    int i = 0;
-    float m = x[0], s = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (n >= 8) {
-        __m256 vm = _mm256_loadu_ps(x);
-        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-        m = hmax8(vm);
-    }
-    for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    const __m256 vmax = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-        const __m256 e = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
-        _mm256_storeu_ps(x + i, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    s = hsum8(vs);
-#else
-    for (i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
-    i = 0;
-#endif
-    for (; i < n; i++) {
-        x[i] = exp_nonpos(x[i] - m);
-        s += x[i];
-    }
-    const float inv = 1.0f / s;
-    for (int k = 0; k < n; k++) x[k] *= inv;
-}
-
 /* RCDA core for Nq queries over an H x W map, all rows `C` floats apart:
  * q_r, q_c (Nq, C) projected and scaled; k_r (W, C) = row-mean keys per column,
  * k_c (H, C) = column-mean keys per row; vpack (heads, H, W*hd) values per head.
@@ -390,8 +301,8 @@ static void rcda_attend(int Nq, int C, int heads, int H, int W, const float *q_r
             cs_gemm(nq, W, hd, q_r + (size_t)q0 * C + h * hd, C, k_r + h * hd, C, 1, 0.f, ar, W, 1);
             cs_gemm(nq, H, hd, q_c + (size_t)q0 * C + h * hd, C, k_c + h * hd, C, 1, 0.f, ac, H, 1);
             for (int i = 0; i < nq; i++) {
-                softmax_row(ar + (size_t)i * W, W);
-                softmax_row(ac + (size_t)i * H, H);
+                cs_softmax_row(ar + (size_t)i * W, W);
+                cs_softmax_row(ac + (size_t)i * H, H);
             }
             /* inner sum over rows: T[q, j, :] = sum_i a_c[q, i] v[i, j, :] */
             cs_gemm(nq, WH, H, ac, H, vpack + (size_t)h * H * WH, WH, 0, 0.f, T, WH, 1);
@@ -428,7 +339,7 @@ static void mha_attend(int N, int C, int heads, const float *q, const float *k, 
             const int nq = N - q0 < CF_QBLOCK ? N - q0 : CF_QBLOCK;
             float *s = scratch + (size_t)omp_get_thread_num() * per;
             cs_gemm(nq, N, hd, q + (size_t)q0 * C + h * hd, C, k + h * hd, C, 1, 0.f, s, N, 1);
-            for (int i = 0; i < nq; i++) softmax_row(s + (size_t)i * N, N);
+            for (int i = 0; i < nq; i++) cs_softmax_row(s + (size_t)i * N, N);
             cs_gemm(nq, hd, N, s, N, v + h * hd, C, 0, 0.f, out + (size_t)q0 * C + h * hd, C, 1);
         }
     }

@@ -29,7 +29,7 @@ int cs_place_channels(const float *img, int H, int W, int C, float **hw3);
 int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, const float *iou, int n_labels,
                   cellsam_cell **cells, int *n_cells);
 
-/* Tiled mode (src/tiling.c). */
+/* Tiled mode: the model plugged into the tiler (src/tiled_pipeline.c, src/tiling.c). */
 int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                      uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes);
 
