@@ -88,6 +88,15 @@ int cs_image_read_region(const char *path, int x, int y, int w, int h, cs_image 
  * leaves a partial file under `path`. */
 int cs_write_labels(const char *path, const uint32_t *labels, int width, int height);
 
+/* Streaming label writer (src/label_stream.c): rows in order, temp file renamed on
+ * close. .tif is 32-bit unsigned, .png 16-bit (a label over 65535 is an error),
+ * .npy uint32. */
+typedef struct cs_label_stream cs_label_stream;
+int cs_label_stream_open(const char *path, int width, int height, cs_label_stream **out);
+int cs_label_stream_write(cs_label_stream *s, const uint32_t *rows, int n_rows);
+int cs_label_stream_close(cs_label_stream *s); /* commits (rename) */
+void cs_label_stream_abort(cs_label_stream *s);
+
 /* 8-bit RGB PNG: the image contrast-stretched between its 0.5 and 99.5 percentiles
  * (finite values), with 1-pixel label outlines in distinct colours. channel >= 0
  * (0-based) shows that channel in grey; -1: 1 channel grey, 2 channels as a

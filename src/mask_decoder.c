@@ -2,8 +2,11 @@
  * tokens, transposed-convolution upscaler, hypernetwork MLPs and the IoU head.
  * Image tokens are channel-last (4096 x P). With a shared dense prompt (no mask
  * input), layer 0's token-to-image keys and values are identical for every prompt,
- * so they are projected once per call and reused across the batch. */
+ * so they are projected once per call and reused across the batch. Prompts run in
+ * parallel, one per thread; the IoU head runs before the upscaler so that prompts
+ * whose mask will be dropped skip it. */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,166 +72,260 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
     }
 }
 
-int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
-                            const float *dense, size_t dense_stride, const float *sparse,
-                            int n_batch, int n_tok, float *logits, float *iou, int n_threads) {
-    const int P = md->dim, G = 64, N = G * G, nm = md->n_mask_tokens;
-    const int T = 1 + nm + n_tok;
-    const int I_max = P; /* internal dims are <= P */
+/* Per-thread scratch for one prompt at a time. */
+typedef struct {
+    float *keys, *kpe, *kout, *Q, *Q0, *qpe, *qout, *mlp_h, *up1, *up2, *z2;
+    attn_ws aw;
+} item_ws;
+
+static void item_ws_free(item_ws *w) {
+    free(w->keys);
+    free(w->kpe);
+    free(w->kout);
+    free(w->Q);
+    free(w->Q0);
+    free(w->qpe);
+    free(w->qout);
+    free(w->mlp_h);
+    free(w->up1);
+    free(w->up2);
+    free(w->z2);
+    free(w->aw.qp);
+    free(w->aw.kp);
+    free(w->aw.vp);
+    free(w->aw.o);
+    free(w->aw.scores);
+    memset(w, 0, sizeof *w);
+}
+
+static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
+    const size_t N = 4096, P = (size_t)md->dim;
+    memset(w, 0, sizeof *w);
+    w->keys = cs_alloc(N, P * sizeof(float));
+    w->kpe = cs_alloc(N, P * sizeof(float));
+    w->kout = cs_alloc(N, P * sizeof(float));
+    w->Q = cs_alloc((size_t)T, P * sizeof(float));
+    w->Q0 = cs_alloc((size_t)T, P * sizeof(float));
+    w->qpe = cs_alloc((size_t)T, P * sizeof(float));
+    w->qout = cs_alloc((size_t)T, P * sizeof(float));
+    w->mlp_h = cs_alloc((size_t)T, (size_t)md->mlp * sizeof(float));
+    w->up1 = cs_alloc(4 * N, P / 4 * sizeof(float));
+    w->z2 = cs_alloc(4 * N, P / 8 * 4 * sizeof(float));
+    w->up2 = cs_alloc(16 * N, P / 8 * sizeof(float));
+    w->aw.qp = cs_alloc(N, P * sizeof(float));
+    w->aw.kp = cs_alloc(N, P * sizeof(float));
+    w->aw.vp = cs_alloc(N, P * sizeof(float));
+    w->aw.o = cs_alloc(N, P * sizeof(float));
+    w->aw.scores = cs_alloc(N, (size_t)T * sizeof(float));
+    if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->up1 ||
+        !w->z2 || !w->up2 || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores) {
+        item_ws_free(w);
+        return CELLSAM_ERR_NOMEM;
+    }
+    return CELLSAM_OK;
+}
+
+/* Shared, read-only inputs of one decoder call. */
+typedef struct {
+    const cs_mask_decoder *md;
+    const float *emb_t, *pe; /* channel-last (4096 x P) */
+    const float *keys0;      /* emb + shared dense, channel-last; NULL when dense differs per prompt */
+    const float *kp0, *vp0;  /* layer-0 token-to-image keys/values of keys0 (may be NULL) */
+    const float *dense;
+    size_t dense_stride;
+    const float *sparse;
+    int n_tok, T;
+    cs_decoder_options opt;
+} decode_shared;
+
+/* Decode prompt bi. Writes iou (all tokens) and, unless skipped, the selected masks. */
+static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logits, float *iou, int nthr) {
+    const cs_mask_decoder *md = sh->md;
+    const int P = md->dim, G = 64, N = G * G, nm = md->n_mask_tokens, T = sh->T;
     const int P4 = P / 4, P8 = P / 8;
+    float *Q = w->Q, *Q0 = w->Q0, *qpe = w->qpe, *qout = w->qout, *keys = w->keys, *kpe = w->kpe;
+    /* tokens: [iou token; mask tokens; sparse prompt tokens] */
+    memcpy(Q0, md->iou_token, (size_t)P * sizeof(float));
+    memcpy(Q0 + P, md->mask_tokens, (size_t)nm * P * sizeof(float));
+    memcpy(Q0 + (size_t)(1 + nm) * P, sh->sparse + (size_t)bi * sh->n_tok * P, (size_t)sh->n_tok * P * sizeof(float));
+    memcpy(Q, Q0, (size_t)T * P * sizeof(float));
+    if (sh->keys0) {
+        memcpy(keys, sh->keys0, (size_t)N * P * sizeof(float));
+    } else {
+        cs_transpose(sh->dense + (size_t)bi * sh->dense_stride, keys, P, N);
+        cs_add(keys, sh->emb_t, (size_t)N * P);
+    }
+    for (int l = 0; l < md->depth; l++) {
+        const cs_twoway_layer *L = &md->layers[l];
+        /* self-attention; layer 0 replaces the queries (no residual, no PE) */
+        if (l == 0) {
+            attention(&L->self_attn, P, md->heads, Q, T, Q, Q, T, NULL, NULL, qout, &w->aw, 1);
+            memcpy(Q, qout, (size_t)T * P * sizeof(float));
+        } else {
+            add_into(qpe, Q, Q0, (size_t)T * P);
+            attention(&L->self_attn, P, md->heads, qpe, T, qpe, Q, T, NULL, NULL, qout, &w->aw, 1);
+            cs_add(Q, qout, (size_t)T * P);
+        }
+        cs_layernorm(Q, Q, T, P, L->norm1_w, L->norm1_b, 1e-5f, 1);
+        /* tokens attend to the image */
+        add_into(qpe, Q, Q0, (size_t)T * P);
+        add_into(kpe, keys, sh->pe, (size_t)N * P);
+        int shared = l == 0 && sh->kp0;
+        attention(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, shared ? sh->kp0 : NULL, shared ? sh->vp0 : NULL,
+                  qout, &w->aw, nthr);
+        cs_add(Q, qout, (size_t)T * P);
+        cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
+        /* MLP (ReLU) */
+        cs_linear(Q, T, P, L->mlp1_w, L->mlp1_b, md->mlp, w->mlp_h, 1);
+        cs_relu(w->mlp_h, (size_t)T * md->mlp);
+        cs_linear(w->mlp_h, T, md->mlp, L->mlp2_w, L->mlp2_b, P, qout, 1);
+        cs_add(Q, qout, (size_t)T * P);
+        cs_layernorm(Q, Q, T, P, L->norm3_w, L->norm3_b, 1e-5f, 1);
+        /* image attends to the tokens */
+        add_into(qpe, Q, Q0, (size_t)T * P);
+        attention(&L->i2t, P, md->heads, kpe, N, qpe, Q, T, NULL, NULL, w->kout, &w->aw, nthr);
+        cs_add(keys, w->kout, (size_t)N * P);
+        cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, nthr);
+    }
+    add_into(qpe, Q, Q0, (size_t)T * P);
+    add_into(kpe, keys, sh->pe, (size_t)N * P);
+    attention(&md->final_attn, P, md->heads, qpe, T, kpe, keys, N, NULL, NULL, qout, &w->aw, nthr);
+    cs_add(Q, qout, (size_t)T * P);
+    cs_layernorm(Q, Q, T, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
+
+    /* IoU first: a prompt whose mask will be dropped needs no upscaling */
+    float *io = iou + (size_t)bi * nm;
+    mlp3(Q, md->iou_w, md->iou_b, P, md->iou_hidden, nm, io);
+    if (io[sh->opt.mask_first] < sh->opt.skip_below) return;
+
+    /* upscaler: ConvT 2x2/2 as a GEMM against the (in, out*4) weight, scattered
+     * channel-last into the 2x larger grid, then LayerNorm2d + GELU */
+    cs_gemm(N, P4 * 4, P, keys, P, md->up0_w, P4 * 4, 0, 0.0f, w->kout, P4 * 4, nthr);
+    for (int y = 0; y < G; y++)
+        for (int x = 0; x < G; x++) {
+            const float *z = w->kout + ((size_t)y * G + x) * P4 * 4;
+            for (int a = 0; a < 2; a++)
+                for (int b2 = 0; b2 < 2; b2++) {
+                    float *dst = w->up1 + ((size_t)(2 * y + a) * (2 * G) + 2 * x + b2) * P4;
+                    for (int o = 0; o < P4; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up0_b[o];
+                }
+        }
+    cs_layernorm(w->up1, w->up1, 4 * N, P4, md->up1_w, md->up1_b, 1e-6f, nthr);
+    cs_gelu(w->up1, (size_t)4 * N * P4, nthr);
+    cs_gemm(4 * N, P8 * 4, P4, w->up1, P4, md->up3_w, P8 * 4, 0, 0.0f, w->z2, P8 * 4, nthr);
+    const int G2 = 2 * G;
+    for (int y = 0; y < G2; y++)
+        for (int x = 0; x < G2; x++) {
+            const float *z = w->z2 + ((size_t)y * G2 + x) * P8 * 4;
+            for (int a = 0; a < 2; a++)
+                for (int b2 = 0; b2 < 2; b2++) {
+                    float *dst = w->up2 + ((size_t)(2 * y + a) * (2 * G2) + 2 * x + b2) * P8;
+                    for (int o = 0; o < P8; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up3_b[o];
+                }
+        }
+    cs_gelu(w->up2, (size_t)16 * N * P8, nthr);
+
+    /* hypernetworks for the requested mask tokens; masks = hyper . upscaled */
+    float hyper[16 * 128];
+    const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count;
+    for (int m = 0; m < mc; m++)
+        mlp3(Q + (size_t)(1 + m0 + m) * P, md->hyper_w[m0 + m], md->hyper_b[m0 + m], P, P, P8, hyper + m * P8);
+    cs_gemm(mc, 16 * N, P8, hyper, P8, w->up2, P8, 1, 0.0f, logits + (size_t)bi * mc * 16 * N, 16 * N, nthr);
+}
+
+cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
+    cs_decoder_options o;
+    o.mask_first = 0;
+    o.mask_count = md->n_mask_tokens;
+    o.skip_below = -INFINITY;
+    return o;
+}
+
+int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
+                               const float *dense, size_t dense_stride, const float *sparse, int n_batch,
+                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou, int n_threads) {
+    const int P = md->dim, N = 4096, nm = md->n_mask_tokens;
+    const int T = 1 + nm + n_tok;
     if (P > 1024 || md->iou_hidden > 1024 || nm > 16)
         return cs_error(CELLSAM_ERR_UNSUPPORTED, "mask decoder width %d is too large", P);
-    int rc = CELLSAM_OK;
-    float *keys = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *pe = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *kpe = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *kout = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *shared_kp = NULL, *shared_vp = NULL;
-    float *Q = cs_alloc((size_t)T, (size_t)P * sizeof(float));
-    float *Q0 = cs_alloc((size_t)T, (size_t)P * sizeof(float));
-    float *qpe = cs_alloc((size_t)T, (size_t)P * sizeof(float));
-    float *qout = cs_alloc((size_t)T, (size_t)P * sizeof(float));
-    float *mlp_h = cs_alloc((size_t)T, (size_t)md->mlp * sizeof(float));
-    float *up1 = cs_alloc((size_t)4 * N, (size_t)P4 * sizeof(float));   /* 128x128 x P/4 */
-    float *up2 = cs_alloc((size_t)16 * N, (size_t)P8 * sizeof(float));  /* 256x256 x P/8 */
+    if (opt->mask_first < 0 || opt->mask_count < 1 || opt->mask_first + opt->mask_count > nm)
+        return cs_error(CELLSAM_ERR_INVALID, "mask tokens %d..%d out of range", opt->mask_first,
+                        opt->mask_first + opt->mask_count - 1);
+    if (n_threads < 1) n_threads = 1;
+    if (n_batch <= 0) return CELLSAM_OK;
+    decode_shared sh;
+    memset(&sh, 0, sizeof sh);
+    sh.md = md;
+    sh.dense = dense;
+    sh.dense_stride = dense_stride;
+    sh.sparse = sparse;
+    sh.n_tok = n_tok;
+    sh.T = T;
+    sh.opt = *opt;
+    /* prompts in parallel (one thread each, single-threaded GEMMs) when there are
+     * enough of them; otherwise one at a time with threaded GEMMs */
+    const int outer = n_batch >= 2 && n_threads > 1 ? (n_threads < n_batch ? n_threads : n_batch) : 1;
+    const int inner = outer > 1 ? 1 : n_threads;
     float *emb_t = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    attn_ws ws = {0};
-    ws.qp = cs_alloc((size_t)N, (size_t)I_max * sizeof(float));
-    ws.kp = cs_alloc((size_t)N, (size_t)I_max * sizeof(float));
-    ws.vp = cs_alloc((size_t)N, (size_t)I_max * sizeof(float));
-    ws.o = cs_alloc((size_t)N, (size_t)I_max * sizeof(float));
-    ws.scores = cs_alloc((size_t)N, (size_t)T * sizeof(float));
-    if (!keys || !pe || !kpe || !kout || !Q || !Q0 || !qpe || !qout || !mlp_h || !up1 || !up2 ||
-        !emb_t || !ws.qp || !ws.kp || !ws.vp || !ws.o || !ws.scores) {
-        rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory in the mask decoder");
+    float *pe = cs_alloc((size_t)N, (size_t)P * sizeof(float));
+    float *keys0 = NULL, *kp0 = NULL, *vp0 = NULL, *kpe0 = NULL;
+    item_ws *ws = calloc((size_t)outer, sizeof *ws);
+    int rc = CELLSAM_OK;
+    if (!emb_t || !pe || !ws) {
+        rc = CELLSAM_ERR_NOMEM;
         goto done;
     }
+    for (int t = 0; t < outer && !rc; t++) rc = item_ws_alloc(&ws[t], md, T);
+    if (rc) goto done;
     cs_transpose(image_emb, emb_t, P, N);
     cs_transpose(dense_pe, pe, P, N);
-
-    /* keys are identical across prompts when the dense prompt is shared */
-    if (dense_stride == 0 && n_batch > 1) {
+    sh.emb_t = emb_t;
+    sh.pe = pe;
+    if (dense_stride == 0) {
+        /* the dense prompt is shared, so the initial keys and their layer-0
+         * token-to-image projections are the same for every prompt */
         const cs_attn *a = &md->layers[0].t2i;
-        shared_kp = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
-        shared_vp = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
-        if (!shared_kp || !shared_vp) {
-            rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory in the mask decoder");
+        keys0 = cs_alloc((size_t)N, (size_t)P * sizeof(float));
+        kpe0 = cs_alloc((size_t)N, (size_t)P * sizeof(float));
+        kp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
+        vp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
+        if (!keys0 || !kpe0 || !kp0 || !vp0) {
+            rc = CELLSAM_ERR_NOMEM;
             goto done;
         }
-        cs_transpose(dense, keys, P, N);
-        cs_add(keys, emb_t, (size_t)N * P);
-        add_into(kpe, keys, pe, (size_t)N * P);
-        cs_linear(kpe, N, P, a->k_w, a->k_b, a->internal, shared_kp, n_threads);
-        cs_linear(keys, N, P, a->v_w, a->v_b, a->internal, shared_vp, n_threads);
+        cs_transpose(dense, keys0, P, N);
+        cs_add(keys0, emb_t, (size_t)N * P);
+        add_into(kpe0, keys0, pe, (size_t)N * P);
+        cs_linear(kpe0, N, P, a->k_w, a->k_b, a->internal, kp0, n_threads);
+        cs_linear(keys0, N, P, a->v_w, a->v_b, a->internal, vp0, n_threads);
+        sh.keys0 = keys0;
+        sh.kp0 = kp0;
+        sh.vp0 = vp0;
     }
-
-    for (int bi = 0; bi < n_batch; bi++) {
-        /* tokens: [iou token; mask tokens; sparse prompt tokens] */
-        memcpy(Q0, md->iou_token, (size_t)P * sizeof(float));
-        memcpy(Q0 + P, md->mask_tokens, (size_t)nm * P * sizeof(float));
-        memcpy(Q0 + (size_t)(1 + nm) * P, sparse + (size_t)bi * n_tok * P, (size_t)n_tok * P * sizeof(float));
-        memcpy(Q, Q0, (size_t)T * P * sizeof(float));
-        cs_transpose(dense + (size_t)bi * dense_stride, keys, P, N);
-        cs_add(keys, emb_t, (size_t)N * P);
-
-        for (int l = 0; l < md->depth; l++) {
-            const cs_twoway_layer *L = &md->layers[l];
-            /* self-attention; layer 0 replaces the queries (no residual, no PE) */
-            if (l == 0) {
-                attention(&L->self_attn, P, md->heads, Q, T, Q, Q, T, NULL, NULL, qout, &ws, 1);
-                memcpy(Q, qout, (size_t)T * P * sizeof(float));
-            } else {
-                add_into(qpe, Q, Q0, (size_t)T * P);
-                attention(&L->self_attn, P, md->heads, qpe, T, qpe, Q, T, NULL, NULL, qout, &ws, 1);
-                cs_add(Q, qout, (size_t)T * P);
-            }
-            cs_layernorm(Q, Q, T, P, L->norm1_w, L->norm1_b, 1e-5f, 1);
-            /* tokens attend to the image */
-            add_into(qpe, Q, Q0, (size_t)T * P);
-            add_into(kpe, keys, pe, (size_t)N * P);
-            int shared = l == 0 && shared_kp;
-            attention(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, shared ? shared_kp : NULL,
-                      shared ? shared_vp : NULL, qout, &ws, n_threads);
-            cs_add(Q, qout, (size_t)T * P);
-            cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
-            /* MLP (ReLU) */
-            cs_linear(Q, T, P, L->mlp1_w, L->mlp1_b, md->mlp, mlp_h, 1);
-            cs_relu(mlp_h, (size_t)T * md->mlp);
-            cs_linear(mlp_h, T, md->mlp, L->mlp2_w, L->mlp2_b, P, qout, 1);
-            cs_add(Q, qout, (size_t)T * P);
-            cs_layernorm(Q, Q, T, P, L->norm3_w, L->norm3_b, 1e-5f, 1);
-            /* image attends to the tokens */
-            add_into(qpe, Q, Q0, (size_t)T * P);
-            attention(&L->i2t, P, md->heads, kpe, N, qpe, Q, T, NULL, NULL, kout, &ws, n_threads);
-            cs_add(keys, kout, (size_t)N * P);
-            cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, n_threads);
-        }
-        add_into(qpe, Q, Q0, (size_t)T * P);
-        add_into(kpe, keys, pe, (size_t)N * P);
-        attention(&md->final_attn, P, md->heads, qpe, T, kpe, keys, N, NULL, NULL, qout, &ws, n_threads);
-        cs_add(Q, qout, (size_t)T * P);
-        cs_layernorm(Q, Q, T, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
-
-        /* upscaler: ConvT 2x2/2 as a GEMM against the (in, out*4) weight, scattered
-         * channel-last into the 2x larger grid, then LayerNorm2d + GELU */
-        cs_gemm(N, P4 * 4, P, keys, P, md->up0_w, P4 * 4, 0, 0.0f, kout, P4 * 4, n_threads);
-        for (int y = 0; y < G; y++)
-            for (int x = 0; x < G; x++) {
-                const float *z = kout + ((size_t)y * G + x) * P4 * 4;
-                for (int a = 0; a < 2; a++)
-                    for (int b2 = 0; b2 < 2; b2++) {
-                        float *dst = up1 + ((size_t)(2 * y + a) * (2 * G) + 2 * x + b2) * P4;
-                        for (int o = 0; o < P4; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up0_b[o];
-                    }
-            }
-        cs_layernorm(up1, up1, 4 * N, P4, md->up1_w, md->up1_b, 1e-6f, n_threads);
-        cs_gelu(up1, (size_t)4 * N * P4, n_threads);
-        float *z2 = cs_alloc((size_t)4 * N, (size_t)P8 * 4 * sizeof(float));
-        if (!z2) {
-            rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory in the mask decoder");
-            goto done;
-        }
-        cs_gemm(4 * N, P8 * 4, P4, up1, P4, md->up3_w, P8 * 4, 0, 0.0f, z2, P8 * 4, n_threads);
-        const int G2 = 2 * G;
-        for (int y = 0; y < G2; y++)
-            for (int x = 0; x < G2; x++) {
-                const float *z = z2 + ((size_t)y * G2 + x) * P8 * 4;
-                for (int a = 0; a < 2; a++)
-                    for (int b2 = 0; b2 < 2; b2++) {
-                        float *dst = up2 + ((size_t)(2 * y + a) * (2 * G2) + 2 * x + b2) * P8;
-                        for (int o = 0; o < P8; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up3_b[o];
-                    }
-            }
-        free(z2);
-        cs_gelu(up2, (size_t)16 * N * P8, n_threads);
-
-        /* hypernetworks: one P/8 vector per mask token; masks = hyper . upscaled */
-        float hyper[16 * 128];
-        for (int m = 0; m < nm; m++)
-            mlp3(Q + (size_t)(1 + m) * P, md->hyper_w[m], md->hyper_b[m], P, P, P8, hyper + m * P8);
-        float *lg = logits + (size_t)bi * nm * 16 * N;
-        cs_gemm(nm, 16 * N, P8, hyper, P8, up2, P8, 1, 0.0f, lg, 16 * N, n_threads);
-        mlp3(Q, md->iou_w, md->iou_b, P, md->iou_hidden, nm, iou + (size_t)bi * nm);
+    if (outer > 1) {
+#pragma omp parallel for num_threads(outer) schedule(dynamic, 1)
+        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &ws[omp_get_thread_num()], logits, iou, 1);
+    } else {
+        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &ws[0], logits, iou, inner);
     }
 done:
-    free(keys);
-    free(pe);
-    free(kpe);
-    free(kout);
-    free(shared_kp);
-    free(shared_vp);
-    free(Q);
-    free(Q0);
-    free(qpe);
-    free(qout);
-    free(mlp_h);
-    free(up1);
-    free(up2);
+    if (ws)
+        for (int t = 0; t < outer; t++) item_ws_free(&ws[t]);
+    free(ws);
     free(emb_t);
-    free(ws.qp);
-    free(ws.kp);
-    free(ws.vp);
-    free(ws.o);
-    free(ws.scores);
+    free(pe);
+    free(keys0);
+    free(kpe0);
+    free(kp0);
+    free(vp0);
+    if (rc == CELLSAM_ERR_NOMEM) return cs_error(rc, "out of memory in the mask decoder");
     return rc;
+}
+
+int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
+                            const float *dense, size_t dense_stride, const float *sparse, int n_batch,
+                            int n_tok, float *logits, float *iou, int n_threads) {
+    cs_decoder_options o = cs_decoder_default_options(md);
+    return cs_mask_decoder_forward_ex(md, image_emb, dense_pe, dense, dense_stride, sparse, n_batch, n_tok, &o,
+                                      logits, iou, n_threads);
 }

@@ -1,6 +1,7 @@
 /* Model loading: detect the checkpoint layout, infer hyper-parameters from tensor
  * shapes, bind and shape-check every tensor, and the engine API (encode/decode). */
 #include <jansson.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -474,10 +475,9 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
     int threads = pr->n_threads > 0 ? pr->n_threads : 1;
     float *sparse = cs_alloc((size_t)nb * (ntok > 0 ? ntok : 1), (size_t)P * sizeof(float));
     float *dense = cs_alloc((size_t)P * G, (size_t)G * sizeof(float));
-    float *all_logits = cs_alloc((size_t)nb * nm, (size_t)16 * G * G * sizeof(float));
     float *all_iou = cs_alloc((size_t)nb, (size_t)nm * sizeof(float));
     int rc = CELLSAM_OK;
-    if (!sparse || !dense || !all_logits || !all_iou) {
+    if (!sparse || !dense || !all_iou) {
         rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory for %d prompts", nb);
         goto fail;
     }
@@ -495,10 +495,7 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
     }
     rc = cs_prompt_dense(&m->pe, pr->mask_input, dense, threads);
     if (rc) goto fail;
-    rc = cs_mask_decoder_forward(&m->md, c->embedding, c->dense_pe, dense, 0, sparse, nb, ntok,
-                                 all_logits, all_iou, threads);
-    if (rc) goto fail;
-    /* select the outputs SAM returns: token 0, or tokens 1.. for multimask */
+    /* SAM returns token 0, or tokens 1.. for multimask: decode only those */
     int first = pr->multimask ? 1 : 0, count = pr->multimask ? nm - 1 : 1;
     size_t plane = (size_t)16 * G * G;
     float *lg = malloc((size_t)nb * count * plane * sizeof(float));
@@ -509,12 +506,16 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
         rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
         goto fail;
     }
+    cs_decoder_options dopt = {first, count, -INFINITY};
+    rc = cs_mask_decoder_forward_ex(&m->md, c->embedding, c->dense_pe, dense, 0, sparse, nb, ntok, &dopt, lg,
+                                    all_iou, threads);
+    if (rc) {
+        free(lg);
+        free(io);
+        goto fail;
+    }
     for (int i = 0; i < nb; i++)
-        for (int k = 0; k < count; k++) {
-            memcpy(lg + ((size_t)i * count + k) * plane, all_logits + ((size_t)i * nm + first + k) * plane,
-                   plane * sizeof(float));
-            io[i * count + k] = all_iou[i * nm + first + k];
-        }
+        for (int k = 0; k < count; k++) io[i * count + k] = all_iou[i * nm + first + k];
     *logits_out = lg;
     *iou_out = io;
     *n_batch_out = nb;
@@ -522,7 +523,6 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
 fail:
     free(sparse);
     free(dense);
-    free(all_logits);
     free(all_iou);
     return rc;
 }

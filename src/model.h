@@ -120,6 +120,19 @@ int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, c
                             const float *dense, size_t dense_stride, const float *sparse,
                             int n_batch, int n_tok, float *logits, float *iou, int n_threads);
 
+/* Which outputs to compute: mask tokens [mask_first, mask_first+mask_count) (logits
+ * are n_batch x mask_count x 256 x 256), and skip the upscaler for prompts whose IoU
+ * of token mask_first is below skip_below (their logits are left unwritten; the IoU
+ * of every token is always written, n_batch x n_mask_tokens). */
+typedef struct {
+    int mask_first, mask_count;
+    float skip_below;
+} cs_decoder_options;
+cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md);
+int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
+                               const float *dense, size_t dense_stride, const float *sparse, int n_batch,
+                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou, int n_threads);
+
 /* ---- CellFinder head (Anchor-DETR with RCDA), filled in by cellfinder.c ---- */
 struct cs_cellfinder;
 

@@ -187,7 +187,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     const size_t plane = (size_t)256 * 256;
     sparse = cs_alloc((size_t)DECODE_CHUNK * 2, (size_t)P * sizeof(float));
     dense = cs_alloc((size_t)P * 64, 64 * sizeof(float));
-    lg = cs_alloc((size_t)DECODE_CHUNK * nm, plane * sizeof(float));
+    lg = cs_alloc((size_t)DECODE_CHUNK, plane * sizeof(float));
     io = cs_alloc((size_t)DECODE_CHUNK * nm, sizeof(float));
     if (!pass_score || !pass_iou || !sparse || !dense || !lg || !io) {
         rc = CELLSAM_ERR_NOMEM;
@@ -214,15 +214,17 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
         }
         for (int j = 0; j < nu; j++)
             cs_prompt_sparse(&m->pe, boxes + 4 * (k0 + uniq[j]), NULL, 0, sparse + (size_t)j * 2 * P);
-        rc = cs_mask_decoder_forward(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, nu, 2, lg, io,
-                                     p->n_threads);
+        /* only mask token 0, and no upscaling for masks the IoU test will drop */
+        cs_decoder_options dopt = {0, 1, p->iou_threshold};
+        rc = cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, nu, 2, &dopt, lg, io,
+                                        p->n_threads);
         if (rc) goto done;
         for (int i = 0; i < kn; i++) {
             int s = slot[i];
             float iou0 = io[(size_t)s * nm];
             if (iou0 < p->iou_threshold) continue; /* official: skip if iou < threshold */
             n_pass++;
-            rc = cs_composer_add_mask(&comp, lg + (size_t)s * nm * plane, (uint32_t)n_pass);
+            rc = cs_composer_add_mask(&comp, lg + (size_t)s * plane, (uint32_t)n_pass);
             if (rc) goto done;
             pass_score[n_pass - 1] = scores[k0 + i];
             pass_iou[n_pass - 1] = iou0;

@@ -33,4 +33,10 @@ int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, cons
 int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                      uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes);
 
+/* Streaming tiled mode (bounded memory): see src/tiling.h for the callbacks. */
+#include "tiling.h"
+int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_fn read, void *read_user,
+                            cs_rows_write_fn write_rows, void *write_user, const cellsam_segment_params *p,
+                            int *n_boxes, uint32_t *max_label);
+
 #endif

@@ -153,3 +153,33 @@ int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const
     free(g.raw_iou);
     return rc;
 }
+
+/* Streaming variant: regions come from `read`, final label rows go to `write_rows`;
+ * memory is bounded by one row of tiles whatever the image size. */
+int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_fn read, void *read_user,
+                            cs_rows_write_fn write_rows, void *write_user, const cellsam_segment_params *p,
+                            int *n_boxes, uint32_t *max_label) {
+    if (!ctx || !read || !write_rows || !p) return cs_error(CELLSAM_ERR_INVALID, "tiled mode: null argument");
+    tiled_glue g;
+    memset(&g, 0, sizeof g);
+    g.ctx = ctx;
+    g.p = p;
+    cs_tile_params tp = cs_tile_default_params();
+    tp.block_size = p->block_size;
+    tp.overlap = p->overlap;
+    tp.iou_depth = p->iou_depth;
+    tp.link_iou = float_as_decimal(p->link_iou);
+    tp.halo_mode = p->halo_mirror ? CS_HALO_MIRROR : CS_HALO_PERIODIC;
+    tp.minmax_normalize = 1;
+    tp.progress = p->progress;
+    tp.progress_user = p->progress_user;
+    cs_tile_stats st;
+    int rc = cs_tiled_segment_stream(H, W, read, read_user, glue_segment, &g, write_rows, write_user, &tp, &st);
+    free(g.last_score);
+    free(g.last_iou);
+    if (!rc) {
+        if (n_boxes) *n_boxes = g.n_boxes;
+        if (max_label) *max_label = st.max_label;
+    }
+    return rc;
+}

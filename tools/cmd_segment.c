@@ -10,10 +10,11 @@
 #include "cli.h"
 #include "common.h"
 #include "image_io.h"
+#include "pipeline.h"
 
 typedef struct {
     const char *model, *config, *out, *csv, *overlay, *boxes_file;
-    int nuclear, cell, grey, threads, overwrite, quiet;
+    int nuclear, cell, grey, threads, overwrite, quiet, stream;
     cellsam_segment_params sp;
 } seg_opts;
 
@@ -41,6 +42,9 @@ static void usage(void) {
         "                  (400) with --overlap (56) halo, IoU --link-iou (0.5) linking across tiles\n"
         "  --no-tiling     the whole image at once (official segment_cellular_image)\n"
         "  --mirror-halo   mirror the image at its borders instead of the official wrap-around\n"
+        "  --stream        read regions and write label rows as tiles finish (bounded memory);\n"
+        "                  automatic above 4096 x 4096 pixels. The CSV then has no score/IoU columns\n"
+        "                  filled (0) and --overlay is unavailable\n"
         "Thresholds: --bbox-threshold 0.4  --iou-threshold 0.5  --min-size 25  --remove-boundaries\n"
         "            --no-normalize (skip the percentile clip + CLAHE)\n"
         "Other: --threads N (default: all cores)  --overwrite  --quiet\n"
@@ -113,9 +117,132 @@ static void progress_cb(int done, int total, void *user) {
     if (done == total) fputc('\n', stderr);
 }
 
+/* ---- streaming tiled mode: regions read on demand, label rows written as they are final ---- */
+
+typedef struct {
+    cs_image_reader *reader;
+    const seg_opts *o;
+    cs_label_stream *out;
+    /* per-label statistics for --csv, grown as labels appear */
+    cellsam_cell *cells;
+    size_t cap;
+    int width;
+} stream_ctx;
+
+static int stream_read(void *user, int x0, int y0, int w, int h, float *out_hw3) {
+    stream_ctx *s = user;
+    cs_image reg;
+    int rc = cs_image_reader_read_region(s->reader, x0, y0, w, h, &reg);
+    if (rc) return rc;
+    float *hw3 = NULL;
+    rc = cs_image_to_model_input(&reg, s->o->nuclear, s->o->cell, s->o->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL, &hw3);
+    if (!rc) memcpy(out_hw3, hw3, (size_t)w * h * 3 * sizeof(float));
+    free(hw3);
+    cs_image_free(&reg);
+    return rc;
+}
+
+static int stream_write(void *user, int y0, int n_rows, const uint32_t *rows) {
+    stream_ctx *s = user;
+    int rc = cs_label_stream_write(s->out, rows, n_rows);
+    if (rc || !s->o->csv) return rc;
+    for (int r = 0; r < n_rows; r++)
+        for (int x = 0; x < s->width; x++) {
+            uint32_t l = rows[(size_t)r * s->width + x];
+            if (!l) continue;
+            if (l >= s->cap) {
+                size_t cap = s->cap ? s->cap : 1024;
+                while (cap <= l) cap *= 2;
+                cellsam_cell *c = realloc(s->cells, cap * sizeof *c);
+                if (!c) return cs_error(CELLSAM_ERR_NOMEM, "out of memory for cell statistics");
+                memset(c + s->cap, 0, (cap - s->cap) * sizeof *c);
+                s->cells = c;
+                s->cap = cap;
+            }
+            cellsam_cell *c = &s->cells[l];
+            int y = y0 + r;
+            if (!c->area) {
+                c->label = l;
+                c->x0 = c->x1 = x;
+                c->y0 = c->y1 = y;
+            }
+            c->area++;
+            if (x < c->x0) c->x0 = x;
+            if (x > c->x1) c->x1 = x;
+            if (y > c->y1) c->y1 = y;
+            c->cx += x;
+            c->cy += y;
+        }
+    return CELLSAM_OK;
+}
+
+static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const char *in, const char *out,
+                               const char *csv, int *n_cells) {
+    stream_ctx s;
+    memset(&s, 0, sizeof s);
+    s.o = o;
+    if (cs_image_reader_open(in, &s.reader)) {
+        cli_error("segment", "%s", cellsam_last_error());
+        return 1;
+    }
+    cs_image_info info;
+    cs_image_reader_info(s.reader, &info);
+    s.width = info.width;
+    double t0 = cs_now_seconds();
+    int rc = cs_label_stream_open(out, info.width, info.height, &s.out);
+    cellsam_segment_params sp = o->sp;
+    if (!o->quiet) sp.progress = progress_cb;
+    int n_boxes = 0;
+    uint32_t max_label = 0;
+    if (!rc) rc = cs_segment_tiled_stream(ctx, info.height, info.width, stream_read, &s, stream_write, &s, &sp, &n_boxes, &max_label);
+    if (!rc) {
+        rc = cs_label_stream_close(s.out);
+        s.out = NULL;
+    }
+    int n = 0;
+    for (size_t l = 1; l < s.cap; l++) n += s.cells[l].area > 0;
+    if (!rc && csv) {
+        cellsam_result r;
+        memset(&r, 0, sizeof r);
+        r.cells = malloc((n ? (size_t)n : 1) * sizeof *r.cells);
+        if (!r.cells) rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+        for (size_t l = 1; !rc && l < s.cap; l++)
+            if (s.cells[l].area) {
+                cellsam_cell c = s.cells[l];
+                c.cx /= (double)c.area;
+                c.cy /= (double)c.area;
+                c.x1++;
+                c.y1++;
+                r.cells[r.n_cells++] = c;
+            }
+        if (!rc) rc = write_csv(csv, &r);
+        free(r.cells);
+    }
+    if (rc) cli_error("segment", "%s: %s", in, cellsam_last_error());
+    else if (!o->quiet)
+        fprintf(stderr, "%s: %s%d cell%s (%d boxes) in %.1f s, streamed -> %s\n", in, csv ? "" : "labels up to ",
+                csv ? n : (int)max_label, (csv ? n : (int)max_label) == 1 ? "" : "s", n_boxes, cs_now_seconds() - t0, out);
+    *n_cells = csv ? n : (int)max_label;
+    if (s.out) cs_label_stream_abort(s.out);
+    free(s.cells);
+    cs_image_reader_close(s.reader);
+    return rc ? 1 : 0;
+}
+
+/* Whole-slide sizes stream through the tiler instead of being held in memory. */
+#define STREAM_PIXELS ((int64_t)4096 * 4096)
+
 /* Segment one file; returns 0 ok, 1 error (message printed). */
 static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in, const char *out,
                         const char *csv, const char *overlay, int *n_cells) {
+    int pw, ph, pc;
+    if (o->sp.tiled && (o->stream || (cs_image_probe(in, &pw, &ph, &pc) == 0 && (int64_t)pw * ph > STREAM_PIXELS))) {
+        if (overlay) {
+            cli_error("segment", "%s: --overlay is not available for streamed (whole-slide) images", in);
+            return 1;
+        }
+        return segment_file_stream(ctx, o, in, out, csv, n_cells);
+    }
     cs_image img;
     if (cs_image_read(in, &img)) {
         cli_error("segment", "%s", cellsam_last_error());
@@ -225,6 +352,7 @@ int cmd_segment(int argc, char **argv) {
         else if (!strcmp(a, "--no-normalize")) o.sp.normalize = 0;
         else if (!strcmp(a, "--grey") || !strcmp(a, "--gray")) o.grey = 1;
         else if (!strcmp(a, "--overwrite")) o.overwrite = 1;
+        else if (!strcmp(a, "--stream")) o.stream = 1;
         else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) o.quiet = 1;
         INT_OPT("--nuclear", 0, 64, &o.nuclear)
         INT_OPT("--cell", 0, 64, &o.cell)
