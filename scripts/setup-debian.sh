@@ -13,4 +13,5 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libjansson-dev \
   libtiff-dev libpng-dev libjpeg-dev zlib1g-dev \
   libmicrohttpd-dev \
+  curl \
   >/dev/null

@@ -92,6 +92,7 @@ struct cs_server {
     struct MHD_Daemon *daemon;
     int port;
     pthread_mutex_t mu;
+    pthread_mutex_t store_mu; /* saved labels: the library's temp-file names are per process */
     pthread_cond_t job_cv, ctx_cv;
     image *images;
     int n_images;
@@ -154,9 +155,13 @@ static enum MHD_Result respond(struct MHD_Connection *c, unsigned status, const 
 }
 
 static enum MHD_Result respond_json(struct MHD_Connection *c, unsigned status, json_t *obj) {
-    char *txt = json_dumps(obj, JSON_COMPACT);
+    char *txt = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
     json_decref(obj);
-    if (!txt) return MHD_NO;
+    if (!txt) { /* json_pack failed (out of memory, or a file name that is not UTF-8) */
+        txt = strdup("{\"error\":\"internal error building the answer\"}");
+        status = 500;
+        if (!txt) return MHD_NO;
+    }
     return respond(c, status, "application/json", txt, strlen(txt), NULL);
 }
 
@@ -168,6 +173,8 @@ static enum MHD_Result respond_error(struct MHD_Connection *c, unsigned status, 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    for (char *p = msg; *p; p++) /* messages may quote file names: keep the JSON valid UTF-8 */
+        if ((unsigned char)*p >= 0x80 || (unsigned char)*p < 0x20) *p = '?';
     return respond_json(c, status, json_pack("{s:s}", "error", msg));
 }
 
@@ -368,7 +375,7 @@ static json_t *status_json(const cs_server *s, const image *im) {
     double ep = im->emb_state == ST_READY ? 1.0 : 0.0;
     if (im->emb_state == ST_RUNNING) {
         double el = now - im->emb_t0;
-        ep = s->emb_estimate > 0 ? el / s->emb_estimate : 0.5;
+        ep = s->emb_estimate > 0 ? el / s->emb_estimate : 0.0;
         if (ep > 0.95) ep = 0.95;
         json_object_set_new(emb, "elapsed", json_real(el));
     }
@@ -380,7 +387,7 @@ static json_t *status_json(const cs_server *s, const image *im) {
     if (im->seg_state == ST_RUNNING) {
         double el = now - im->seg_t0;
         if (im->seg_total > 0) sp = (double)im->seg_done / im->seg_total;
-        else sp = s->seg_estimate > 0 ? el / s->seg_estimate : 0.5;
+        else if (!im->seg_params.tiled) sp = s->seg_estimate > 0 ? el / s->seg_estimate : 0.0;
         if (sp > 0.95) sp = 0.95;
         json_object_set_new(seg, "elapsed", json_real(el));
         json_object_set_new(seg, "tiles_done", json_integer(im->seg_done));
@@ -668,8 +675,8 @@ static char *store_path(const cs_server *s, const char *rel, const char *suffix,
 }
 
 /* Saved labels of an image: 0 ok, 404 none, other status on error. */
-static int load_saved(const cs_server *s, const char *rel, int W, int H, uint32_t **lab_out, json_t **info_out,
-                      char *msg, size_t msz) {
+static int load_saved_locked(const cs_server *s, const char *rel, int W, int H, uint32_t **lab_out,
+                             json_t **info_out, char *msg, size_t msz) {
     *lab_out = NULL;
     *info_out = NULL;
     char *lp = store_path(s, rel, ".labels.png", 0);
@@ -717,6 +724,14 @@ static int load_saved(const cs_server *s, const char *rel, int W, int H, uint32_
     free(lp);
     free(ip);
     return status;
+}
+
+static int load_saved(cs_server *s, const char *rel, int W, int H, uint32_t **lab_out, json_t **info_out, char *msg,
+                      size_t msz) {
+    pthread_mutex_lock(&s->store_mu);
+    int st = load_saved_locked(s, rel, W, H, lab_out, info_out, msg, msz);
+    pthread_mutex_unlock(&s->store_mu);
+    return st;
 }
 
 /* ------------------------------------------------------------ handlers */
@@ -1312,7 +1327,8 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
         pr.n_points = np;
         pr.mask_input = mask_in;
         pr.multimask = multimask;
-        pr.n_threads = 1;
+        /* latency over throughput: one prompt may use every core (~3.6 GFLOP per box at full size) */
+        pr.n_threads = s->o.threads;
         rc = cellsam_decode(slot->ctx, &pr, &logits, &iou, &nb, &nm);
     }
     double decode_ms = (cs_now_seconds() - td) * 1000;
@@ -1453,6 +1469,7 @@ static enum MHD_Result h_labels_put(cs_server *s, struct MHD_Connection *c, requ
     uint32_t mx = 0;
     size_t n = (size_t)im->width * im->height;
     for (size_t i = 0; i < n; i++) mx = lab[i] > mx ? lab[i] : mx;
+    pthread_mutex_lock(&s->store_mu);
     char *lp = store_path(s, im->rel, ".labels.png", 1);
     char *ip = store_path(s, im->rel, ".cells.json", 1);
     int rc = lp && ip ? cs_write_labels(lp, lab, im->width, im->height) : -1;
@@ -1466,6 +1483,7 @@ static enum MHD_Result h_labels_put(cs_server *s, struct MHD_Connection *c, requ
             } else rc = cs_atomic_commit(&af);
         }
     } else if (!rc && ip) unlink(ip);
+    pthread_mutex_unlock(&s->store_mu);
     free(lab);
     json_decref(info);
     free(lp);
@@ -1773,6 +1791,7 @@ void cs_server_stop(cs_server *s) {
     free(s->pool);
     cellsam_context_free(s->worker_ctx);
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->store_mu);
     pthread_cond_destroy(&s->job_cv);
     pthread_cond_destroy(&s->ctx_cv);
     free(s->root);
@@ -1794,6 +1813,7 @@ int cs_server_start(const cs_server_options *opt, cs_server **out) {
     if (s->o.max_images < s->o.cache) s->o.max_images = s->o.cache;
     if (!s->o.host) s->o.host = "127.0.0.1";
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->store_mu, NULL);
     pthread_cond_init(&s->job_cv, NULL);
     pthread_cond_init(&s->ctx_cv, NULL);
     s->emb_estimate = 0;

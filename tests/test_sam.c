@@ -265,6 +265,58 @@ static void test_prompt_sets(void **state) {
     assert_true(n_sets > 0);
 }
 
+/* A checkpoint in the plain SAM layout (image_encoder.*, prompt_encoder.*,
+ * mask_decoder.*: the SAM ViT-B/L/H releases) and one with only the legacy
+ * CellSAM "model." copy both load and compute the same encoder output. */
+static void write_relayout(const char *path, const char *from, const char *to) {
+    cs_weights *w, *o = cs_weights_new("safetensors");
+    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
+    size_t fl = strlen(from);
+    for (size_t i = 0; i < cs_weights_count(w); i++) {
+        const cs_tensor_entry *e = cs_weights_at(w, i);
+        if (strncmp(e->name, from, fl)) continue;
+        char name[512];
+        snprintf(name, sizeof name, "%s%s", to, e->name + fl);
+        assert_int_equal(cs_weights_add_view(o, name, e->dtype, e->ndim, e->shape, e->data, e->nbytes), 0);
+    }
+    assert_int_equal(cs_weights_finish(o), 0);
+    assert_int_equal(cs_weights_save_safetensors(o, path, CS_DTYPE_F32), 0);
+    cs_weights_free(o);
+    cs_weights_free(w);
+}
+
+static void test_other_layouts(void **state) {
+    (void)state;
+    const char *layouts[2][3] = {{"plain_sam.safetensors", "model_cp.", ""}, {"legacy.safetensors", "model_cp.", "model."}};
+    float *x = pattern_input(7, 13, 29, 0);
+    cs_npy ref;
+    tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
+    for (int k = 0; k < 2; k++) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s", tu_tmpdir(), layouts[k][0]);
+        write_relayout(path, layouts[k][1], layouts[k][2]);
+        cellsam_model_params p = cellsam_model_default_params();
+        char cfg[1024];
+        snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+        p.config_path = cfg;
+        cellsam_model *m;
+        cellsam_context *c;
+        assert_int_equal(cellsam_model_load(path, &p, &m), 0);
+        cellsam_model_info info;
+        cellsam_model_get_info(m, &info);
+        printf("  %s: prefix '%s', detector %d\n", layouts[k][0], info.prefix, info.has_detector);
+        assert_string_equal(info.prefix, layouts[k][2]);
+        assert_int_equal(info.has_detector, 0);
+        assert_int_equal(cellsam_context_new(m, &c), 0);
+        assert_int_equal(cellsam_encode(c, x, 2), 0);
+        tu_check_npy(layouts[k][0], c->embedding, ref.count, &ref, 1e-4);
+        cellsam_context_free(c);
+        cellsam_model_free(m);
+    }
+    cs_npy_free(&ref);
+    free(x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_pe_and_no_mask),
@@ -272,6 +324,7 @@ int main(void) {
         cmocka_unit_test(test_detector_trunk_unit_pattern),
         cmocka_unit_test(test_cases_prompt_and_decoder),
         cmocka_unit_test(test_prompt_sets),
+        cmocka_unit_test(test_other_layouts),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
