@@ -1,0 +1,260 @@
+/* cellsam bench: speed and memory of each stage on a full-size model, with the
+ * BLAS sgemm throughput on the encoder's GEMM shapes measured in the same run as
+ * the baseline (ratios, not absolute times, are what carry across machines). */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#include "cellfinder.h"
+#include "cli.h"
+#include "common.h"
+#include "model.h"
+#include "ops.h"
+#include "pipeline.h"
+
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024.0;
+}
+
+/* Deterministic pseudo-random fill in [-1, 1). */
+static void fill_random(float *x, size_t n, uint64_t seed) {
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        x[i] = (float)((s >> 40) & 0xFFFFFF) / (float)(1 << 23) - 1.0f;
+    }
+}
+
+/* Multiply-adds x2 of one ViT pass (linear layers, attention incl. padded windows, patch embed, neck). */
+static double vit_flops(const cs_vit *v) {
+    const double N = (double)v->grid * v->grid, D = v->dim, hd = (double)v->dim / v->heads;
+    double f = 2 * N * D * 3 * v->patch * v->patch;
+    for (int b = 0; b < v->depth; b++) {
+        f += 2 * N * D * (3 * D + D + 2.0 * v->mlp);
+        int side = v->blocks[b].window ? v->blocks[b].window : v->grid;
+        int nw = (v->grid + side - 1) / side;
+        double tok = (double)side * side, windows = (double)nw * nw;
+        f += windows * v->heads * (2 * tok * tok * hd * 2); /* QK^T and AV */
+        if (v->blocks[b].window) f += 2 * (windows * tok - N) * D * 3 * D; /* qkv of padded tokens */
+    }
+    if (v->has_neck) f += 2 * N * D * v->out_chans + 2 * N * 9.0 * v->out_chans * v->out_chans;
+    return f;
+}
+
+/* sgemm throughput on the shapes of one encoder block's linear layers. */
+static double sgemm_gflops(const cs_vit *v, int threads, int reps) {
+    const int N = v->grid * v->grid, D = v->dim, M = v->mlp;
+    const int shapes[4][2] = {{D, 3 * D}, {D, D}, {D, M}, {M, D}}; /* K, Nout */
+    size_t maxk = (size_t)(M > D ? M : D), maxn = (size_t)(M > 3 * D ? M : 3 * D);
+    float *A = cs_alloc((size_t)N, maxk * sizeof(float));
+    float *B = cs_alloc(maxn, maxk * sizeof(float));
+    float *C = cs_alloc((size_t)N, maxn * sizeof(float));
+    if (!A || !B || !C) {
+        free(A);
+        free(B);
+        free(C);
+        return 0;
+    }
+    fill_random(A, (size_t)N * maxk, 1);
+    fill_random(B, maxn * maxk, 2);
+    double flops = 0, best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t0 = cs_now_seconds();
+        flops = 0;
+        for (int s = 0; s < 4; s++) {
+            cs_gemm(N, shapes[s][1], shapes[s][0], A, shapes[s][0], B, shapes[s][0], 1, 0.0f, C, shapes[s][1], threads);
+            flops += 2.0 * N * shapes[s][0] * shapes[s][1];
+        }
+        double t = cs_now_seconds() - t0;
+        best = t < best ? t : best;
+    }
+    free(A);
+    free(B);
+    free(C);
+    return flops / best / 1e9;
+}
+
+int cmd_bench(int argc, char **argv) {
+    const char *ckpt = NULL, *config = NULL;
+    int threads = cli_default_threads(), json = 0, e2e4096 = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096]\n\n"
+                   "Times each stage on the given (full-size) model and prints GFLOP/s next to the BLAS sgemm\n"
+                   "throughput on the encoder's GEMM shapes, measured in the same run. A random full-size\n"
+                   "checkpoint: build/make_checkpoint ../shared/testdata/official_keys.tsv /tmp/full\n"
+                   "--e2e-4096 adds the 4096 x 4096 tiled end-to-end run (121 tiles: long).\n"
+                   "--json prints one object: encoder_s, encoder_vs_sgemm, det_trunk_s, det_head_s,\n"
+                   "decoder_per_box_s_{1,16,64,256}, decoder_batch_speedup, end_to_end_1024_s, peak_rss_mb, ...\n");
+            return 0;
+        } else if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) ckpt = argv[++i];
+        else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = argv[++i];
+        else if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--e2e-4096")) e2e4096 = 1;
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
+            if (cli_parse_int(argv[++i], 1, 256, &threads)) {
+                cli_error("bench", "--threads needs a number from 1 to 256");
+                return 2;
+            }
+        } else {
+            cli_error("bench", "unexpected argument '%s' (see --help)", argv[i]);
+            return 2;
+        }
+    }
+    if (!ckpt) {
+        cli_error("bench", "need -m CKPT (see --help for making a random full-size one)");
+        return 2;
+    }
+    FILE *out = json ? stderr : stdout;
+    cellsam_model_params mp = cellsam_model_default_params();
+    mp.config_path = config;
+    cellsam_model *m;
+    cellsam_context *ctx;
+    double t0 = cs_now_seconds();
+    if (cellsam_model_load(ckpt, &mp, &m) || cellsam_context_new(m, &ctx)) {
+        cli_error("bench", "%s", cellsam_last_error());
+        return 1;
+    }
+    double load_s = cs_now_seconds() - t0;
+    json_t *js = json_object();
+    json_object_set_new(js, "threads", json_integer(threads));
+    json_object_set_new(js, "load_s", json_real(load_s));
+    fprintf(out, "model loaded in %.3f s (%s), threads %d\n", load_s, cs_weights_format(m->weights), threads);
+
+    double sg = sgemm_gflops(&m->sam_vit, threads, 3);
+    json_object_set_new(js, "sgemm_gflops", json_real(sg));
+    fprintf(out, "%-34s %8.1f GFLOP/s  (baseline: qkv/proj/mlp shapes, %d x %d tokens)\n", "BLAS sgemm", sg,
+            m->sam_vit.grid, m->sam_vit.grid);
+
+    float *x = cs_alloc((size_t)3 << 20, sizeof(float));
+    if (!x) return 1;
+    fill_random(x, (size_t)3 << 20, 3);
+    t0 = cs_now_seconds();
+    if (cellsam_encode(ctx, x, threads)) {
+        cli_error("bench", "%s", cellsam_last_error());
+        return 1;
+    }
+    double enc_s = cs_now_seconds() - t0;
+    double enc_gf = vit_flops(&m->sam_vit) / enc_s / 1e9;
+    json_object_set_new(js, "encoder_s", json_real(enc_s));
+    json_object_set_new(js, "encoder_gflops", json_real(enc_gf));
+    json_object_set_new(js, "encoder_vs_sgemm", json_real(enc_gf / sg));
+    fprintf(out, "%-34s %8.3f s  %8.1f GFLOP/s  = %.2f x sgemm\n", "SAM image encoder", enc_s, enc_gf, enc_gf / sg);
+
+    if (m->has_detector) {
+        const cs_vit *dv = &m->det_vit;
+        float *feat = cs_alloc((size_t)dv->dim * dv->grid, (size_t)dv->grid * sizeof(float));
+        cs_cellfinder_dims d;
+        cs_cellfinder_get_dims(m->det, &d);
+        float *lg = cs_alloc((size_t)d.n_queries, 2 * sizeof(float)), *bx = cs_alloc((size_t)d.n_queries, 4 * sizeof(float));
+        t0 = cs_now_seconds();
+        cs_vit_forward(dv, x, feat, threads);
+        double tr_s = cs_now_seconds() - t0;
+        t0 = cs_now_seconds();
+        cs_cellfinder_forward(m->det, feat, lg, bx, NULL, NULL, threads);
+        double hd_s = cs_now_seconds() - t0;
+        json_object_set_new(js, "det_trunk_s", json_real(tr_s));
+        json_object_set_new(js, "det_head_s", json_real(hd_s));
+        fprintf(out, "%-34s %8.3f s  %8.1f GFLOP/s  = %.2f x sgemm\n", "CellFinder trunk", tr_s,
+                vit_flops(dv) / tr_s / 1e9, vit_flops(dv) / tr_s / 1e9 / sg);
+        fprintf(out, "%-34s %8.3f s  (%d queries)\n", "CellFinder head", hd_s, d.n_queries);
+        free(feat);
+        free(lg);
+        free(bx);
+    }
+
+    /* decoder: per-box time of one batched call at several batch sizes */
+    const int sizes[4] = {1, 16, 64, 256};
+    double per_box[4] = {0};
+    const int P = m->pe.dim;
+    float *dense = cs_alloc((size_t)P * 64, 64 * sizeof(float));
+    float *sparse = cs_alloc((size_t)256 * 2, (size_t)P * sizeof(float));
+    float *lgs = cs_alloc((size_t)256, (size_t)65536 * sizeof(float));
+    float *ious = cs_alloc((size_t)256 * m->md.n_mask_tokens, sizeof(float));
+    cs_prompt_dense(&m->pe, NULL, dense, threads);
+    for (int i = 0; i < 256; i++) {
+        float b[4] = {(float)(i % 16) * 60 + 10, (float)(i / 16) * 60 + 10, 0, 0};
+        b[2] = b[0] + 40;
+        b[3] = b[1] + 45;
+        cs_prompt_sparse(&m->pe, b, NULL, 0, sparse + (size_t)i * 2 * P);
+    }
+    cs_decoder_options dopt = {0, 1, -INFINITY};
+    for (int k = 0; k < 4; k++) {
+        t0 = cs_now_seconds();
+        cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, sizes[k], 2, &dopt, lgs,
+                                   ious, threads);
+        per_box[k] = (cs_now_seconds() - t0) / sizes[k];
+        char key[64];
+        snprintf(key, sizeof key, "decoder_per_box_s_%d", sizes[k]);
+        json_object_set_new(js, key, json_real(per_box[k]));
+        fprintf(out, "%-34s %8.4f s per box (%d boxes in one call)\n", "mask decoder", per_box[k], sizes[k]);
+    }
+    json_object_set_new(js, "decoder_batch_speedup", json_real(per_box[0] / per_box[2]));
+    fprintf(out, "%-34s %8.2f x  (per box: 1 box alone / 64 boxes batched)\n", "decoder batch speedup",
+            per_box[0] / per_box[2]);
+    free(dense);
+    free(sparse);
+    free(lgs);
+    free(ious);
+
+    /* end to end: a synthetic 1024 x 1024 image of bright discs */
+    if (m->has_detector) {
+        const int S = 1024;
+        float *img = cs_alloc((size_t)S, (size_t)S * sizeof(float));
+        for (int y = 0; y < S; y++)
+            for (int xx = 0; xx < S; xx++) {
+                int cy = (y / 64) * 64 + 32, cx = (xx / 64) * 64 + 32;
+                float d2 = (float)((y - cy) * (y - cy) + (xx - cx) * (xx - cx));
+                img[(size_t)y * S + xx] = (d2 < 20 * 20 ? 1000.0f : 100.0f) + (float)((xx * 7 + y * 13) % 17);
+            }
+        cellsam_segment_params sp = cellsam_segment_default_params();
+        sp.tiled = 0;
+        sp.n_threads = threads;
+        cellsam_result *r = NULL;
+        t0 = cs_now_seconds();
+        int rc = cellsam_segment(ctx, img, S, S, 1, &sp, &r);
+        double e2e = cs_now_seconds() - t0;
+        if (!rc) {
+            json_object_set_new(js, "end_to_end_1024_s", json_real(e2e));
+            json_object_set_new(js, "end_to_end_1024_boxes", json_integer(r->n_boxes_detected));
+            fprintf(out, "%-34s %8.3f s  (%d boxes, %d cells)\n", "end to end 1024x1024 (whole image)", e2e,
+                    r->n_boxes_detected, r->n_cells);
+        }
+        cellsam_result_free(r);
+        free(img);
+        if (e2e4096) {
+            const int S4 = 4096;
+            float *big = cs_alloc((size_t)S4, (size_t)S4 * sizeof(float));
+            for (size_t i = 0; i < (size_t)S4 * S4; i++) big[i] = (float)((i * 2654435761u) % 4096);
+            sp.tiled = 1;
+            t0 = cs_now_seconds();
+            rc = cellsam_segment(ctx, big, S4, S4, 1, &sp, &r);
+            double e4 = cs_now_seconds() - t0;
+            if (!rc) {
+                json_object_set_new(js, "end_to_end_4096_tiled_s", json_real(e4));
+                fprintf(out, "%-34s %8.3f s\n", "end to end 4096x4096 (tiled)", e4);
+            }
+            cellsam_result_free(r);
+            free(big);
+        }
+    }
+    json_object_set_new(js, "peak_rss_mb", json_real(peak_rss_mb()));
+    fprintf(out, "%-34s %8.1f MB\n", "peak RSS", peak_rss_mb());
+    if (json) {
+        char *s = json_dumps(js, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
+        printf("%s\n", s);
+        free(s);
+    }
+    json_decref(js);
+    free(x);
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+    return 0;
+}
