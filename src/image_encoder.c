@@ -20,44 +20,41 @@
 
 /* One attention head over one window (or the whole grid, for global blocks).
  * q/k/v rows are `ld` floats apart; n = side*side tokens in row-major order.
- * out rows are `ldo` floats apart. scratch: ATTN_QBLOCK*(n + hd + 2*side) floats. */
+ * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd) floats. */
+static size_t attn_scratch_floats(int side, int hd) {
+    return (size_t)ATTN_QBLOCK * ((size_t)side * side + hd + 2 * (2 * side - 1));
+}
+
 static void attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
                            const float *rel_h, const float *rel_w, float scale, float *out, int ldo,
                            float *scratch) {
-    int n = side * side;
+    const int n = side * side, R = 2 * side - 1;
     float *scores = scratch;
     float *qs = scores + (size_t)ATTN_QBLOCK * n;
-    float *rh = qs + (size_t)ATTN_QBLOCK * hd;
-    float *rw = rh + (size_t)ATTN_QBLOCK * side;
+    float *fh = qs + (size_t)ATTN_QBLOCK * hd; /* q . Rh[j] for every table row j */
+    float *fw = fh + (size_t)ATTN_QBLOCK * R;
     for (int q0 = 0; q0 < n; q0 += ATTN_QBLOCK) {
         int qb = n - q0 < ATTN_QBLOCK ? n - q0 : ATTN_QBLOCK;
         for (int i = 0; i < qb; i++)
             for (int c = 0; c < hd; c++) qs[(size_t)i * hd + c] = q[(size_t)(q0 + i) * ld + c] * scale;
         /* scores = (q * scale) k^T, as the reference orders it */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f,
-                    scores, n);
-        /* decomposed relative positions, from the unscaled q:
-         * rh[i][ky] = q_i . Rh[qy - ky + side - 1], rw[i][kx] = q_i . Rw[qx - kx + side - 1] */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
+        /* decomposed relative positions use the unscaled q: one small GEMM against each
+         * whole table, then rh[ky] = fh[qy - ky + side - 1], rw[kx] = fw[qx - kx + side - 1] */
+        const float *qb0 = q + (size_t)q0 * ld;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, R, hd, 1.0f, qb0, ld, rel_h, hd, 0.0f, fh, R);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, R, hd, 1.0f, qb0, ld, rel_w, hd, 0.0f, fw, R);
         for (int i = 0; i < qb; i++) {
             int t = q0 + i, qy = t / side, qx = t % side;
-            const float *qi = q + (size_t)t * ld;
-            for (int kk = 0; kk < side; kk++) {
-                const float *ph = rel_h + (size_t)(qy - kk + side - 1) * hd;
-                const float *pw = rel_w + (size_t)(qx - kk + side - 1) * hd;
-                float sh = 0.f, sw = 0.f;
-                for (int c = 0; c < hd; c++) {
-                    sh += qi[c] * ph[c];
-                    sw += qi[c] * pw[c];
-                }
-                rh[(size_t)i * side + kk] = sh;
-                rw[(size_t)i * side + kk] = sw;
-            }
+            const float *hrow = fh + (size_t)i * R + qy + side - 1; /* hrow[-ky] */
+            const float *wrow = fw + (size_t)i * R + qx + side - 1; /* wrow[-kx] */
+            float rw[256]; /* side <= grid <= 256, checked at load */
+            for (int kx = 0; kx < side; kx++) rw[kx] = wrow[-kx];
             float *srow = scores + (size_t)i * n;
             for (int ky = 0; ky < side; ky++) {
-                float h = rh[(size_t)i * side + ky];
-                float *s = srow + (size_t)ky * side;
-                const float *w = rw + (size_t)i * side;
-                for (int kx = 0; kx < side; kx++) s[kx] += h + w[kx];
+                const float h = hrow[-ky];
+                float *sp = srow + (size_t)ky * side;
+                for (int kx = 0; kx < side; kx++) sp[kx] += h + rw[kx];
             }
             cs_softmax_row(srow, n);
         }
@@ -97,7 +94,7 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
     cs_linear(Yw, (int)ntok, D, b->qkv_w, b->qkv_b, 3 * D, QKV, n_threads);
     const float scale = 1.0f / sqrtf((float)hd);
     const int n = side * side;
-    const size_t scratch_len = (size_t)ATTN_QBLOCK * (n + hd + 2 * side);
+    const size_t scratch_len = attn_scratch_floats(side, hd);
     const int items = nwin * H;
     int nt = n_threads < items ? n_threads : items;
     float *scratch = cs_alloc((size_t)nt, scratch_len * sizeof(float));

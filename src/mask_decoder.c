@@ -20,11 +20,15 @@ typedef struct {
 
 /* SAM Attention: out[nq, P] = out_proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h).
  * kp/vp may be given pre-projected (then k_in/v_in are ignored). */
-static void attention(const cs_attn *a, int P, int heads, const float *q_in, int nq,
-                      const float *k_in, const float *v_in, int nk, const float *kp_pre,
-                      const float *vp_pre, float *out, attn_ws *ws, int n_threads) {
+static void attention_pre(const cs_attn *a, int P, int heads, const float *q_in, int nq, const float *k_in,
+                          const float *v_in, int nk, const float *qp_pre, const float *kp_pre,
+                          const float *vp_pre, float *out, attn_ws *ws, int n_threads) {
     const int I = a->internal, dh = I / heads;
-    cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
+    const float *qp = qp_pre;
+    if (!qp) {
+        cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
+        qp = ws->qp;
+    }
     const float *kp = kp_pre, *vp = vp_pre;
     if (!kp) {
         cs_linear(k_in, nk, P, a->k_w, a->k_b, I, ws->kp, n_threads);
@@ -36,7 +40,7 @@ static void attention(const cs_attn *a, int P, int heads, const float *q_in, int
     }
     const float div = sqrtf((float)dh);
     for (int h = 0; h < heads; h++) {
-        cs_gemm(nq, nk, dh, ws->qp + h * dh, I, kp + h * dh, I, 1, 0.0f, ws->scores, nk, n_threads);
+        cs_gemm(nq, nk, dh, qp + h * dh, I, kp + h * dh, I, 1, 0.0f, ws->scores, nk, n_threads);
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (nq > 256)
         for (int i = 0; i < nq; i++) {
             float *row = ws->scores + (size_t)i * nk;
@@ -46,6 +50,12 @@ static void attention(const cs_attn *a, int P, int heads, const float *q_in, int
         cs_gemm(nq, dh, nk, ws->scores, nk, vp + h * dh, I, 0, 0.0f, ws->o + h * dh, I, n_threads);
     }
     cs_linear(ws->o, nq, I, a->o_w, a->o_b, P, out, n_threads);
+}
+
+static void attention(const cs_attn *a, int P, int heads, const float *q_in, int nq, const float *k_in,
+                      const float *v_in, int nk, const float *kp_pre, const float *vp_pre, float *out,
+                      attn_ws *ws, int n_threads) {
+    attention_pre(a, P, heads, q_in, nq, k_in, v_in, nk, NULL, kp_pre, vp_pre, out, ws, n_threads);
 }
 
 static void add_into(float *dst, const float *a, const float *b, size_t n) {
@@ -131,6 +141,7 @@ typedef struct {
     const float *emb_t, *pe; /* channel-last (4096 x P) */
     const float *keys0;      /* emb + shared dense, channel-last; NULL when dense differs per prompt */
     const float *kp0, *vp0;  /* layer-0 token-to-image keys/values of keys0 (may be NULL) */
+    const float *qi0;        /* layer-0 image-to-token queries of keys0 + PE (may be NULL) */
     const float *dense;
     size_t dense_stride;
     const float *sparse;
@@ -183,7 +194,9 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         cs_layernorm(Q, Q, T, P, L->norm3_w, L->norm3_b, 1e-5f, 1);
         /* image attends to the tokens */
         add_into(qpe, Q, Q0, (size_t)T * P);
-        attention(&L->i2t, P, md->heads, kpe, N, qpe, Q, T, NULL, NULL, w->kout, &w->aw, nthr);
+        /* layer 0's image tokens are still the shared keys0: their query projection is shared too */
+        attention_pre(&L->i2t, P, md->heads, kpe, N, qpe, Q, T, l == 0 ? sh->qi0 : NULL, NULL, NULL, w->kout,
+                      &w->aw, nthr);
         cs_add(keys, w->kout, (size_t)N * P);
         cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, nthr);
     }
@@ -268,7 +281,7 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     const int inner = outer > 1 ? 1 : n_threads;
     float *emb_t = cs_alloc((size_t)N, (size_t)P * sizeof(float));
     float *pe = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *keys0 = NULL, *kp0 = NULL, *vp0 = NULL, *kpe0 = NULL;
+    float *keys0 = NULL, *kp0 = NULL, *vp0 = NULL, *kpe0 = NULL, *qi0 = NULL;
     item_ws *ws = calloc((size_t)outer, sizeof *ws);
     int rc = CELLSAM_OK;
     if (!emb_t || !pe || !ws) {
@@ -289,7 +302,8 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
         kpe0 = cs_alloc((size_t)N, (size_t)P * sizeof(float));
         kp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
         vp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
-        if (!keys0 || !kpe0 || !kp0 || !vp0) {
+        qi0 = cs_alloc((size_t)N, (size_t)md->layers[0].i2t.internal * sizeof(float));
+        if (!keys0 || !kpe0 || !kp0 || !vp0 || !qi0) {
             rc = CELLSAM_ERR_NOMEM;
             goto done;
         }
@@ -298,9 +312,12 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
         add_into(kpe0, keys0, pe, (size_t)N * P);
         cs_linear(kpe0, N, P, a->k_w, a->k_b, a->internal, kp0, n_threads);
         cs_linear(keys0, N, P, a->v_w, a->v_b, a->internal, vp0, n_threads);
+        const cs_attn *b = &md->layers[0].i2t;
+        cs_linear(kpe0, N, P, b->q_w, b->q_b, b->internal, qi0, n_threads);
         sh.keys0 = keys0;
         sh.kp0 = kp0;
         sh.vp0 = vp0;
+        sh.qi0 = qi0;
     }
     if (outer > 1) {
 #pragma omp parallel for num_threads(outer) schedule(dynamic, 1)
@@ -318,6 +335,7 @@ done:
     free(kpe0);
     free(kp0);
     free(vp0);
+    free(qi0);
     if (rc == CELLSAM_ERR_NOMEM) return cs_error(rc, "out of memory in the mask decoder");
     return rc;
 }
