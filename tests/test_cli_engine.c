@@ -177,6 +177,14 @@ static void test_embed_and_prompt(void **s) {
     tu_check_npy("cli embed vs sam_encoder_output", got.data, got.count, &ref, 1e-4);
     cs_npy_free(&got);
     cs_npy_free(&ref);
+    /* embed from an image file: the official pre-processing, then the encoder (20_) */
+    assert_int_equal(run(out, sizeof out, "%s embed -m %s --config %s %s -o %s", tu_cli(), tu_path("checkpoint.pt"), cfg,
+                         tu_path("case_ihc_2x160x224_chfirst/00_input.npy"), tmp("emb2.npy")), 0);
+    assert_int_equal(cs_npy_load(tmp("emb2.npy"), &got), 0);
+    tu_load(&ref, "case_ihc_2x160x224_chfirst/20_sam_image_embedding.npy");
+    tu_check_npy("cli embed IMAGE vs 20_sam_image_embedding", got.data, got.count, &ref, 1e-4);
+    cs_npy_free(&got);
+    cs_npy_free(&ref);
     /* prompt: the P1 two-box set on the first case's embedding */
     const char *set = "prompts_blobs256_u16/P1_two_boxes";
     cs_npy boxes;
@@ -196,6 +204,13 @@ static void test_embed_and_prompt(void **s) {
     tu_check_npy("cli prompt vs P1 lowres_logits", got.data, got.count, &ref, 1e-4);
     cs_npy_free(&got);
     cs_npy_free(&ref);
+    /* --png: masks in the original frame as a label image */
+    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 40,40,120,120 --orig-frame 256,256 "
+                         "--multimask -o %s --png %s", tu_cli(), tu_path("checkpoint.safetensors"), cfg,
+                         tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("lm.npy"), tmp("m.png")), 0);
+    assert_int_equal(count_lines(out), 3);
+    struct stat sb;
+    assert_int_equal(stat(tmp("m.png"), &sb), 0);
     /* usage errors */
     assert_int_equal(run(out, sizeof out, "%s prompt -m %s --embedding %s --box 1,2,3 -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("l.npy")), 2);
