@@ -89,6 +89,21 @@ static double float_as_decimal(float f) {
     return (double)f;
 }
 
+/* The tiler's settings from the segmentation parameters; the pipeline-level min-max
+ * of cellsam_pipeline is applied to every region read. */
+static cs_tile_params tile_params(const cellsam_segment_params *p) {
+    cs_tile_params tp = cs_tile_default_params();
+    tp.block_size = p->block_size;
+    tp.overlap = p->overlap;
+    tp.iou_depth = p->iou_depth;
+    tp.link_iou = float_as_decimal(p->link_iou);
+    tp.halo_mode = p->halo_mirror ? CS_HALO_MIRROR : CS_HALO_PERIODIC;
+    tp.minmax_normalize = 1;
+    tp.progress = p->progress;
+    tp.progress_user = p->progress_user;
+    return tp;
+}
+
 int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                      uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes) {
     *labels = NULL;
@@ -101,15 +116,7 @@ int cs_segment_tiled(cellsam_context *ctx, const float *hw3, int H, int W, const
     g.p = p;
     g.hw3 = hw3;
     g.W = W;
-    cs_tile_params tp = cs_tile_default_params();
-    tp.block_size = p->block_size;
-    tp.overlap = p->overlap;
-    tp.iou_depth = p->iou_depth;
-    tp.link_iou = float_as_decimal(p->link_iou);
-    tp.halo_mode = p->halo_mirror ? CS_HALO_MIRROR : CS_HALO_PERIODIC;
-    tp.minmax_normalize = 1;
-    tp.progress = p->progress;
-    tp.progress_user = p->progress_user;
+    cs_tile_params tp = tile_params(p);
     tp.on_tile = glue_on_tile;
     tp.on_tile_user = &g;
     uint32_t *table = NULL;
@@ -164,15 +171,7 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
     memset(&g, 0, sizeof g);
     g.ctx = ctx;
     g.p = p;
-    cs_tile_params tp = cs_tile_default_params();
-    tp.block_size = p->block_size;
-    tp.overlap = p->overlap;
-    tp.iou_depth = p->iou_depth;
-    tp.link_iou = float_as_decimal(p->link_iou);
-    tp.halo_mode = p->halo_mirror ? CS_HALO_MIRROR : CS_HALO_PERIODIC;
-    tp.minmax_normalize = 1;
-    tp.progress = p->progress;
-    tp.progress_user = p->progress_user;
+    cs_tile_params tp = tile_params(p);
     cs_tile_stats st;
     int rc = cs_tiled_segment_stream(H, W, read, read_user, glue_segment, &g, write_rows, write_user, &tp, &st);
     free(g.last_score);

@@ -12,21 +12,6 @@
 #include "weights.h"
 
 /* Run a shell command, capture stdout+stderr, return the exit status. */
-static int run(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int run(char *out, size_t cap, const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
 
 static int count_lines(const char *s) {
     int n = 0;
@@ -53,16 +38,16 @@ static int setup(void **s) {
 static void test_info_and_help(void **s) {
     (void)s;
     char out[8192];
-    assert_int_equal(run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_path("checkpoint.safetensors"), cfg), 0);
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_path("checkpoint.safetensors"), cfg), 0);
     assert_non_null(strstr(out, "model_cp."));
     assert_non_null(strstr(out, "depth 4"));
     assert_non_null(strstr(out, "global blocks 1 3"));
     const char *cmds[] = {"info", "convert", "embed", "prompt"};
     for (int i = 0; i < 4; i++) {
-        assert_int_equal(run(out, sizeof out, "%s %s --help", tu_cli(), cmds[i]), 0);
+        assert_int_equal(tu_run(out, sizeof out, "%s %s --help", tu_cli(), cmds[i]), 0);
         assert_non_null(strstr(out, "usage: cellsam"));
     }
-    assert_int_equal(run(out, sizeof out, "%s nosuchcommand", tu_cli()), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s nosuchcommand", tu_cli()), 2);
 }
 
 /* Copy the first `keep` bytes of a file. */
@@ -91,7 +76,7 @@ static void test_bad_checkpoints(void **s) {
     long cuts[] = {0, 7, 100, sb.st_size / 2, sb.st_size - 1};
     for (int i = 0; i < 5; i++) {
         truncate_copy(st, tmp("trunc.safetensors"), cuts[i]);
-        int rc = run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("trunc.safetensors"), cfg);
+        int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("trunc.safetensors"), cfg);
         printf("  truncated at %ld: rc=%d %s", cuts[i], rc, out);
         assert_int_equal(rc, 1);
         assert_int_equal(count_lines(out), 1);
@@ -114,7 +99,7 @@ static void test_bad_checkpoints(void **s) {
     assert_int_equal(cs_weights_save_safetensors(w2, tmp("broken.safetensors"), CS_DTYPE_F32), 0);
     cs_weights_free(w2);
     cs_weights_free(w);
-    int rc = run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("broken.safetensors"), cfg);
+    int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("broken.safetensors"), cfg);
     printf("  %s", out);
     assert_int_equal(rc, 1);
     assert_non_null(strstr(out, "missing tensor model_cp.mask_decoder.iou_token.weight"));
@@ -123,9 +108,9 @@ static void test_bad_checkpoints(void **s) {
     FILE *f = fopen(tmp("text.pt"), "w");
     fputs("hello, I am not a checkpoint\n", f);
     fclose(f);
-    assert_int_equal(run(out, sizeof out, "%s info -m %s", tu_cli(), tmp("text.pt")), 1);
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s", tu_cli(), tmp("text.pt")), 1);
     assert_int_equal(count_lines(out), 1);
-    assert_int_equal(run(out, sizeof out, "%s info -m /nonexistent/ckpt.pt", tu_cli()), 1);
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m /nonexistent/ckpt.pt", tu_cli()), 1);
 }
 
 static void test_convert_roundtrip(void **s) {
@@ -133,9 +118,9 @@ static void test_convert_roundtrip(void **s) {
     char out[8192];
     const char *dts[] = {"f32", "f16", "bf16"};
     for (int i = 0; i < 3; i++) {
-        assert_int_equal(run(out, sizeof out, "%s convert %s %s --dtype %s", tu_cli(), tu_path("checkpoint.pt"),
+        assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype %s", tu_cli(), tu_path("checkpoint.pt"),
                              tmp("conv.safetensors"), dts[i]), 0);
-        assert_int_equal(run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("conv.safetensors"), cfg), 0);
+        assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("conv.safetensors"), cfg), 0);
         cs_weights *a, *b;
         assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &a), 0);
         assert_int_equal(cs_weights_open(tmp("conv.safetensors"), &b), 0);
@@ -150,9 +135,9 @@ static void test_convert_roundtrip(void **s) {
         cs_weights_free(a);
         cs_weights_free(b);
     }
-    assert_int_equal(run(out, sizeof out, "%s convert %s %s --dtype f64", tu_cli(), tu_path("checkpoint.pt"), tmp("x.safetensors")), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype f64", tu_cli(), tu_path("checkpoint.pt"), tmp("x.safetensors")), 2);
     /* a failed conversion leaves no output file */
-    assert_int_equal(run(out, sizeof out, "%s convert /nonexistent.pt %s", tu_cli(), tmp("none.safetensors")), 1);
+    assert_int_equal(tu_run(out, sizeof out, "%s convert /nonexistent.pt %s", tu_cli(), tmp("none.safetensors")), 1);
     struct stat sb;
     assert_int_not_equal(stat(tmp("none.safetensors"), &sb), 0);
 }
@@ -169,7 +154,7 @@ static void test_embed_and_prompt(void **s) {
     int64_t shape[3] = {3, 1024, 1024};
     assert_int_equal(cs_npy_save_f32(tmp("x.npy"), x, 3, shape), 0);
     free(x);
-    assert_int_equal(run(out, sizeof out, "%s embed -m %s --config %s --tensor %s -o %s --threads 2", tu_cli(),
+    assert_int_equal(tu_run(out, sizeof out, "%s embed -m %s --config %s --tensor %s -o %s --threads 2", tu_cli(),
                          tu_path("checkpoint.pt"), cfg, tmp("x.npy"), tmp("emb.npy")), 0);
     cs_npy got, ref;
     assert_int_equal(cs_npy_load(tmp("emb.npy"), &got), 0);
@@ -178,7 +163,7 @@ static void test_embed_and_prompt(void **s) {
     cs_npy_free(&got);
     cs_npy_free(&ref);
     /* embed from an image file: the official pre-processing, then the encoder (20_) */
-    assert_int_equal(run(out, sizeof out, "%s embed -m %s --config %s %s -o %s", tu_cli(), tu_path("checkpoint.pt"), cfg,
+    assert_int_equal(tu_run(out, sizeof out, "%s embed -m %s --config %s %s -o %s", tu_cli(), tu_path("checkpoint.pt"), cfg,
                          tu_path("case_ihc_2x160x224_chfirst/00_input.npy"), tmp("emb2.npy")), 0);
     assert_int_equal(cs_npy_load(tmp("emb2.npy"), &got), 0);
     tu_load(&ref, "case_ihc_2x160x224_chfirst/20_sam_image_embedding.npy");
@@ -193,7 +178,7 @@ static void test_embed_and_prompt(void **s) {
     snprintf(b0, sizeof b0, "%.9g,%.9g,%.9g,%.9g", cs_npy_get(&boxes, 0), cs_npy_get(&boxes, 1), cs_npy_get(&boxes, 2), cs_npy_get(&boxes, 3));
     snprintf(b1, sizeof b1, "%.9g,%.9g,%.9g,%.9g", cs_npy_get(&boxes, 4), cs_npy_get(&boxes, 5), cs_npy_get(&boxes, 6), cs_npy_get(&boxes, 7));
     cs_npy_free(&boxes);
-    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box %s --box %s -o %s", tu_cli(),
+    assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box %s --box %s -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), cfg, tu_path("case_blobs256_u16/20_sam_image_embedding.npy"),
                          b0, b1, tmp("lg.npy")), 0);
     assert_int_equal(count_lines(out), 2);
@@ -205,19 +190,19 @@ static void test_embed_and_prompt(void **s) {
     cs_npy_free(&got);
     cs_npy_free(&ref);
     /* --png: masks in the original frame as a label image */
-    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 40,40,120,120 --orig-frame 256,256 "
+    assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 40,40,120,120 --orig-frame 256,256 "
                          "--multimask -o %s --png %s", tu_cli(), tu_path("checkpoint.safetensors"), cfg,
                          tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("lm.npy"), tmp("m.png")), 0);
     assert_int_equal(count_lines(out), 3);
     struct stat sb;
     assert_int_equal(stat(tmp("m.png"), &sb), 0);
     /* usage errors */
-    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --embedding %s --box 1,2,3 -o %s", tu_cli(),
+    assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --embedding %s --box 1,2,3 -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("l.npy")), 2);
-    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --embedding %s --point 1,2,5 -o %s", tu_cli(),
+    assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --embedding %s --point 1,2,5 -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("l.npy")), 2);
     /* an embedding of the wrong shape */
-    assert_int_equal(run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 1,2,3,4 -o %s", tu_cli(),
+    assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 1,2,3,4 -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), cfg, tu_path("case_blobs256_u16/00_input.npy"), tmp("l.npy")), 1);
     assert_int_equal(count_lines(out), 1);
 }

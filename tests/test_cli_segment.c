@@ -17,22 +17,6 @@
 
 static char g_model_args[2048];
 
-static int run(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int run(char *out, size_t cap, const char *fmt, ...) {
-    char cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-    int st = pclose(p);
-    if (!WIFEXITED(st)) fail_msg("command died from a signal: %s\n%s", cmd, out);
-    return WEXITSTATUS(st);
-}
 
 static const char *tmp(const char *fmt, ...) {
     static char b[8][1024];
@@ -76,7 +60,7 @@ static void test_reference_cases(void **s) {
     while ((de = readdir(d))) {
         if (strncmp(de->d_name, "case_", 5)) continue;
         const char *o = tmp("%s.npy", de->d_name);
-        int rc = run(out, sizeof out, "%s segment %s --no-tiling %s/%s/00_input.npy -o %s", tu_cli(), g_model_args,
+        int rc = tu_run(out, sizeof out, "%s segment %s --no-tiling %s/%s/00_input.npy -o %s", tu_cli(), g_model_args,
                      tu_testdata(), de->d_name, o);
         printf("  %s: %s", de->d_name, out);
         assert_int_equal(rc, 0);
@@ -112,7 +96,7 @@ static void run_folder(const char *folder, int tiled, int *count) {
     for (int i = 0; i < n; i += subset_step()) {
         const char *o = tmp("real_%d.png", tiled);
         remove(o);
-        int rc = run(out, sizeof out, "%s segment %s %s %s/%s -o %s --csv %s", tu_cli(), g_model_args,
+        int rc = tu_run(out, sizeof out, "%s segment %s %s %s/%s -o %s --csv %s", tu_cli(), g_model_args,
                      tiled ? "" : "--no-tiling", dir, names[i], o, tmp("real.csv"));
         if (rc) fail_msg("%s/%s (%s): exit %d: %s", folder, names[i], tiled ? "tiled" : "whole", rc, out);
         cs_image lab, img;
@@ -167,7 +151,7 @@ static void expect(const char *what, const char *input, int want_ok, const char 
     char out[16384];
     const char *o = tmp("bad_out.png");
     remove(o);
-    int rc = run(out, sizeof out, "%s segment %s --no-tiling %s %s -o %s", tu_cli(), g_model_args, extra ? extra : "",
+    int rc = tu_run(out, sizeof out, "%s segment %s --no-tiling %s %s -o %s", tu_cli(), g_model_args, extra ? extra : "",
                  input, o);
     printf("  %-26s exit %d: %s", what, rc, out);
     if (want_ok) {
@@ -237,7 +221,7 @@ static void test_bad_inputs(void **s) {
     /* zero cells: a valid empty label image and a "0 cells" message */
     char out[16384];
     const char *o = tmp("empty.png");
-    assert_int_equal(run(out, sizeof out, "%s segment %s --no-tiling --iou-threshold 10 %s -o %s", tu_cli(), g_model_args,
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling --iou-threshold 10 %s -o %s", tu_cli(), g_model_args,
                          tmp("strip.npy"), o), 0);
     assert_non_null(strstr(out, "0 cells"));
     cs_image lab;
@@ -245,8 +229,8 @@ static void test_bad_inputs(void **s) {
     for (int i = 0; i < lab.width * lab.height; i++) assert_true(lab.data[i] == 0);
     cs_image_free(&lab);
     /* usage errors */
-    assert_int_equal(run(out, sizeof out, "%s segment %s", tu_cli(), g_model_args), 2);
-    assert_int_equal(run(out, sizeof out, "%s segment %s %s -o %s --threads 0", tu_cli(), g_model_args, tmp("one.npy"), o), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s", tu_cli(), g_model_args), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s %s -o %s --threads 0", tu_cli(), g_model_args, tmp("one.npy"), o), 2);
 }
 
 static void test_batch_folder(void **s) {
@@ -257,14 +241,14 @@ static void test_batch_folder(void **s) {
     int64_t sh[2] = {48, 40};
     write_npy_f32(tmp("batch_in/a.npy"), 2, sh, 0, 1);
     write_npy_f32(tmp("batch_in/b.npy"), 2, sh, 0, 1);
-    assert_int_equal(run(out, sizeof out, "%s segment %s --no-tiling %s -o %s --csv x", tu_cli(), g_model_args, in, od), 0);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling %s -o %s --csv x", tu_cli(), g_model_args, in, od), 0);
     assert_non_null(strstr(out, "2 segmented"));
     assert_true(exists(tmp("batch_out/a_cp_masks.png")));
     assert_true(exists(tmp("batch_out/b_cp_cells.csv")));
     /* existing outputs are skipped unless --overwrite */
-    assert_int_equal(run(out, sizeof out, "%s segment %s --no-tiling %s -o %s", tu_cli(), g_model_args, in, od), 0);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling %s -o %s", tu_cli(), g_model_args, in, od), 0);
     assert_non_null(strstr(out, "2 skipped"));
-    assert_int_equal(run(out, sizeof out, "%s segment %s --no-tiling %s -o %s --overwrite", tu_cli(), g_model_args, in, od), 0);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling %s -o %s --overwrite", tu_cli(), g_model_args, in, od), 0);
     assert_non_null(strstr(out, "2 segmented"));
 }
 

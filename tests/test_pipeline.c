@@ -22,15 +22,7 @@ static cellsam_context *g_ctx;
 
 static int setup(void **state) {
     (void)state;
-    cellsam_model_params p = cellsam_model_default_params();
-    char cfg[1024];
-    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
-    p.config_path = cfg;
-    if (cellsam_model_load(tu_path("checkpoint.pt"), &p, &g_model) != 0) {
-        fprintf(stderr, "load failed: %s\n", cellsam_last_error());
-        return -1;
-    }
-    return cellsam_context_new(g_model, &g_ctx) == 0 ? 0 : -1;
+    return tu_load_reference_model("checkpoint.pt", &g_model, &g_ctx);
 }
 
 static int teardown(void **state) {

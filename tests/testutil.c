@@ -1,4 +1,6 @@
 #include <math.h>
+#include <sys/wait.h>
+#include "cellsam.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,4 +77,32 @@ const char *tu_tmpdir(void) {
         if (!mkdtemp(dir)) fail_msg("mkdtemp failed");
     }
     return dir;
+}
+
+int tu_run(char *out, size_t cap, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
+    FILE *p = popen(cmd, "r");
+    if (!p) fail_msg("popen failed: %s", cmd);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    int st = pclose(p);
+    if (!WIFEXITED(st)) fail_msg("command died from a signal: %s\n%s", cmd, out);
+    return WEXITSTATUS(st);
+}
+
+int tu_load_reference_model(const char *ckpt_name, struct cellsam_model **model, struct cellsam_context **ctx) {
+    cellsam_model_params p = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    p.config_path = cfg;
+    if (cellsam_model_load(tu_path("%s", ckpt_name), &p, model) != 0) {
+        fprintf(stderr, "load failed: %s\n", cellsam_last_error());
+        return -1;
+    }
+    return cellsam_context_new(*model, ctx) == 0 ? 0 : -1;
 }

@@ -24,6 +24,14 @@ void tu_load(cs_npy *out, const char *fmt, ...) __attribute__((format(printf, 2,
 double tu_check_close(const char *what, const float *got, const float *ref, size_t n, double atol);
 /* Compare got (float32) with a loaded reference of the same element count. */
 double tu_check_npy(const char *what, const float *got, size_t n, const cs_npy *ref, double atol);
+/* Run a shell command (stdout+stderr captured into out), return its exit status;
+ * a command killed by a signal fails the test. */
+int tu_run(char *out, size_t cap, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Load the reference model (CKPT_NAME in the reference folder, with its config.json)
+ * and a context; returns 0 on success. */
+struct cellsam_model;
+struct cellsam_context;
+int tu_load_reference_model(const char *ckpt_name, struct cellsam_model **model, struct cellsam_context **ctx);
 /* Path of the built CLI. */
 const char *tu_cli(void);
 /* Temporary directory for the test (created once). */
