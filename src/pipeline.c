@@ -297,25 +297,23 @@ done:
     return rc;
 }
 
-int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, const float *iou, int n_labels,
-                  cellsam_cell **cells_out, int *n_cells_out) {
-    *cells_out = NULL;
-    *n_cells_out = 0;
-    uint32_t maxl = 0;
-    for (size_t i = 0; i < (size_t)H * W; i++) maxl = labels[i] > maxl ? labels[i] : maxl;
-    if ((uint64_t)maxl > (uint64_t)1 << 30) return cs_error(CELLSAM_ERR_LIMIT, "label values too large");
-    cellsam_cell *acc = cs_calloc((size_t)maxl + 1, sizeof *acc);
-    double *sx = cs_calloc((size_t)maxl + 1, 2 * sizeof(double));
-    if (!acc || !sx) {
-        free(acc);
-        free(sx);
-        return CELLSAM_ERR_NOMEM;
-    }
-    for (int y = 0; y < H; y++)
+int cs_cell_acc_rows(cs_cell_acc *a, const uint32_t *rows, int y0, int n_rows, int W) {
+    for (int r = 0; r < n_rows; r++)
         for (int x = 0; x < W; x++) {
-            uint32_t l = labels[(size_t)y * W + x];
+            uint32_t l = rows[(size_t)r * W + x];
             if (!l) continue;
-            cellsam_cell *c = &acc[l];
+            if (l >= a->cap) {
+                if (l >= ((uint32_t)1 << 30)) return cs_error(CELLSAM_ERR_LIMIT, "label values too large");
+                size_t cap = a->cap ? a->cap : 1024;
+                while (cap <= l) cap *= 2;
+                cellsam_cell *c = realloc(a->cells, cap * sizeof *c);
+                if (!c) return cs_error(CELLSAM_ERR_NOMEM, "out of memory for cell statistics");
+                memset(c + a->cap, 0, (cap - a->cap) * sizeof *c);
+                a->cells = c;
+                a->cap = cap;
+            }
+            cellsam_cell *c = &a->cells[l];
+            int y = y0 + r;
             if (!c->area) {
                 c->x0 = c->x1 = x;
                 c->y0 = c->y1 = y;
@@ -324,35 +322,50 @@ int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, cons
             if (x < c->x0) c->x0 = x;
             if (x > c->x1) c->x1 = x;
             if (y > c->y1) c->y1 = y;
-            sx[2 * l] += x;
-            sx[2 * l + 1] += y;
+            c->cx += x; /* sums until cs_cell_acc_finish */
+            c->cy += y;
         }
+    return CELLSAM_OK;
+}
+
+int cs_cell_acc_finish(cs_cell_acc *a, const float *score, const float *iou, int n_labels, cellsam_cell **cells_out,
+                       int *n_cells_out) {
     int n = 0;
-    for (uint32_t l = 1; l <= maxl; l++) n += acc[l].area > 0;
+    for (size_t l = 1; l < a->cap; l++) n += a->cells[l].area > 0;
     cellsam_cell *cells = cs_calloc((size_t)(n ? n : 1), sizeof *cells);
-    if (!cells) {
-        free(acc);
-        free(sx);
-        return CELLSAM_ERR_NOMEM;
-    }
+    if (!cells) return CELLSAM_ERR_NOMEM;
     int k = 0;
-    for (uint32_t l = 1; l <= maxl; l++) {
-        if (!acc[l].area) continue;
-        cellsam_cell c = acc[l];
-        c.label = l;
+    for (size_t l = 1; l < a->cap; l++) {
+        if (!a->cells[l].area) continue;
+        cellsam_cell c = a->cells[l];
+        c.label = (uint32_t)l;
         c.x1 += 1;
         c.y1 += 1;
-        c.cx = sx[2 * l] / (double)c.area;
-        c.cy = sx[2 * l + 1] / (double)c.area;
+        c.cx /= (double)c.area;
+        c.cy /= (double)c.area;
         c.score = score && (int)l <= n_labels ? score[l - 1] : 0;
         c.iou = iou && (int)l <= n_labels ? iou[l - 1] : 0;
         cells[k++] = c;
     }
-    free(acc);
-    free(sx);
     *cells_out = cells;
     *n_cells_out = n;
     return CELLSAM_OK;
+}
+
+void cs_cell_acc_free(cs_cell_acc *a) {
+    free(a->cells);
+    memset(a, 0, sizeof *a);
+}
+
+int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, const float *iou, int n_labels,
+                  cellsam_cell **cells_out, int *n_cells_out) {
+    cs_cell_acc a = {0};
+    *cells_out = NULL;
+    *n_cells_out = 0;
+    int rc = cs_cell_acc_rows(&a, labels, 0, H, W);
+    if (!rc) rc = cs_cell_acc_finish(&a, score, iou, n_labels, cells_out, n_cells_out);
+    cs_cell_acc_free(&a);
+    return rc;
 }
 
 void cellsam_result_free(cellsam_result *r) {

@@ -25,6 +25,16 @@ void cs_tile_result_free(cs_tile_result *r);
  * as the official format_image_shape does. */
 int cs_place_channels(const float *img, int H, int W, int C, float **hw3);
 
+/* Per-cell statistics accumulated row by row (for streamed label images). */
+typedef struct {
+    cellsam_cell *cells; /* indexed by label */
+    size_t cap;
+} cs_cell_acc;
+int cs_cell_acc_rows(cs_cell_acc *a, const uint32_t *rows, int y0, int n_rows, int W);
+int cs_cell_acc_finish(cs_cell_acc *a, const float *score, const float *iou, int n_labels, cellsam_cell **cells,
+                       int *n_cells);
+void cs_cell_acc_free(cs_cell_acc *a);
+
 /* Per-cell statistics for a label image. */
 int cs_cell_stats(const uint32_t *labels, int H, int W, const float *score, const float *iou, int n_labels,
                   cellsam_cell **cells, int *n_cells);

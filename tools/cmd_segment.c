@@ -123,9 +123,7 @@ typedef struct {
     cs_image_reader *reader;
     const seg_opts *o;
     cs_label_stream *out;
-    /* per-label statistics for --csv, grown as labels appear */
-    cellsam_cell *cells;
-    size_t cap;
+    cs_cell_acc acc; /* per-label statistics for --csv */
     int width;
 } stream_ctx;
 
@@ -146,34 +144,7 @@ static int stream_write(void *user, int y0, int n_rows, const uint32_t *rows) {
     stream_ctx *s = user;
     int rc = cs_label_stream_write(s->out, rows, n_rows);
     if (rc || !s->o->csv) return rc;
-    for (int r = 0; r < n_rows; r++)
-        for (int x = 0; x < s->width; x++) {
-            uint32_t l = rows[(size_t)r * s->width + x];
-            if (!l) continue;
-            if (l >= s->cap) {
-                size_t cap = s->cap ? s->cap : 1024;
-                while (cap <= l) cap *= 2;
-                cellsam_cell *c = realloc(s->cells, cap * sizeof *c);
-                if (!c) return cs_error(CELLSAM_ERR_NOMEM, "out of memory for cell statistics");
-                memset(c + s->cap, 0, (cap - s->cap) * sizeof *c);
-                s->cells = c;
-                s->cap = cap;
-            }
-            cellsam_cell *c = &s->cells[l];
-            int y = y0 + r;
-            if (!c->area) {
-                c->label = l;
-                c->x0 = c->x1 = x;
-                c->y0 = c->y1 = y;
-            }
-            c->area++;
-            if (x < c->x0) c->x0 = x;
-            if (x > c->x1) c->x1 = x;
-            if (y > c->y1) c->y1 = y;
-            c->cx += x;
-            c->cy += y;
-        }
-    return CELLSAM_OK;
+    return cs_cell_acc_rows(&s->acc, rows, y0, n_rows, s->width);
 }
 
 static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const char *in, const char *out,
@@ -200,31 +171,19 @@ static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const ch
         s.out = NULL;
     }
     int n = 0;
-    for (size_t l = 1; l < s.cap; l++) n += s.cells[l].area > 0;
-    if (!rc && csv) {
-        cellsam_result r;
-        memset(&r, 0, sizeof r);
-        r.cells = malloc((n ? (size_t)n : 1) * sizeof *r.cells);
-        if (!r.cells) rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
-        for (size_t l = 1; !rc && l < s.cap; l++)
-            if (s.cells[l].area) {
-                cellsam_cell c = s.cells[l];
-                c.cx /= (double)c.area;
-                c.cy /= (double)c.area;
-                c.x1++;
-                c.y1++;
-                r.cells[r.n_cells++] = c;
-            }
-        if (!rc) rc = write_csv(csv, &r);
-        free(r.cells);
-    }
+    cellsam_result r;
+    memset(&r, 0, sizeof r);
+    if (!rc) rc = cs_cell_acc_finish(&s.acc, NULL, NULL, 0, &r.cells, &r.n_cells);
+    n = r.n_cells;
+    if (!rc && csv) rc = write_csv(csv, &r);
+    free(r.cells);
     if (rc) cli_error("segment", "%s: %s", in, cellsam_last_error());
     else if (!o->quiet)
         fprintf(stderr, "%s: %s%d cell%s (%d boxes) in %.1f s, streamed -> %s\n", in, csv ? "" : "labels up to ",
                 csv ? n : (int)max_label, (csv ? n : (int)max_label) == 1 ? "" : "s", n_boxes, cs_now_seconds() - t0, out);
     *n_cells = csv ? n : (int)max_label;
     if (s.out) cs_label_stream_abort(s.out);
-    free(s.cells);
+    cs_cell_acc_free(&s.acc);
     cs_image_reader_close(s.reader);
     return rc ? 1 : 0;
 }
