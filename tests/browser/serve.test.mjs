@@ -270,6 +270,44 @@ try {
   check('redo brings it back', redoArea === area, `${redoArea} px`);
   await page.keyboard.press('Control+z');
 
+  // pan and zoom never wait on the server: no API request during 20 wheel zooms and
+  // 10 drag pans, and the time from input to the second animation frame is printed
+  // (edits made just before are autosaved first, so that save is not counted)
+  await page.waitForSelector('#save-status[data-state="saved"]', { timeout: 20000 });
+  let apiRequests = 0;
+  const seen = [];
+  const onRequest = (r) => { if (r.url().includes('/api/')) { apiRequests++; seen.push(r.method() + ' ' + r.url()); } };
+  page.on('request', onRequest);
+  await page.keyboard.press('v');
+  const centre = await page.evaluate(() => {
+    const r = document.getElementById('view').getBoundingClientRect();
+    return [r.left + r.width / 2, r.top + r.height / 2];
+  });
+  const twoFrames = () => page.evaluate(() => new Promise((res) => requestAnimationFrame(() => requestAnimationFrame(res))));
+  const panZoomMs = [];
+  for (let i = 0; i < 20; i++) {
+    const t0 = performance.now();
+    await page.mouse.move(centre[0], centre[1]);
+    await page.mouse.wheel(0, i % 2 ? 240 : -240);
+    await twoFrames();
+    panZoomMs.push(performance.now() - t0);
+  }
+  for (let i = 0; i < 10; i++) {
+    const t0 = performance.now();
+    await page.keyboard.down('Space');
+    await page.mouse.move(centre[0], centre[1]);
+    await page.mouse.down();
+    await page.mouse.move(centre[0] + (i % 2 ? -60 : 60), centre[1] + 30, { steps: 4 });
+    await page.mouse.up();
+    await page.keyboard.up('Space');
+    await twoFrames();
+    panZoomMs.push(performance.now() - t0);
+  }
+  page.off('request', onRequest);
+  panZoomMs.sort((a, b) => a - b);
+  console.log(`     pan/zoom: median ${panZoomMs[15].toFixed(1)} ms, max ${panZoomMs[29].toFixed(1)} ms from input to the second frame (30 interactions)`);
+  check('pan and zoom send no request to the server', apiRequests === 0, `${apiRequests} requests ${seen.join(', ')}`);
+
   // export (the page saves first, then downloads from the server)
   const uiCount = await page.evaluate(() => +document.getElementById('label-count').textContent);
   const [dl] = await Promise.all([page.waitForEvent('download', { timeout: 30000 }), page.click('#export-png')]);
