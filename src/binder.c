@@ -105,3 +105,40 @@ void cs_binder_release(cs_binder *b) {
     free(b->problems);
     memset(b, 0, sizeof *b);
 }
+
+const uint16_t *cs_bind16f(cs_binder *b, cs_dtype dtype, int ndim, const int64_t *dims, const char *fmt, ...) {
+    char name[512], full[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    snprintf(full, sizeof full, "%s%s", b->prefix ? b->prefix : "", name);
+    const cs_tensor_entry *e = cs_weights_find(b->w, full);
+    if (!e) {
+        /* let the float binder record the problem with its usual message */
+        bind_impl(b, name, ndim, dims);
+        return NULL;
+    }
+    if (e->dtype == dtype && ((uintptr_t)e->data & 1) == 0) {
+        /* same dtype: check the shape through the float path's rules without converting */
+        int ok = e->ndim == ndim;
+        for (int i = 0; ok && i < ndim; i++)
+            if (dims[i] >= 0 && e->shape[i] != dims[i]) ok = 0;
+        if (!ok) {
+            bind_impl(b, name, ndim, dims);
+            return NULL;
+        }
+        return e->data;
+    }
+    const float *f = bind_impl(b, name, ndim, dims);
+    if (!f) return NULL;
+    size_t n = e->nbytes / cs_dtype_size(e->dtype);
+    uint16_t *h = cs_alloc(n, sizeof(uint16_t));
+    if (!h || keep_owned(b, h)) {
+        free(h);
+        add_problem(b, "out of memory converting %s", full);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) h[i] = dtype == CS_DTYPE_F16 ? cs_f32_to_f16(f[i]) : cs_f32_to_bf16(f[i]);
+    return h;
+}

@@ -5,6 +5,7 @@
  * Tokens are kept channel-last (N x D, row-major), so every linear layer is one
  * GEMM against the PyTorch (out, in) weight without transposes. */
 #include <cblas.h>
+#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -126,6 +127,23 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
     return CELLSAM_OK;
 }
 
+/* Half-precision block matrices to float32 (F16C when built for it). */
+static void widen16(const uint16_t *src, float *dst, size_t n, int dtype, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n > 65536)
+    for (size_t c = 0; c < (n + 4095) / 4096; c++) {
+        size_t i = c * 4096, end = i + 4096 < n ? i + 4096 : n;
+        if (dtype == CS_DTYPE_F16) {
+#if defined(__F16C__)
+            for (; i + 8 <= end; i += 8)
+                _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+            for (; i < end; i++) dst[i] = cs_f16_to_f32(src[i]);
+        } else {
+            for (; i < end; i++) dst[i] = cs_bf16_to_f32(src[i]);
+        }
+    }
+}
+
 int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_threads) {
     const int D = v->dim, G = v->grid, P = v->patch, S = v->img_size;
     const size_t N = (size_t)G * G;
@@ -135,8 +153,11 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
     float *Y = cs_alloc(N, (size_t)D * sizeof(float));
     float *T = cs_alloc(N, (size_t)(K > D ? K : D) * sizeof(float));
     float *M = cs_alloc(N, (size_t)v->mlp * sizeof(float));
+    /* float32 copies of one block's matrices when they are stored in 16 bits */
+    const size_t wq = (size_t)3 * D * D, wp = (size_t)D * D, w1 = (size_t)v->mlp * D;
+    float *W32 = v->weights16 ? cs_alloc(wq + wp + 2 * w1, sizeof(float)) : NULL;
     int rc = CELLSAM_OK;
-    if (!X || !Y || !T || !M) {
+    if (!X || !Y || !T || !M || (v->weights16 && !W32)) {
         rc = CELLSAM_ERR_NOMEM;
         goto done;
     }
@@ -155,7 +176,18 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
     cs_add(X, v->pos_embed, N * D);
 
     for (int bi = 0; bi < v->depth; bi++) {
-        const cs_vit_block *b = &v->blocks[bi];
+        cs_vit_block blk = v->blocks[bi];
+        if (v->weights16) {
+            widen16(blk.qkv_w16, W32, wq, v->weights16, n_threads);
+            widen16(blk.proj_w16, W32 + wq, wp, v->weights16, n_threads);
+            widen16(blk.lin1_w16, W32 + wq + wp, w1, v->weights16, n_threads);
+            widen16(blk.lin2_w16, W32 + wq + wp + w1, w1, v->weights16, n_threads);
+            blk.qkv_w = W32;
+            blk.proj_w = W32 + wq;
+            blk.lin1_w = W32 + wq + wp;
+            blk.lin2_w = W32 + wq + wp + w1;
+        }
+        const cs_vit_block *b = &blk;
         cs_layernorm(X, Y, (int)N, D, b->norm1_w, b->norm1_b, 1e-6f, n_threads);
         rc = block_attention(v, b, Y, T, n_threads);
         if (rc) goto done;
@@ -202,6 +234,7 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
         cs_transpose(X, out, (int)N, C);
     }
 done:
+    free(W32);
     free(X);
     free(Y);
     free(T);

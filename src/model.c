@@ -79,7 +79,7 @@ static int read_config(const char *path, hparams_override *ho) {
 }
 
 /* Bind a ViT (trunk, plus neck when out_chans > 0) under the binder's prefix. */
-static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int with_neck) {
+static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int with_neck, int weights16) {
     const cs_weights *w = b->w;
     char p[160];
     snprintf(p, sizeof p, "%s", pfx);
@@ -109,6 +109,7 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
     v->depth = depth;
     v->heads = heads;
     v->mlp = (int)mlp;
+    v->weights16 = weights16;
     v->blocks = calloc((size_t)depth, sizeof *v->blocks);
     if (!v->blocks) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
     b->prefix = p;
@@ -129,17 +130,24 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
         if (rel <= 0 || k->window < 0 || k->window > grid) S = -1;
         k->norm1_w = cs_bindf(b, CS_SHAPE(D), "%snorm1.weight", q);
         k->norm1_b = cs_bindf(b, CS_SHAPE(D), "%snorm1.bias", q);
-        k->qkv_w = cs_bindf(b, CS_SHAPE(3 * D, D), "%sattn.qkv.weight", q);
+        if (weights16) {
+            k->qkv_w16 = cs_bind16f(b, (cs_dtype)weights16, CS_SHAPE(3 * D, D), "%sattn.qkv.weight", q);
+            k->proj_w16 = cs_bind16f(b, (cs_dtype)weights16, CS_SHAPE(D, D), "%sattn.proj.weight", q);
+            k->lin1_w16 = cs_bind16f(b, (cs_dtype)weights16, CS_SHAPE(mlp, D), "%smlp.lin1.weight", q);
+            k->lin2_w16 = cs_bind16f(b, (cs_dtype)weights16, CS_SHAPE(D, mlp), "%smlp.lin2.weight", q);
+        } else {
+            k->qkv_w = cs_bindf(b, CS_SHAPE(3 * D, D), "%sattn.qkv.weight", q);
+            k->proj_w = cs_bindf(b, CS_SHAPE(D, D), "%sattn.proj.weight", q);
+            k->lin1_w = cs_bindf(b, CS_SHAPE(mlp, D), "%smlp.lin1.weight", q);
+            k->lin2_w = cs_bindf(b, CS_SHAPE(D, mlp), "%smlp.lin2.weight", q);
+        }
         k->qkv_b = cs_bindf(b, CS_SHAPE(3 * D), "%sattn.qkv.bias", q);
-        k->proj_w = cs_bindf(b, CS_SHAPE(D, D), "%sattn.proj.weight", q);
         k->proj_b = cs_bindf(b, CS_SHAPE(D), "%sattn.proj.bias", q);
         k->rel_h = cs_bindf(b, CS_SHAPE(S < 0 ? -1 : 2 * S - 1, hd), "%sattn.rel_pos_h", q);
         k->rel_w = cs_bindf(b, CS_SHAPE(S < 0 ? -1 : 2 * S - 1, hd), "%sattn.rel_pos_w", q);
         k->norm2_w = cs_bindf(b, CS_SHAPE(D), "%snorm2.weight", q);
         k->norm2_b = cs_bindf(b, CS_SHAPE(D), "%snorm2.bias", q);
-        k->lin1_w = cs_bindf(b, CS_SHAPE(mlp, D), "%smlp.lin1.weight", q);
         k->lin1_b = cs_bindf(b, CS_SHAPE(mlp), "%smlp.lin1.bias", q);
-        k->lin2_w = cs_bindf(b, CS_SHAPE(D, mlp), "%smlp.lin2.weight", q);
         k->lin2_b = cs_bindf(b, CS_SHAPE(D), "%smlp.lin2.bias", q);
     }
     if (with_neck) {
@@ -316,11 +324,17 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     snprintf(vp, sizeof vp, "%simage_encoder.", m->prefix);
     int64_t D = dim_of(w, vp, "patch_embed.proj.weight", 0);
     int vit_heads = ho.vit_heads ? ho.vit_heads : (D > 0 && D % 64 == 0 ? (int)(D / 64) : 1);
-    rc = bind_vit(b, vp, &m->sam_vit, vit_heads, 1);
+    int w16 = params->weights_dtype == CELLSAM_DTYPE_F16 ? CS_DTYPE_F16
+              : params->weights_dtype == CELLSAM_DTYPE_BF16 ? CS_DTYPE_BF16 : 0;
+    if (params->weights_dtype < 0 || params->weights_dtype > CELLSAM_DTYPE_BF16) {
+        cellsam_model_free(m);
+        return cs_error(CELLSAM_ERR_INVALID, "unknown weights dtype %d", params->weights_dtype);
+    }
+    rc = bind_vit(b, vp, &m->sam_vit, vit_heads, 1, w16);
     if (!rc) rc = bind_prompt_decoder(b, m->prefix, m, ho.dec_heads ? ho.dec_heads : 8);
     int det_present = cs_weights_find(w, "cellfinder.decode_head.backbone.body.patch_embed.proj.weight") != NULL;
     if (!rc && params->load_detector && det_present) {
-        rc = bind_vit(b, "cellfinder.decode_head.backbone.body.", &m->det_vit, vit_heads, 0);
+        rc = bind_vit(b, "cellfinder.decode_head.backbone.body.", &m->det_vit, vit_heads, 0, w16);
         if (!rc) {
             b->prefix = "cellfinder.decode_head.";
             rc = cs_cellfinder_bind(&m->det, b, m->det_vit.dim, ho.det_heads ? ho.det_heads : 8);

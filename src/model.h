@@ -30,6 +30,10 @@ const float *cs_bindf(cs_binder *b, int ndim, const int64_t *dims, const char *f
     __attribute__((format(printf, 4, 5)));
 
 void cs_binder_release(cs_binder *b);
+/* Bind as 16-bit (dtype CS_DTYPE_F16 or CS_DTYPE_BF16): points into the checkpoint
+ * when it already holds that dtype, else converts once into an owned copy. */
+const uint16_t *cs_bind16f(cs_binder *b, cs_dtype dtype, int ndim, const int64_t *dims, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 /* ---- SAM ViT image encoder (also the CellFinder trunk, without neck) ---- */
 typedef struct {
@@ -41,6 +45,9 @@ typedef struct {
     const float *lin1_w, *lin1_b; /* (mlp, D) */
     const float *lin2_w, *lin2_b; /* (D, mlp) */
     int window;                   /* 0 = global attention */
+    /* opt-in reduced-precision storage of the four large matrices (then the float
+     * pointers above are NULL and each block converts them to float32 before use) */
+    const uint16_t *qkv_w16, *proj_w16, *lin1_w16, *lin2_w16;
 } cs_vit_block;
 
 typedef struct {
@@ -50,6 +57,7 @@ typedef struct {
     const float *pos_embed;         /* (1,grid,grid,D) */
     cs_vit_block *blocks;
     int has_neck, out_chans;
+    int weights16;                  /* 0, CS_DTYPE_F16 or CS_DTYPE_BF16 for the block matrices */
     const float *neck0_w;           /* (P, D, 1, 1) */
     const float *neck1_w, *neck1_b; /* (P) */
     const float *neck2_w;           /* (P, P, 3, 3) */

@@ -20,5 +20,7 @@ void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(prin
 int cli_parse_int(const char *s, int lo, int hi, int *out);
 int cli_parse_floats(const char *s, float *out, int n); /* "a,b,c" -> exactly n values */
 int cli_default_threads(void);
+/* "f32", "f16" or "bf16" -> CELLSAM_DTYPE_*; -1 if unknown */
+int cli_parse_weights(const char *s);
 
 #endif

@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <string.h>
+
+#include "cellsam.h"
 #include "cli.h"
 
 void cli_error(const char *cmd, const char *fmt, ...) {
@@ -44,4 +47,11 @@ int cli_parse_floats(const char *s, float *out, int n) {
 int cli_default_threads(void) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
+}
+
+int cli_parse_weights(const char *s) {
+    if (!strcmp(s, "f32")) return CELLSAM_DTYPE_F32;
+    if (!strcmp(s, "f16")) return CELLSAM_DTYPE_F16;
+    if (!strcmp(s, "bf16")) return CELLSAM_DTYPE_BF16;
+    return -1;
 }

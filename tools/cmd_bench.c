@@ -83,10 +83,10 @@ static double sgemm_gflops(const cs_vit *v, int threads, int reps) {
 
 int cmd_bench(int argc, char **argv) {
     const char *ckpt = NULL, *config = NULL;
-    int threads = cli_default_threads(), json = 0, e2e4096 = 0;
+    int threads = cli_default_threads(), json = 0, e2e4096 = 0, weights = CELLSAM_DTYPE_F32;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096]\n\n"
+            printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096] [--weights f16|bf16]\n\n"
                    "Times each stage on the given (full-size) model and prints GFLOP/s next to the BLAS sgemm\n"
                    "throughput on the encoder's GEMM shapes, measured in the same run. A random full-size\n"
                    "checkpoint: build/make_checkpoint ../shared/testdata/official_keys.tsv /tmp/full\n"
@@ -98,6 +98,12 @@ int cmd_bench(int argc, char **argv) {
         else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = argv[++i];
         else if (!strcmp(argv[i], "--json")) json = 1;
         else if (!strcmp(argv[i], "--e2e-4096")) e2e4096 = 1;
+        else if (!strcmp(argv[i], "--weights") && i + 1 < argc) {
+            if ((weights = cli_parse_weights(argv[++i])) < 0) {
+                cli_error("bench", "--weights must be f32, f16 or bf16");
+                return 2;
+            }
+        }
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             if (cli_parse_int(argv[++i], 1, 256, &threads)) {
                 cli_error("bench", "--threads needs a number from 1 to 256");
@@ -115,6 +121,7 @@ int cmd_bench(int argc, char **argv) {
     FILE *out = json ? stderr : stdout;
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = config;
+    mp.weights_dtype = weights;
     cellsam_model *m;
     cellsam_context *ctx;
     double t0 = cs_now_seconds();

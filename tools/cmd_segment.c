@@ -14,7 +14,7 @@
 
 typedef struct {
     const char *model, *config, *out, *csv, *overlay, *boxes_file;
-    int nuclear, cell, grey, threads, overwrite, quiet, stream;
+    int nuclear, cell, grey, threads, overwrite, quiet, stream, weights;
     cellsam_segment_params sp;
 } seg_opts;
 
@@ -48,6 +48,8 @@ static void usage(void) {
         "Thresholds: --bbox-threshold 0.4  --iou-threshold 0.5  --min-size 25  --remove-boundaries\n"
         "            --no-normalize (skip the percentile clip + CLAHE)\n"
         "Other: --threads N (default: all cores)  --overwrite  --quiet\n"
+        "       --weights f16|bf16  keep the ViT matrices in 16 bits (half the weight memory;\n"
+        "                  opt-in, compute stays float32; deviation measured in README)\n"
         "Folders: every image in FOLDER (not *_masks.*, *_cp_masks.*) is segmented into\n"
         "  OUTDIR/NAME_cp_masks.png (Cellpose-style names; default OUTDIR = FOLDER), with\n"
         "  NAME_cp_cells.csv / NAME_cp_overlay.png when --csv / --overlay is given (any value);\n"
@@ -312,6 +314,13 @@ int cmd_segment(int argc, char **argv) {
         else if (!strcmp(a, "--grey") || !strcmp(a, "--gray")) o.grey = 1;
         else if (!strcmp(a, "--overwrite")) o.overwrite = 1;
         else if (!strcmp(a, "--stream")) o.stream = 1;
+        else if (!strcmp(a, "--weights")) {
+            NEED_VALUE();
+            if ((o.weights = cli_parse_weights(v)) < 0) {
+                cli_error("segment", "--weights must be f32, f16 or bf16");
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) o.quiet = 1;
         INT_OPT("--nuclear", 0, 64, &o.nuclear)
         INT_OPT("--cell", 0, 64, &o.cell)
@@ -362,6 +371,7 @@ int cmd_segment(int argc, char **argv) {
     }
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = o.config;
+    mp.weights_dtype = o.weights;
     cellsam_model *m = NULL;
     cellsam_context *ctx = NULL;
     if (cellsam_model_load(o.model, &mp, &m) || cellsam_context_new(m, &ctx)) {
