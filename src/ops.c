@@ -32,26 +32,6 @@ void cs_linear(const float *X, int M, int K, const float *W, const float *bias, 
     }
 }
 
-void cs_layernorm(const float *in, float *out, int rows, int dim, const float *gamma,
-                  const float *beta, float eps, int n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows > 256)
-    for (int r = 0; r < rows; r++) {
-        const float *x = in + (size_t)r * dim;
-        float *y = out + (size_t)r * dim;
-        float mean = 0.f;
-        for (int i = 0; i < dim; i++) mean += x[i];
-        mean /= (float)dim;
-        float var = 0.f;
-        for (int i = 0; i < dim; i++) {
-            float d = x[i] - mean;
-            var += d * d;
-        }
-        var /= (float)dim;
-        float inv = 1.0f / sqrtf(var + eps);
-        for (int i = 0; i < dim; i++) y[i] = (x[i] - mean) * inv * gamma[i] + beta[i];
-    }
-}
-
 void cs_layernorm2d_chw(float *x, int C, int HW, const float *gamma, const float *beta, float eps) {
     for (int p = 0; p < HW; p++) {
         float mean = 0.f;
@@ -200,6 +180,41 @@ void cs_gelu(float *x, size_t n, int n_threads) {
         for (; i + 8 <= end; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
 #endif
         for (; i < end; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    }
+}
+
+/* Sum of n floats in eight float32 lanes (then pairwise), as vectorised reductions do. */
+static inline float sum_lanes(const float *x, int n, float shift, int squares) {
+    int i = 0;
+    float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        __m256 acc = _mm256_setzero_ps();
+        const __m256 sh = _mm256_set1_ps(shift);
+        for (; i + 8 <= n; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), sh);
+            acc = squares ? _mm256_fmadd_ps(d, d, acc) : _mm256_add_ps(acc, d);
+        }
+        s = hsum8(acc);
+    }
+#endif
+    for (; i < n; i++) {
+        float d = x[i] - shift;
+        s += squares ? d * d : d;
+    }
+    return s;
+}
+
+void cs_layernorm(const float *in, float *out, int rows, int dim, const float *gamma,
+                  const float *beta, float eps, int n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (rows > 256)
+    for (int r = 0; r < rows; r++) {
+        const float *x = in + (size_t)r * dim;
+        float *y = out + (size_t)r * dim;
+        const float mean = sum_lanes(x, dim, 0.f, 0) / (float)dim;
+        const float var = sum_lanes(x, dim, mean, 1) / (float)dim;
+        const float inv = 1.0f / sqrtf(var + eps);
+        for (int i = 0; i < dim; i++) y[i] = (x[i] - mean) * inv * gamma[i] + beta[i];
     }
 }
 
