@@ -369,65 +369,18 @@ static int decode_jpeg(const unsigned char *buf, size_t size, int header_only, c
 
 /* ------------------------------------------------------------------ .npy read */
 
-/* The key lookup of npy.c (same rule, so both parsers see the same values). */
-static const char *npy_key(const char *h, const char *end, const char *key) {
-    size_t kl = strlen(key);
-    for (const char *p = h; p + kl + 2 <= end; p++)
-        if (*p == '\'' && memcmp(p + 1, key, kl) == 0 && p[kl + 1] == '\'') {
-            const char *q = p + kl + 2;
-            while (q < end && isspace((unsigned char)*q)) q++;
-            if (q < end && *q == ':') {
-                q++;
-                while (q < end && isspace((unsigned char)*q)) q++;
-                return q;
-            }
-        }
-    return NULL;
-}
-
 /* Just the shape from the header (probe, and a size check before cs_npy_parse
- * copies the data). cs_npy_parse does the full validation. */
+ * copies the data). */
 static int npy_peek_shape(const unsigned char *b, size_t n, int *ndim, int64_t shape[8]) {
-    if (n < 10 || memcmp(b, "\x93NUMPY", 6) != 0) return cs_error(CELLSAM_ERR_FORMAT, "not a .npy file");
-    size_t hlen, hoff;
-    if (b[6] == 1) {
-        hlen = (size_t)b[8] | ((size_t)b[9] << 8);
-        hoff = 10;
-    } else if ((b[6] == 2 || b[6] == 3) && n >= 12) {
-        hlen = (size_t)b[8] | ((size_t)b[9] << 8) | ((size_t)b[10] << 16) | ((size_t)b[11] << 24);
-        hoff = 12;
-    } else {
-        return cs_error(CELLSAM_ERR_FORMAT, ".npy header is malformed");
-    }
-    if (hlen > n - hoff) return cs_error(CELLSAM_ERR_FORMAT, ".npy header truncated");
-    const char *h = (const char *)b + hoff, *end = h + hlen;
-    /* Every value must start inside the header, and descr must be a closed string:
-     * cs_npy_parse reads past the header otherwise (found by fuzz_image). */
-    const char *d = npy_key(h, end, "descr"), *fo = npy_key(h, end, "fortran_order");
-    const char *p = npy_key(h, end, "shape");
-    if (!d || !fo || !p || d >= end || fo >= end || p >= end || *d != '\'' ||
-        !memchr(d + 1, '\'', (size_t)(end - d - 1)))
-        return cs_error(CELLSAM_ERR_FORMAT, ".npy header is malformed");
-    if (*p != '(') return cs_error(CELLSAM_ERR_FORMAT, ".npy header: bad shape");
-    p++;
-    *ndim = 0;
-    for (;;) {
-        while (p < end && (isspace((unsigned char)*p) || *p == ',')) p++;
-        if (p >= end) return cs_error(CELLSAM_ERR_FORMAT, ".npy header: bad shape");
-        if (*p == ')') break;
-        if (!isdigit((unsigned char)*p)) return cs_error(CELLSAM_ERR_FORMAT, ".npy header: bad shape");
-        int64_t v = 0;
-        while (p < end && isdigit((unsigned char)*p)) {
-            if (v > (INT64_MAX - 9) / 10) return cs_error(CELLSAM_ERR_LIMIT, ".npy dimension too large");
-            v = v * 10 + (*p++ - '0');
-        }
-        if (*ndim >= 8) return cs_error(CELLSAM_ERR_UNSUPPORTED, ".npy with more than 8 dimensions");
-        shape[(*ndim)++] = v;
-    }
+    cs_npy meta;
+    size_t doff;
+    int rc = cs_npy_parse_header(b, n, &meta, &doff);
+    if (rc) return rc;
+    *ndim = meta.ndim;
+    memcpy(shape, meta.shape, sizeof meta.shape);
     return CELLSAM_OK;
 }
 
-/* Map an array shape to (H, W, C) and the axis of each. */
 static int npy_layout(int ndim, const int64_t *shape, int64_t *h, int64_t *w, int64_t *c, int axes[3]) {
     if (ndim == 2) {
         *h = shape[0];

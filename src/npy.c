@@ -39,7 +39,7 @@ static const char *find_key(const char *h, const char *end, const char *key) {
     return NULL;
 }
 
-int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
+int cs_npy_parse_header(const unsigned char *buf, size_t size, cs_npy *out, size_t *data_offset) {
     memset(out, 0, sizeof *out);
     if (size < 10 || memcmp(buf, "\x93NUMPY", 6) != 0)
         return cs_error(CELLSAM_ERR_FORMAT, "not a .npy file (bad magic)");
@@ -58,7 +58,8 @@ int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
     if (hlen > size - hoff || hlen > 65536) return cs_error(CELLSAM_ERR_FORMAT, ".npy header truncated");
     const char *h = (const char *)buf + hoff, *end = h + hlen;
     const char *d = find_key(h, end, "descr");
-    if (!d || d + 1 >= end || *d != '\'') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no descr");
+    if (!d) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no descr");
+    if (d + 1 >= end || *d != '\'') return cs_error(CELLSAM_ERR_FORMAT, ".npy header is malformed (descr)");
     const char *dq = memchr(d + 1, '\'', (size_t)(end - d - 1));
     if (!dq) return cs_error(CELLSAM_ERR_FORMAT, ".npy header: bad descr");
     size_t dl = (size_t)(dq - d - 1);
@@ -70,10 +71,12 @@ int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
         }
     if (!found) return cs_error(CELLSAM_ERR_UNSUPPORTED, ".npy dtype '%.*s' is not supported", (int)(dl < 16 ? dl : 16), d + 1);
     const char *fo = find_key(h, end, "fortran_order");
-    if (!fo || fo >= end || (size_t)(end - fo) < 5) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no fortran_order");
+    if (!fo) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no fortran_order");
+    if (fo >= end || (size_t)(end - fo) < 5) return cs_error(CELLSAM_ERR_FORMAT, ".npy header is malformed (fortran_order)");
     if (memcmp(fo, "False", 5) != 0) return cs_error(CELLSAM_ERR_UNSUPPORTED, ".npy in Fortran order is not supported");
     const char *sh = find_key(h, end, "shape");
-    if (!sh || sh >= end || *sh != '(') return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no shape");
+    if (!sh) return cs_error(CELLSAM_ERR_FORMAT, ".npy header has no shape");
+    if (sh >= end || *sh != '(') return cs_error(CELLSAM_ERR_FORMAT, ".npy header is malformed (shape)");
     const char *p = sh + 1;
     out->ndim = 0;
     for (;;) {
@@ -95,13 +98,21 @@ int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
     if (cs_dims_product(out->shape, out->ndim, 0, &n) ||
         cs_mul_size(n, cs_npy_dtype_size(out->dtype), &bytes) || bytes > CS_NPY_MAX_BYTES)
         return cs_error(CELLSAM_ERR_LIMIT, ".npy array too large");
-    size_t doff = hoff + hlen;
+    out->count = n;
+    *data_offset = hoff + hlen;
+    return CELLSAM_OK;
+}
+
+int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out) {
+    size_t doff;
+    int rc = cs_npy_parse_header(buf, size, out, &doff);
+    if (rc) return rc;
+    size_t bytes = out->count * cs_npy_dtype_size(out->dtype);
     if (size - doff < bytes)
         return cs_error(CELLSAM_ERR_FORMAT, ".npy data truncated (%zu of %zu bytes)", size - doff, bytes);
     out->data = malloc(bytes ? bytes : 1);
     if (!out->data) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
     memcpy(out->data, buf + doff, bytes);
-    out->count = n;
     return CELLSAM_OK;
 }
 

@@ -23,6 +23,9 @@ typedef struct {
 
 int cs_npy_load(const char *path, cs_npy *out);
 int cs_npy_parse(const unsigned char *buf, size_t size, cs_npy *out);
+/* Header only: dtype, ndim, shape and count (data stays NULL) and where the data
+ * starts; the data itself need not be present. */
+int cs_npy_parse_header(const unsigned char *buf, size_t size, cs_npy *meta, size_t *data_offset);
 void cs_npy_free(cs_npy *a);
 /* Element i converted to double / float. */
 double cs_npy_get(const cs_npy *a, size_t i);
