@@ -5,25 +5,6 @@
 #include "cellsam.h"
 #include "cli.h"
 
-/* Subcommands not built yet fall back to these (weak) stubs. */
-#define STUB(name)                                                                 \
-    __attribute__((weak)) int cmd_##name(int argc, char **argv) {                  \
-        (void)argc;                                                                \
-        (void)argv;                                                                \
-        fprintf(stderr, "cellsam " #name ": error: not available in this build\n"); \
-        return 1;                                                                  \
-    }
-STUB(embed)
-STUB(prompt)
-STUB(convert)
-STUB(info)
-STUB(segment)
-STUB(eval)
-STUB(serve)
-STUB(bench)
-STUB(train)
-STUB(finetune)
-
 static const struct {
     const char *name;
     int (*fn)(int, char **);
@@ -37,8 +18,6 @@ static const struct {
     {"info", cmd_info, "print a checkpoint's hyper-parameters and tensor check"},
     {"serve", cmd_serve, "start the browser labeling tool"},
     {"bench", cmd_bench, "run the speed and memory benchmarks"},
-    {"train", cmd_train, "train a model from scratch on labeled images"},
-    {"finetune", cmd_finetune, "fine-tune a checkpoint on labeled images"},
 };
 
 static void usage(FILE *f) {

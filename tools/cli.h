@@ -12,8 +12,6 @@ int cmd_segment(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
-int cmd_train(int argc, char **argv);
-int cmd_finetune(int argc, char **argv);
 
 /* Shared helpers (tools/cli_util.c). */
 void cli_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

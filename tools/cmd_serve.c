@@ -8,7 +8,6 @@
 #include "cli.h"
 #include "common.h"
 
-#ifdef CELLSAM_HAVE_SERVER
 #include "server.h"
 
 #ifndef CELLSAM_WEB_DIR
@@ -119,4 +118,3 @@ int cmd_serve(int argc, char **argv) {
     cellsam_model_free(m);
     return 0;
 }
-#endif
