@@ -131,6 +131,9 @@ typedef struct {
     int min_size;          /* objects smaller than this many pixels are removed (25) */
     int remove_boundaries; /* subtract a 1-pixel outline from every label (0) */
     int normalize;         /* percentile clip + CLAHE per channel, as the official code (1) */
+    const float *embedding; /* optional: this image's SAM embedding (P x 64 x 64, as
+                               cellsam_get_embedding gives it after encoding the same
+                               image); whole-image mode then skips the SAM encoder */
     const cellsam_box *boxes; /* optional user boxes in image pixels: skip CellFinder */
     int n_boxes;
     /* tiled (whole-slide) mode, the official default: blocks with halos, IoU linking */

@@ -139,11 +139,15 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
         for (size_t i = 0; i < npix; i++)
             for (int c = 0; c < 3; c++) chw[c * npix + i] = hw3[i * 3 + c];
     }
-    rc = cs_prep_branches(chw, H, W, sam_in, det_in);
+    /* a given embedding (of this same image) replaces the SAM branch and encoder */
+    rc = cs_prep_branches(chw, H, W, p->embedding ? NULL : sam_in, det_in);
     free(chw);
     chw = NULL;
     if (rc) goto done;
-    rc = cellsam_encode(ctx, sam_in, p->n_threads);
+    if (p->embedding)
+        rc = cellsam_set_embedding(ctx, p->embedding, m->pe.dim, m->pe.grid, m->pe.grid);
+    else
+        rc = cellsam_encode(ctx, sam_in, p->n_threads);
     free(sam_in);
     sam_in = NULL;
     if (rc) goto done;

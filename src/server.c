@@ -514,8 +514,20 @@ static void *worker_main(void *arg) {
             sp.n_threads = s->o.threads;
             sp.progress = seg_progress;
             sp.progress_user = &pc;
-            float *hw3 = NULL;
+            float *hw3 = NULL, *emb = NULL;
             cellsam_result *r = NULL;
+            /* whole-image mode reuses the embedding computed for prompting (copied under
+             * the lock: the cache may evict it meanwhile) */
+            if (!sp.tiled) {
+                pthread_mutex_lock(&s->mu);
+                if (im->emb_state == ST_READY && im->emb) {
+                    size_t n = (size_t)im->emb_c * im->emb_h * im->emb_w;
+                    emb = malloc(n * sizeof(float));
+                    if (emb) memcpy(emb, im->emb, n * sizeof(float));
+                }
+                pthread_mutex_unlock(&s->mu);
+                sp.embedding = emb;
+            }
             int rc = abs ? load_model_input(im, abs, &hw3, err, sizeof err) : -1;
             if (!abs) snprintf(err, sizeof err, "out of memory");
             if (!rc && cellsam_segment(s->worker_ctx, hw3, im->width, im->height, 3, &sp, &r)) {
@@ -523,6 +535,7 @@ static void *worker_main(void *arg) {
                 rc = -1;
             }
             free(hw3);
+            free(emb);
             pthread_mutex_lock(&s->mu);
             if (!rc) {
                 cellsam_result_free(im->seg);

@@ -32,12 +32,14 @@ static int glue_read(void *user, int x0, int y0, int w, int h, float *out) {
 
 static int glue_segment(void *user, const float *tile, int th, int tw, uint32_t *labels, int *n_labels) {
     tiled_glue *g = user;
+    cellsam_segment_params tp = *g->p;
+    tp.embedding = NULL; /* a whole-image embedding does not describe a tile */
     free(g->last_score);
     free(g->last_iou);
     g->last_score = g->last_iou = NULL;
     g->last_n = 0;
     cs_tile_result tr;
-    int rc = cs_segment_hw3(g->ctx, tile, th, tw, g->p, &tr);
+    int rc = cs_segment_hw3(g->ctx, tile, th, tw, &tp, &tr);
     if (rc) return rc;
     memcpy(labels, tr.labels, (size_t)th * tw * sizeof(uint32_t));
     *n_labels = tr.n_labels;

@@ -200,6 +200,20 @@ static void run_case(const char *c) {
     cellsam_result *res;
     assert_int_equal(cellsam_segment(g_ctx, hw3, W, H, 3, &sp, &res), 0);
     compare_labels("50_label_final (cellsam_segment)", res->labels, &ref, npix, 0.999);
+    /* reusing the reference embedding (skips the encoder) gives the same labels */
+    {
+        cs_npy e20;
+        tu_load(&e20, "%s/20_sam_image_embedding.npy", c);
+        float *e = cs_npy_to_f32(&e20);
+        cellsam_segment_params sp2 = sp;
+        sp2.embedding = e;
+        cellsam_result *res2;
+        assert_int_equal(cellsam_segment(g_ctx, hw3, W, H, 3, &sp2, &res2), 0);
+        compare_labels("50_label_final (given embedding)", res2->labels, &ref, npix, 0.999);
+        cellsam_result_free(res2);
+        free(e);
+        cs_npy_free(&e20);
+    }
     assert_int_equal(res->n_boxes_detected, K);
     for (int i = 0; i < res->n_cells; i++) {
         assert_true(res->cells[i].area > 0);
