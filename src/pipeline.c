@@ -24,10 +24,12 @@ cellsam_segment_params cellsam_segment_default_params(void) {
     p.min_size = 25;
     p.normalize = 1;
     p.tiled = 1;
-    p.block_size = 400;
-    p.overlap = 56;
-    p.iou_depth = 56;
-    p.link_iou = 0.5f;
+    /* tiling defaults have one home: the tiler's */
+    const cs_tile_params t = cs_tile_default_params();
+    p.block_size = t.block_size;
+    p.overlap = t.overlap;
+    p.iou_depth = t.iou_depth;
+    p.link_iou = (float)t.link_iou;
     p.n_threads = 1;
     return p;
 }

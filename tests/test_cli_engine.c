@@ -19,14 +19,6 @@ static int count_lines(const char *s) {
     return n;
 }
 
-static const char *tmp(const char *name) {
-    static char b[4][512];
-    static int k;
-    char *p = b[k++ & 3];
-    snprintf(p, 512, "%s/%s", tu_tmpdir(), name);
-    return p;
-}
-
 static char cfg[1024];
 
 static int setup(void **s) {
@@ -75,8 +67,8 @@ static void test_bad_checkpoints(void **s) {
     assert_int_equal(stat(st, &sb), 0);
     long cuts[] = {0, 7, 100, sb.st_size / 2, sb.st_size - 1};
     for (int i = 0; i < 5; i++) {
-        truncate_copy(st, tmp("trunc.safetensors"), cuts[i]);
-        int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("trunc.safetensors"), cfg);
+        truncate_copy(st, tu_tmp("trunc.safetensors"), cuts[i]);
+        int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_tmp("trunc.safetensors"), cfg);
         printf("  truncated at %ld: rc=%d %s", cuts[i], rc, out);
         assert_int_equal(rc, 1);
         assert_int_equal(count_lines(out), 1);
@@ -96,19 +88,19 @@ static void test_bad_checkpoints(void **s) {
         assert_int_equal(cs_weights_add_view(w2, e->name, e->dtype, e->ndim, e->shape, e->data, e->nbytes), 0);
     }
     assert_int_equal(cs_weights_finish(w2), 0);
-    assert_int_equal(cs_weights_save_safetensors(w2, tmp("broken.safetensors"), CS_DTYPE_F32), 0);
+    assert_int_equal(cs_weights_save_safetensors(w2, tu_tmp("broken.safetensors"), CS_DTYPE_F32), 0);
     cs_weights_free(w2);
     cs_weights_free(w);
-    int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("broken.safetensors"), cfg);
+    int rc = tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_tmp("broken.safetensors"), cfg);
     printf("  %s", out);
     assert_int_equal(rc, 1);
     assert_non_null(strstr(out, "missing tensor model_cp.mask_decoder.iou_token.weight"));
     assert_non_null(strstr(out, "model_cp.image_encoder.blocks.2.attn.proj.weight has shape (2304), expected (48,48)"));
     /* not a checkpoint at all */
-    FILE *f = fopen(tmp("text.pt"), "w");
+    FILE *f = fopen(tu_tmp("text.pt"), "w");
     fputs("hello, I am not a checkpoint\n", f);
     fclose(f);
-    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s", tu_cli(), tmp("text.pt")), 1);
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s", tu_cli(), tu_tmp("text.pt")), 1);
     assert_int_equal(count_lines(out), 1);
     assert_int_equal(tu_run(out, sizeof out, "%s info -m /nonexistent/ckpt.pt", tu_cli()), 1);
 }
@@ -119,11 +111,11 @@ static void test_convert_roundtrip(void **s) {
     const char *dts[] = {"f32", "f16", "bf16"};
     for (int i = 0; i < 3; i++) {
         assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype %s", tu_cli(), tu_path("checkpoint.pt"),
-                             tmp("conv.safetensors"), dts[i]), 0);
-        assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tmp("conv.safetensors"), cfg), 0);
+                             tu_tmp("conv.safetensors"), dts[i]), 0);
+        assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_tmp("conv.safetensors"), cfg), 0);
         cs_weights *a, *b;
         assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &a), 0);
-        assert_int_equal(cs_weights_open(tmp("conv.safetensors"), &b), 0);
+        assert_int_equal(cs_weights_open(tu_tmp("conv.safetensors"), &b), 0);
         assert_int_equal(cs_weights_count(a), cs_weights_count(b));
         for (size_t k = 0; k < cs_weights_count(a); k++) {
             const cs_tensor_entry *ea = cs_weights_at(a, k), *eb = cs_weights_find(b, ea->name);
@@ -135,11 +127,11 @@ static void test_convert_roundtrip(void **s) {
         cs_weights_free(a);
         cs_weights_free(b);
     }
-    assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype f64", tu_cli(), tu_path("checkpoint.pt"), tmp("x.safetensors")), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype f64", tu_cli(), tu_path("checkpoint.pt"), tu_tmp("x.safetensors")), 2);
     /* a failed conversion leaves no output file */
-    assert_int_equal(tu_run(out, sizeof out, "%s convert /nonexistent.pt %s", tu_cli(), tmp("none.safetensors")), 1);
+    assert_int_equal(tu_run(out, sizeof out, "%s convert /nonexistent.pt %s", tu_cli(), tu_tmp("none.safetensors")), 1);
     struct stat sb;
-    assert_int_not_equal(stat(tmp("none.safetensors"), &sb), 0);
+    assert_int_not_equal(stat(tu_tmp("none.safetensors"), &sb), 0);
 }
 
 static void test_embed_and_prompt(void **s) {
@@ -152,20 +144,20 @@ static void test_embed_and_prompt(void **s) {
             for (int xx = 0; xx < 1024; xx++)
                 x[((size_t)c * 1024 + y) * 1024 + xx] = (float)((7 * xx + 13 * y + 29 * c) % 256) / 64.0f - 2.0f;
     int64_t shape[3] = {3, 1024, 1024};
-    assert_int_equal(cs_npy_save_f32(tmp("x.npy"), x, 3, shape), 0);
+    assert_int_equal(cs_npy_save_f32(tu_tmp("x.npy"), x, 3, shape), 0);
     free(x);
     assert_int_equal(tu_run(out, sizeof out, "%s embed -m %s --config %s --tensor %s -o %s --threads 2", tu_cli(),
-                         tu_path("checkpoint.pt"), cfg, tmp("x.npy"), tmp("emb.npy")), 0);
+                         tu_path("checkpoint.pt"), cfg, tu_tmp("x.npy"), tu_tmp("emb.npy")), 0);
     cs_npy got, ref;
-    assert_int_equal(cs_npy_load(tmp("emb.npy"), &got), 0);
+    assert_int_equal(cs_npy_load(tu_tmp("emb.npy"), &got), 0);
     tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
     tu_check_npy("cli embed vs sam_encoder_output", got.data, got.count, &ref, 1e-4);
     cs_npy_free(&got);
     cs_npy_free(&ref);
     /* embed from an image file: the official pre-processing, then the encoder (20_) */
     assert_int_equal(tu_run(out, sizeof out, "%s embed -m %s --config %s %s -o %s", tu_cli(), tu_path("checkpoint.pt"), cfg,
-                         tu_path("case_ihc_2x160x224_chfirst/00_input.npy"), tmp("emb2.npy")), 0);
-    assert_int_equal(cs_npy_load(tmp("emb2.npy"), &got), 0);
+                         tu_path("case_ihc_2x160x224_chfirst/00_input.npy"), tu_tmp("emb2.npy")), 0);
+    assert_int_equal(cs_npy_load(tu_tmp("emb2.npy"), &got), 0);
     tu_load(&ref, "case_ihc_2x160x224_chfirst/20_sam_image_embedding.npy");
     tu_check_npy("cli embed IMAGE vs 20_sam_image_embedding", got.data, got.count, &ref, 1e-4);
     cs_npy_free(&got);
@@ -180,10 +172,10 @@ static void test_embed_and_prompt(void **s) {
     cs_npy_free(&boxes);
     assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box %s --box %s -o %s", tu_cli(),
                          tu_path("checkpoint.safetensors"), cfg, tu_path("case_blobs256_u16/20_sam_image_embedding.npy"),
-                         b0, b1, tmp("lg.npy")), 0);
+                         b0, b1, tu_tmp("lg.npy")), 0);
     assert_int_equal(count_lines(out), 2);
     assert_non_null(strstr(out, "prompt 1 mask 0 iou "));
-    assert_int_equal(cs_npy_load(tmp("lg.npy"), &got), 0);
+    assert_int_equal(cs_npy_load(tu_tmp("lg.npy"), &got), 0);
     assert_int_equal(got.ndim, 4);
     tu_load(&ref, "%s/lowres_logits.npy", set);
     tu_check_npy("cli prompt vs P1 lowres_logits", got.data, got.count, &ref, 1e-4);
@@ -192,18 +184,18 @@ static void test_embed_and_prompt(void **s) {
     /* --png: masks in the original frame as a label image */
     assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 40,40,120,120 --orig-frame 256,256 "
                          "--multimask -o %s --png %s", tu_cli(), tu_path("checkpoint.safetensors"), cfg,
-                         tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("lm.npy"), tmp("m.png")), 0);
+                         tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tu_tmp("lm.npy"), tu_tmp("m.png")), 0);
     assert_int_equal(count_lines(out), 3);
     struct stat sb;
-    assert_int_equal(stat(tmp("m.png"), &sb), 0);
+    assert_int_equal(stat(tu_tmp("m.png"), &sb), 0);
     /* usage errors */
     assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --embedding %s --box 1,2,3 -o %s", tu_cli(),
-                         tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("l.npy")), 2);
+                         tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tu_tmp("l.npy")), 2);
     assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --embedding %s --point 1,2,5 -o %s", tu_cli(),
-                         tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tmp("l.npy")), 2);
+                         tu_path("checkpoint.safetensors"), tu_path("case_blobs256_u16/20_sam_image_embedding.npy"), tu_tmp("l.npy")), 2);
     /* an embedding of the wrong shape */
     assert_int_equal(tu_run(out, sizeof out, "%s prompt -m %s --config %s --embedding %s --box 1,2,3,4 -o %s", tu_cli(),
-                         tu_path("checkpoint.safetensors"), cfg, tu_path("case_blobs256_u16/00_input.npy"), tmp("l.npy")), 1);
+                         tu_path("checkpoint.safetensors"), cfg, tu_path("case_blobs256_u16/00_input.npy"), tu_tmp("l.npy")), 1);
     assert_int_equal(count_lines(out), 1);
 }
 

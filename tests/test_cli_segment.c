@@ -18,19 +18,6 @@
 static char g_model_args[2048];
 
 
-static const char *tmp(const char *fmt, ...) {
-    static char b[8][1024];
-    static int k;
-    char name[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(name, sizeof name, fmt, ap);
-    va_end(ap);
-    char *p = b[k++ & 7];
-    snprintf(p, 1024, "%s/%s", tu_tmpdir(), name);
-    return p;
-}
-
 static int exists(const char *p) {
     struct stat st;
     return stat(p, &st) == 0;
@@ -59,7 +46,7 @@ static void test_reference_cases(void **s) {
     char out[16384];
     while ((de = readdir(d))) {
         if (strncmp(de->d_name, "case_", 5)) continue;
-        const char *o = tmp("%s.npy", de->d_name);
+        const char *o = tu_tmp("%s.npy", de->d_name);
         int rc = tu_run(out, sizeof out, "%s segment %s --no-tiling %s/%s/00_input.npy -o %s", tu_cli(), g_model_args,
                      tu_testdata(), de->d_name, o);
         printf("  %s: %s", de->d_name, out);
@@ -94,10 +81,10 @@ static void run_folder(const char *folder, int tiled, int *count) {
     qsort(names, (size_t)n, sizeof names[0], (int (*)(const void *, const void *))strcmp);
     char out[16384];
     for (int i = 0; i < n; i += subset_step()) {
-        const char *o = tmp("real_%d.png", tiled);
+        const char *o = tu_tmp("real_%d.png", tiled);
         remove(o);
         int rc = tu_run(out, sizeof out, "%s segment %s %s %s/%s -o %s --csv %s", tu_cli(), g_model_args,
-                     tiled ? "" : "--no-tiling", dir, names[i], o, tmp("real.csv"));
+                     tiled ? "" : "--no-tiling", dir, names[i], o, tu_tmp("real.csv"));
         if (rc) fail_msg("%s/%s (%s): exit %d: %s", folder, names[i], tiled ? "tiled" : "whole", rc, out);
         cs_image lab, img;
         char ip[1400];
@@ -149,7 +136,7 @@ static void write_png_header(const char *path, uint32_t w, uint32_t h) {
 
 static void expect(const char *what, const char *input, int want_ok, const char *extra) {
     char out[16384];
-    const char *o = tmp("bad_out.png");
+    const char *o = tu_tmp("bad_out.png");
     remove(o);
     int rc = tu_run(out, sizeof out, "%s segment %s --no-tiling %s %s -o %s", tu_cli(), g_model_args, extra ? extra : "",
                  input, o);
@@ -181,48 +168,48 @@ static void test_bad_inputs(void **s) {
     buf = malloc((size_t)n);
     assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
     fclose(f);
-    f = fopen(tmp("trunc.png"), "wb");
+    f = fopen(tu_tmp("trunc.png"), "wb");
     fwrite(buf, 1, (size_t)n / 2, f);
     fclose(f);
-    expect("truncated PNG", tmp("trunc.png"), 0, NULL);
+    expect("truncated PNG", tu_tmp("trunc.png"), 0, NULL);
     buf[n / 3] ^= 0x5a;
     buf[n / 3 + 1] ^= 0xa5;
-    f = fopen(tmp("corrupt.png"), "wb");
+    f = fopen(tu_tmp("corrupt.png"), "wb");
     fwrite(buf, 1, (size_t)n, f);
     fclose(f);
-    expect("corrupted PNG", tmp("corrupt.png"), 0, NULL);
+    expect("corrupted PNG", tu_tmp("corrupt.png"), 0, NULL);
     free(buf);
-    write_png_header(tmp("huge.png"), 300000, 300000);
-    expect("dimension over the limit", tmp("huge.png"), 0, NULL);
+    write_png_header(tu_tmp("huge.png"), 300000, 300000);
+    expect("dimension over the limit", tu_tmp("huge.png"), 0, NULL);
     int64_t s0[2] = {0, 10};
-    write_npy_f32(tmp("zero.npy"), 2, s0, 0, 0);
-    expect("zero-size image", tmp("zero.npy"), 0, NULL);
+    write_npy_f32(tu_tmp("zero.npy"), 2, s0, 0, 0);
+    expect("zero-size image", tu_tmp("zero.npy"), 0, NULL);
     int64_t s1[2] = {1, 1};
-    write_npy_f32(tmp("one.npy"), 2, s1, 5, 0);
-    expect("1x1 image", tmp("one.npy"), 1, NULL);
+    write_npy_f32(tu_tmp("one.npy"), 2, s1, 5, 0);
+    expect("1x1 image", tu_tmp("one.npy"), 1, NULL);
     int64_t s2[2] = {1, 5000};
-    write_npy_f32(tmp("strip.npy"), 2, s2, 0, 1);
-    expect("1x5000 strip", tmp("strip.npy"), 1, NULL);
+    write_npy_f32(tu_tmp("strip.npy"), 2, s2, 0, 1);
+    expect("1x5000 strip", tu_tmp("strip.npy"), 1, NULL);
     int64_t s3[2] = {64, 64};
-    write_npy_f32(tmp("nan.npy"), 2, s3, NAN, 0);
-    expect("NaN-filled image", tmp("nan.npy"), 0, NULL);
-    write_npy_f32(tmp("black.npy"), 2, s3, 0, 0);
-    expect("all-black image", tmp("black.npy"), 1, NULL);
+    write_npy_f32(tu_tmp("nan.npy"), 2, s3, NAN, 0);
+    expect("NaN-filled image", tu_tmp("nan.npy"), 0, NULL);
+    write_npy_f32(tu_tmp("black.npy"), 2, s3, 0, 0);
+    expect("all-black image", tu_tmp("black.npy"), 1, NULL);
     int64_t s4[3] = {64, 64, 5};
-    write_npy_f32(tmp("five.npy"), 3, s4, 0, 1);
-    expect("5 channels, none chosen", tmp("five.npy"), 0, NULL);
-    expect("5 channels, --nuclear 1 --cell 5", tmp("five.npy"), 1, "--nuclear 1 --cell 5");
-    expect("channel out of range", tmp("five.npy"), 0, "--cell 9");
-    f = fopen(tmp("anim.gif"), "wb");
+    write_npy_f32(tu_tmp("five.npy"), 3, s4, 0, 1);
+    expect("5 channels, none chosen", tu_tmp("five.npy"), 0, NULL);
+    expect("5 channels, --nuclear 1 --cell 5", tu_tmp("five.npy"), 1, "--nuclear 1 --cell 5");
+    expect("channel out of range", tu_tmp("five.npy"), 0, "--cell 9");
+    f = fopen(tu_tmp("anim.gif"), "wb");
     fputs("GIF89a\x01\x00\x01\x00\x00\x00\x00;", f);
     fclose(f);
-    expect("unsupported format (GIF)", tmp("anim.gif"), 0, NULL);
-    expect("missing file", tmp("does_not_exist.tif"), 0, NULL);
+    expect("unsupported format (GIF)", tu_tmp("anim.gif"), 0, NULL);
+    expect("missing file", tu_tmp("does_not_exist.tif"), 0, NULL);
     /* zero cells: a valid empty label image and a "0 cells" message */
     char out[16384];
-    const char *o = tmp("empty.png");
+    const char *o = tu_tmp("empty.png");
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling --iou-threshold 10 %s -o %s", tu_cli(), g_model_args,
-                         tmp("strip.npy"), o), 0);
+                         tu_tmp("strip.npy"), o), 0);
     assert_non_null(strstr(out, "0 cells"));
     cs_image lab;
     assert_int_equal(cs_image_read(o, &lab), 0);
@@ -230,21 +217,21 @@ static void test_bad_inputs(void **s) {
     cs_image_free(&lab);
     /* usage errors */
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s", tu_cli(), g_model_args), 2);
-    assert_int_equal(tu_run(out, sizeof out, "%s segment %s %s -o %s --threads 0", tu_cli(), g_model_args, tmp("one.npy"), o), 2);
+    assert_int_equal(tu_run(out, sizeof out, "%s segment %s %s -o %s --threads 0", tu_cli(), g_model_args, tu_tmp("one.npy"), o), 2);
 }
 
 static void test_batch_folder(void **s) {
     (void)s;
     char out[16384];
-    const char *in = tmp("batch_in"), *od = tmp("batch_out");
+    const char *in = tu_tmp("batch_in"), *od = tu_tmp("batch_out");
     mkdir(in, 0777);
     int64_t sh[2] = {48, 40};
-    write_npy_f32(tmp("batch_in/a.npy"), 2, sh, 0, 1);
-    write_npy_f32(tmp("batch_in/b.npy"), 2, sh, 0, 1);
+    write_npy_f32(tu_tmp("batch_in/a.npy"), 2, sh, 0, 1);
+    write_npy_f32(tu_tmp("batch_in/b.npy"), 2, sh, 0, 1);
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling %s -o %s --csv x", tu_cli(), g_model_args, in, od), 0);
     assert_non_null(strstr(out, "2 segmented"));
-    assert_true(exists(tmp("batch_out/a_cp_masks.png")));
-    assert_true(exists(tmp("batch_out/b_cp_cells.csv")));
+    assert_true(exists(tu_tmp("batch_out/a_cp_masks.png")));
+    assert_true(exists(tu_tmp("batch_out/b_cp_cells.csv")));
     /* existing outputs are skipped unless --overwrite */
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s --no-tiling %s -o %s", tu_cli(), g_model_args, in, od), 0);
     assert_non_null(strstr(out, "2 skipped"));
@@ -260,12 +247,12 @@ static void test_stream_equals_memory(void **s) {
     snprintf(in, sizeof in, "%s/stardist_example/img2d_img.png", tu_datadir());
     const char *tiling = "--block-size 200 --overlap 40 --iou-depth 40";
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s %s %s -o %s --csv %s -q", tu_cli(), g_model_args, tiling, in,
-                            tmp("mem.tif"), tmp("mem.csv")), 0);
+                            tu_tmp("mem.tif"), tu_tmp("mem.csv")), 0);
     assert_int_equal(tu_run(out, sizeof out, "%s segment %s %s %s -o %s --csv %s -q --stream", tu_cli(), g_model_args,
-                            tiling, in, tmp("str.tif"), tmp("str.csv")), 0);
+                            tiling, in, tu_tmp("str.tif"), tu_tmp("str.csv")), 0);
     cs_image a, b;
-    assert_int_equal(cs_image_read(tmp("mem.tif"), &a), 0);
-    assert_int_equal(cs_image_read(tmp("str.tif"), &b), 0);
+    assert_int_equal(cs_image_read(tu_tmp("mem.tif"), &a), 0);
+    assert_int_equal(cs_image_read(tu_tmp("str.tif"), &b), 0);
     assert_int_equal(a.width * a.height, b.width * b.height);
     size_t diff = 0, fg = 0;
     for (int i = 0; i < a.width * a.height; i++) {
@@ -277,7 +264,7 @@ static void test_stream_equals_memory(void **s) {
     cs_image_free(&a);
     cs_image_free(&b);
     /* the same cells, bounding boxes, areas and centroids (the first 8 columns) */
-    FILE *fa = fopen(tmp("mem.csv"), "r"), *fb = fopen(tmp("str.csv"), "r");
+    FILE *fa = fopen(tu_tmp("mem.csv"), "r"), *fb = fopen(tu_tmp("str.csv"), "r");
     assert_non_null(fa);
     assert_non_null(fb);
     char la[512], lb[512];

@@ -106,3 +106,16 @@ int tu_load_reference_model(const char *ckpt_name, struct cellsam_model **model,
     }
     return cellsam_context_new(*model, ctx) == 0 ? 0 : -1;
 }
+
+const char *tu_tmp(const char *fmt, ...) {
+    static char bufs[8][1024];
+    static int slot;
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    char *b = bufs[slot++ & 7];
+    snprintf(b, sizeof bufs[0], "%s/%s", tu_tmpdir(), name);
+    return b;
+}

@@ -34,6 +34,9 @@ struct cellsam_context;
 int tu_load_reference_model(const char *ckpt_name, struct cellsam_model **model, struct cellsam_context **ctx);
 /* Path of the built CLI. */
 const char *tu_cli(void);
+/* Path of a file in the test's temporary directory (printf-formatted; static
+ * buffer rotated over 8 slots). */
+const char *tu_tmp(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Temporary directory for the test (created once). */
 const char *tu_tmpdir(void);
 
