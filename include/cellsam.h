@@ -177,6 +177,56 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
                     const cellsam_segment_params *params, cellsam_result **out);
 void cellsam_result_free(cellsam_result *result);
 
+/* ---------------------------------------------------------------- training */
+
+/* Train from scratch (init_model NULL) or fine-tune a checkpoint on folders of
+ * NAME_img.png + NAME_masks.png pairs. The model is saved to out_path
+ * (safetensors, loadable by cellsam_model_load) after every epoch and every
+ * save_every_steps steps; the optimiser state goes to out_path + ".state", and
+ * resume = 1 continues from both when present. */
+typedef struct {
+    const char *data_dir;      /* training pairs (searched recursively) */
+    const char *val_dir;       /* validation pairs; NULL: hold out val_fraction of data_dir */
+    float val_fraction;        /* 0.1 */
+    int max_val_images;        /* cap on validation images per epoch (0 = all) */
+    const char *init_model;    /* fine-tune: start from this checkpoint; NULL: from scratch */
+    const char *out_path;      /* required */
+    int resume;                /* 1: continue from out_path and its .state */
+    const char *arch;          /* from scratch: "tiny", "small" (default) or "vit_b" */
+    int embed_dim, depth, heads, n_queries; /* overrides of the arch (0 = keep) */
+    int epochs;                /* 10 */
+    int max_steps;             /* total optimiser steps (0 = epochs decide); wins over epochs */
+    int images_per_step;       /* gradient accumulation (2) */
+    int prompts_per_image;     /* boxes decoded per image per step (16) */
+    float lr, weight_decay, clip_norm;
+    int warmup_steps;
+    int train_encoders;        /* 1: back-propagate into both ViTs; 0: frozen (fine-tuning) */
+    int train_decoder;         /* prompt encoder + mask decoder (1) */
+    int train_detector;        /* CellFinder head (1) */
+    int cache_embeddings;      /* frozen encoders: compute each image's features once (1) */
+    int augment;               /* flips, rotations, crops, intensity (1; off with a cache) */
+    int n_threads;
+    uint64_t seed;
+    double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */
+    int save_every_steps;      /* 0 = at epoch ends only */
+    /* progress lines ("epoch 1 step 20 loss ..."); NULL prints to stderr */
+    void (*log)(const char *line, void *user);
+    void *log_user;
+} cellsam_train_params;
+
+cellsam_train_params cellsam_train_default_params(void);
+
+typedef struct {
+    int64_t steps;             /* optimiser steps taken in total (including resumed ones) */
+    int epochs_done;
+    double seconds;            /* wall time of this call */
+    double images_per_second;  /* training images processed per second in this call */
+    double val_f1;             /* mean F1@0.5 on the validation images at the last epoch (-1 if none) */
+    double last_loss;
+} cellsam_train_report;
+
+int cellsam_train(const cellsam_train_params *params, cellsam_train_report *report);
+
 #ifdef __cplusplus
 }
 #endif

@@ -318,6 +318,25 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
                         "%s: not a CellSAM or SAM checkpoint (no model_cp.image_encoder.*, "
                         "image_encoder.* or model.image_encoder.* tensors)", path);
     }
+    /* head counts saved by `cellsam train` (safetensors metadata); a config file wins */
+    struct {
+        const char *key;
+        int *dst;
+    } meta_heads[] = {{"cellsam.vit_heads", &ho.vit_heads},
+                      {"cellsam.decoder_heads", &ho.dec_heads},
+                      {"cellsam.detector_heads", &ho.det_heads}};
+    for (size_t i = 0; i < sizeof meta_heads / sizeof meta_heads[0]; i++) {
+        const char *v = cs_weights_get_meta(w, meta_heads[i].key);
+        if (!v || *meta_heads[i].dst) continue;
+        char *end;
+        long h = strtol(v, &end, 10);
+        if (*end || h < 1 || h > 256) {
+            cellsam_model_free(m);
+            return cs_error(CELLSAM_ERR_MODEL, "%s: metadata %s=\"%s\" is not a head count", path,
+                            meta_heads[i].key, v);
+        }
+        *meta_heads[i].dst = (int)h;
+    }
     cs_binder *b = &m->binder;
     b->w = w;
     char vp[64];

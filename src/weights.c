@@ -20,6 +20,7 @@ struct cs_weights {
     size_t *index; /* entries sorted by name, for binary search */
     void *map_addr;
     size_t map_len;
+    json_t *meta; /* safetensors __metadata__ (string values), or NULL */
 };
 
 size_t cs_dtype_size(cs_dtype t) { return t == CS_DTYPE_F32 ? 4 : 2; }
@@ -137,6 +138,7 @@ void cs_weights_free(cs_weights *w) {
     free(w->owned);
     free(w->index);
     if (w->map_addr) munmap(w->map_addr, w->map_len);
+    if (w->meta) json_decref(w->meta);
     free(w);
 }
 
@@ -232,7 +234,19 @@ int cs_weights_parse_safetensors(const unsigned char *data, size_t size, cs_weig
     const char *key;
     json_t *val;
     json_object_foreach(root, key, val) {
-        if (strcmp(key, "__metadata__") == 0) continue;
+        if (strcmp(key, "__metadata__") == 0) {
+            /* keep string entries only (the format allows nothing else) */
+            const char *mk;
+            json_t *mv;
+            json_object_foreach(val, mk, mv) {
+                if (json_is_string(mv) && cs_weights_set_meta(w, mk, json_string_value(mv)) != CELLSAM_OK) {
+                    rc = CELLSAM_ERR_NOMEM;
+                    break;
+                }
+            }
+            if (rc) break;
+            continue;
+        }
         json_t *jd = json_object_get(val, "dtype");
         json_t *js = json_object_get(val, "shape");
         json_t *jo = json_object_get(val, "data_offsets");
@@ -374,6 +388,13 @@ int cs_weights_save_safetensors(const cs_weights *w, const char *path, cs_dtype 
     json_t *meta = json_object();
     json_object_set_new(meta, "format", json_string("pt"));
     json_object_set_new(meta, "writer", json_string("cellsam " CELLSAM_VERSION));
+    if (w->meta) {
+        const char *mk;
+        json_t *mv;
+        json_object_foreach(w->meta, mk, mv) {
+            if (strcmp(mk, "format") && strcmp(mk, "writer")) json_object_set(meta, mk, mv);
+        }
+    }
     json_object_set_new(root, "__metadata__", meta);
     char *hdr = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(root);
@@ -409,4 +430,17 @@ int cs_weights_save_safetensors(const cs_weights *w, const char *path, cs_dtype 
     }
     free(buf);
     return cs_atomic_commit(&af);
+}
+
+int cs_weights_set_meta(cs_weights *w, const char *key, const char *value) {
+    if (!w || !key || !value) return cs_error(CELLSAM_ERR_INVALID, "cs_weights_set_meta: NULL argument");
+    if (!w->meta && !(w->meta = json_object())) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+    if (json_object_set_new(w->meta, key, json_string(value)) != 0)
+        return cs_error(CELLSAM_ERR_INVALID, "metadata %s: not valid UTF-8", key);
+    return CELLSAM_OK;
+}
+
+const char *cs_weights_get_meta(const cs_weights *w, const char *key) {
+    if (!w || !w->meta || !key) return NULL;
+    return json_string_value(json_object_get(w->meta, key));
 }

@@ -50,6 +50,12 @@ const char *cs_weights_format(const cs_weights *w); /* "safetensors" or "pytorch
  * in the store's order. */
 int cs_weights_save_safetensors(const cs_weights *w, const char *path, cs_dtype dtype);
 
+/* String metadata (safetensors "__metadata__"): read from a file, written by
+ * cs_weights_save_safetensors. get returns NULL when absent. cellsam stores the
+ * attention head counts there ("cellsam.vit_heads", ...), which shapes cannot tell. */
+int cs_weights_set_meta(cs_weights *w, const char *key, const char *value);
+const char *cs_weights_get_meta(const cs_weights *w, const char *key);
+
 /* ---- building a store (used by both loaders) ---- */
 cs_weights *cs_weights_new(const char *format);
 /* Add an entry that points at external memory (the mmap). Name is copied. */

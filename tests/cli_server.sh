@@ -104,8 +104,8 @@ fi
 ok "server listens on loopback, URL on the first stdout line ($URL)"
 
 # usage errors of the command itself
-env -u CELLSAM_MODEL "$CLI" serve --root "$ROOT" >/dev/null 2>&1
-expect "serve without a model exits 2" 2 $?
+CELLSAM_MODEL="$TMP/absent.safetensors" "$CLI" serve --root "$ROOT" --port 0 >/dev/null 2>&1
+expect "serve with a missing default model (CELLSAM_MODEL) exits 1" 1 $?
 "$CLI" serve -m "$TESTDATA/checkpoint.safetensors" --config "$TESTDATA/config.json" --root "$TMP/nope" --port 0 \
     >/dev/null 2>"$TMP/e2"
 expect "serve with a missing root exits 1" 1 $?

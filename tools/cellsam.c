@@ -18,6 +18,8 @@ static const struct {
     {"info", cmd_info, "print a checkpoint's hyper-parameters and tensor check"},
     {"serve", cmd_serve, "start the browser labeling tool"},
     {"bench", cmd_bench, "run the speed and memory benchmarks"},
+    {"train", cmd_train, "train a model from scratch on image/label pairs"},
+    {"finetune", cmd_finetune, "fine-tune a checkpoint on image/label pairs (frozen encoders)"},
 };
 
 static void usage(FILE *f) {

@@ -55,3 +55,29 @@ int cli_parse_weights(const char *s) {
     if (!strcmp(s, "bf16")) return CELLSAM_DTYPE_BF16;
     return -1;
 }
+
+/* The bundled default model: beside the executable (installed layouts), then the
+ * source tree the CLI was built from. */
+const char *cli_default_model(void) {
+    const char *env = getenv("CELLSAM_MODEL");
+    if (env && *env) return env;
+    static char path[8192];
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n > 0) {
+        exe[n] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) {
+            *slash = 0;
+            const char *rel[] = {"/models/", "/../models/", "/../share/cellsam/"};
+            for (size_t i = 0; i < sizeof rel / sizeof rel[0]; i++) {
+                int len = snprintf(path, sizeof path, "%s%s%s", exe, rel[i], CELLSAM_DEFAULT_MODEL_NAME);
+                if (len < 0 || (size_t)len >= sizeof path) continue;
+                if (access(path, R_OK) == 0) return path;
+            }
+        }
+    }
+    snprintf(path, sizeof path, "%s/%s", CELLSAM_MODEL_DIR, CELLSAM_DEFAULT_MODEL_NAME);
+    if (access(path, R_OK) == 0) return path;
+    return NULL;
+}

@@ -342,9 +342,9 @@ int cmd_segment(int argc, char **argv) {
         cli_error("segment", "no input image (see --help)");
         return 2;
     }
-    if (!o.model) o.model = getenv("CELLSAM_MODEL");
+    if (!o.model) o.model = cli_default_model();
     if (!o.model) {
-        cli_error("segment", "no model: give -m CKPT (or set CELLSAM_MODEL)");
+        cli_error("segment", "no model: give -m CKPT, set CELLSAM_MODEL, or keep models/" CELLSAM_DEFAULT_MODEL_NAME " beside the build");
         return 2;
     }
     if (o.grey && (o.nuclear || o.cell)) {

@@ -78,9 +78,9 @@ int cmd_serve(int argc, char **argv) {
     }
     o.max_upload = (size_t)mb << 20;
     if (o.cache > 0 && o.max_images < o.cache * 2) o.max_images = o.cache * 2;
-    if (!model) model = getenv("CELLSAM_MODEL");
+    if (!model) model = cli_default_model();
     if (!model) {
-        cli_error("serve", "no model: give -m CKPT (or set CELLSAM_MODEL)");
+        cli_error("serve", "no model: give -m CKPT, set CELLSAM_MODEL, or keep models/" CELLSAM_DEFAULT_MODEL_NAME " beside the build");
         return 2;
     }
     cellsam_model_params mp = cellsam_model_default_params();

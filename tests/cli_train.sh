@@ -1,0 +1,83 @@
+#!/bin/sh
+# cellsam train / finetune end to end on three real training pairs: a tiny model
+# trains, its checkpoint loads and segments, resume continues the step count,
+# fine-tuning starts from the trained file, over-fitting one image lowers the
+# loss, and bad arguments exit with one error line.
+# usage: sh cli_train.sh CELLSAM_BINARY TESTDATA_DIR DATA_DIR
+CLI=$1
+DATA=$3
+TRAIN=$DATA/../train/dsb2018_stage1_train
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/cellsam-cli-train-XXXXXX") || exit 1
+trap 'rm -rf "$TMP"' EXIT
+PASS=0
+fail() {
+    echo "cli_train: FAIL: $*"
+    exit 1
+}
+ok() {
+    PASS=$((PASS + 1))
+    echo "cli_train: ok: $*"
+}
+
+mkdir -p "$TMP/data"
+for n in 0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21 \
+    03398329ced0c23b9ac3fac84dd53a87d9ffe4d9d10f1b5fe8df8fac12380776 \
+    003cee89357d9fe13516167fd67b609a164651b21934585648c740d2c3d86dc1; do
+    cp "$TRAIN/${n}_img.png" "$TRAIN/${n}_masks.png" "$TMP/data/" || fail "training pair $n missing"
+done
+
+# from scratch: 2 steps of 1 image, validation on the held-out third
+"$CLI" train --data "$TMP/data" --arch tiny --steps 2 --batch 1 --prompts 2 --val-fraction 0.34 \
+    --threads 2 --out "$TMP/m.safetensors" 2>"$TMP/log" || fail "train exited non-zero: $(tail -3 "$TMP/log")"
+[ -s "$TMP/m.safetensors" ] && [ -s "$TMP/m.safetensors.state" ] || fail "no model or state written"
+grep -q "step 2/2 loss" "$TMP/log" || fail "no progress line for step 2: $(cat "$TMP/log")"
+grep -q "validation F1@0.5" "$TMP/log" || fail "no validation line: $(cat "$TMP/log")"
+ok "train --arch tiny: 2 steps, model + optimiser state, progress and validation lines"
+
+"$CLI" segment -m "$TMP/m.safetensors" "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" \
+    -o "$TMP/pred.png" --quiet 2>"$TMP/err" || fail "segment with the trained model failed: $(cat "$TMP/err")"
+[ -s "$TMP/pred.png" ] || fail "no label image"
+ok "the trained checkpoint loads (head counts from its metadata) and segments"
+
+"$CLI" train --data "$TMP/data" --arch tiny --steps 3 --batch 1 --prompts 2 --val-fraction 0.34 --threads 2 \
+    --out "$TMP/m.safetensors" --resume 2>"$TMP/log2" || fail "resume failed: $(tail -3 "$TMP/log2")"
+grep -q "resuming .* at step 2" "$TMP/log2" || fail "resume did not start at step 2: $(head -3 "$TMP/log2")"
+grep -q "step 3/3 loss" "$TMP/log2" || fail "resume did not reach step 3"
+grep -q "step 1/3 loss" "$TMP/log2" && fail "resume repeated step 1"
+ok "--resume continues at the saved step"
+
+# fine-tuning from the trained file: frozen encoders, cached features
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 2 --batch 1 --prompts 2 --val-fraction 0.34 \
+    --threads 2 --out "$TMP/f.safetensors" 2>"$TMP/log3" || fail "finetune failed: $(tail -3 "$TMP/log3")"
+grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
+ok "finetune -m CKPT runs with frozen encoders"
+
+# over-fitting one image with the decoder alone lowers its loss
+mkdir "$TMP/one"
+cp "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_"* "$TMP/one/"
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/one" --val-fraction 0 --no-detector --steps 25 \
+    --batch 1 --prompts 8 --lr 3e-3 --warmup 0 --seed 3 --threads 2 --out "$TMP/o.safetensors" 2>"$TMP/log4" ||
+    fail "over-fit run failed: $(tail -3 "$TMP/log4")"
+first=$(grep " loss " "$TMP/log4" | head -1 | sed 's/.* loss \([0-9.]*\).*/\1/')
+last=$(grep " loss " "$TMP/log4" | tail -3 | sed 's/.* loss \([0-9.]*\).*/\1/' | sort -n | head -1)
+awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.8 * a) }' ||
+    fail "loss did not fall by 20% over 25 steps on one image ($first -> $last)"
+ok "over-fitting one image: loss $first -> $last"
+
+# errors: one line, non-zero exit
+"$CLI" train --arch tiny --out "$TMP/x.safetensors" >/dev/null 2>"$TMP/e"
+[ $? = 2 ] || fail "train without --data should exit 2"
+"$CLI" train --data "$TMP/absent" --out "$TMP/x.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] || fail "missing data folder: $(cat "$TMP/e")"
+"$CLI" train --data "$TMP/data" --arch huge --out "$TMP/x.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && grep -q "unknown architecture" "$TMP/e" || fail "unknown arch: $(cat "$TMP/e")"
+printf 'not a checkpoint' >"$TMP/bad.safetensors"
+"$CLI" finetune -m "$TMP/bad.safetensors" --data "$TMP/data" --out "$TMP/x.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] || fail "corrupt checkpoint: $(cat "$TMP/e")"
+mkdir "$TMP/nomask" && cp "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" "$TMP/nomask/"
+"$CLI" train --data "$TMP/nomask" --out "$TMP/x.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] || fail "folder without pairs: $(cat "$TMP/e")"
+[ -e "$TMP/x.safetensors" ] && fail "a failed run left an output file"
+ok "bad arguments and inputs: exit codes and one-line errors, no output left"
+
+echo "cli_train: $PASS passed, 0 failed"
