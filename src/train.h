@@ -298,6 +298,12 @@ int cs_tdetector_forward(cs_tdetector *d, const float *feat_chw, float *logits_a
 /* Gradients for every layer's outputs (zeros where a layer has no loss). */
 int cs_tdetector_backward(cs_tdetector *d, const float *dlogits_all, const float *dboxes_all,
                           float *dfeat_chw, int n_threads);
+/* The class and box heads are one module shared by all decoder layers, stored under
+ * indices 0..L-1: copy 0 trains (copies 1..L-1 are frozen) and this copies it onto
+ * the others; call after every optimiser step so a saved file is consistent. */
+void cs_tdetector_sync_shared(cs_tdetector *d);
+/* Bytes of activations kept for the backward (and of scratch), once allocated. */
+size_t cs_tdetector_activation_bytes(const cs_tdetector *d, size_t *scratch_bytes);
 
 /* -------------------------------------------------------------------- data
  * (train_data.c) Folders of NAME_img.png + NAME_masks.png pairs. */

@@ -202,7 +202,6 @@ static int reg(cs_tdetector *d, const char *prefix, cs_rng *rng, size_t *idx, in
     return CELLSAM_OK;
 }
 
-void cs_tdetector_sync_shared(cs_tdetector *d);
 static void free_buffers(cs_tdetector *d);
 
 void cs_tdetector_free(cs_tdetector *d) {
@@ -543,8 +542,6 @@ static int plan_buffers(cs_tdetector *d) {
     return ok ? 0 : -1;
 }
 
-/* Bytes of activations kept for the backward / of scratch, once allocated. */
-size_t cs_tdetector_activation_bytes(const cs_tdetector *d, size_t *scratch_bytes);
 size_t cs_tdetector_activation_bytes(const cs_tdetector *d, size_t *scratch_bytes) {
     if (scratch_bytes) *scratch_bytes = d ? d->scratch_bytes : 0;
     return d ? d->act_bytes : 0;

@@ -361,8 +361,6 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
     return cs_tdetector_backward(t->det, t->det_dlogits, t->det_dboxes, dfeat, t->tp->n_threads);
 }
 
-/* detector heads shared across decoder layers (train_detector.c) */
-void cs_tdetector_sync_shared(cs_tdetector *d);
 
 static int train_one_image(trainer *t, int index, float scale) {
     const cellsam_train_params *tp = t->tp;

@@ -13,9 +13,6 @@
 #include "testutil.h"
 #include "train.h"
 
-/* Not in train.h (yet): see the report of train_detector.c. */
-void cs_tdetector_sync_shared(cs_tdetector *d);
-size_t cs_tdetector_activation_bytes(const cs_tdetector *d, size_t *scratch_bytes);
 
 #define PREFIX "cellfinder.decode_head."
 
