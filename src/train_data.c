@@ -156,6 +156,53 @@ static int walk(const char *dir, int depth, pair_list *l) {
     return rc;
 }
 
+/* Corrections saved by the labeling tool (`cellsam serve --root DIR` autosaves
+ * DIR/.cellsam/<rel>.labels.png for image DIR/<rel>) are training pairs too, so
+ * `cellsam finetune --data DIR` learns from what a person fixed. An image that also
+ * has a NAME_masks file keeps that pair. */
+static int walk_corrections(const char *root, const char *store, const char *rel, int depth, pair_list *l) {
+    if (depth > TD_MAX_DEPTH) return CELLSAM_OK;
+    char dir[TD_MAX_PATH];
+    int n = snprintf(dir, sizeof dir, "%s%s%s", store, *rel ? "/" : "", rel);
+    if (n < 0 || (size_t)n >= sizeof dir) return CELLSAM_OK;
+    DIR *d = opendir(dir);
+    if (!d) return CELLSAM_OK; /* no corrections */
+    int rc = CELLSAM_OK;
+    struct dirent *ent;
+    const char *suffix = ".labels.png";
+    size_t sl = strlen(suffix);
+    while (!rc && (ent = readdir(d))) {
+        if (ent->d_name[0] == '.') continue;
+        char sub[TD_MAX_PATH], path[TD_MAX_PATH];
+        int a = snprintf(sub, sizeof sub, "%s%s%s", rel, *rel ? "/" : "", ent->d_name);
+        int b = snprintf(path, sizeof path, "%s/%s", dir, ent->d_name);
+        if (a < 0 || (size_t)a >= sizeof sub || b < 0 || (size_t)b >= sizeof path) continue;
+        struct stat st;
+        if (stat(path, &st) != 0) continue;
+        if (S_ISDIR(st.st_mode)) {
+            rc = walk_corrections(root, store, sub, depth + 1, l);
+            continue;
+        }
+        size_t len = strlen(sub);
+        if (!S_ISREG(st.st_mode) || len <= sl || strcmp(sub + len - sl, suffix)) continue;
+        char img[TD_MAX_PATH];
+        int c = snprintf(img, sizeof img, "%s/%.*s", root, (int)(len - sl), sub);
+        if (c < 0 || (size_t)c >= sizeof img || !is_regular_file(img)) continue;
+        int dup = 0;
+        for (int i = 0; i < l->n && !dup; i++) dup = !strcmp(l->img[i], img);
+        if (dup) continue;
+        char *ip = dup_str(img), *mp = dup_str(path);
+        if (!ip || !mp) rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory listing the data set");
+        if (!rc) rc = pair_add(l, ip, mp);
+        if (rc) {
+            free(ip);
+            free(mp);
+        }
+    }
+    closedir(d);
+    return rc;
+}
+
 typedef struct {
     char *img, *mask;
 } pair_ref;
@@ -190,6 +237,11 @@ int cs_dataset_open(const char *dir, cs_dataset *ds) {
     while (len > 1 && root[len - 1] == '/') root[--len] = '\0';
     pair_list l = {0};
     int rc = walk(root, 0, &l);
+    if (!rc) {
+        char store[TD_MAX_PATH];
+        int n = snprintf(store, sizeof store, "%s/.cellsam", root);
+        if (n > 0 && (size_t)n < sizeof store) rc = walk_corrections(root, store, "", 0, &l);
+    }
     if (!rc && l.n == 0)
         rc = cs_error(CELLSAM_ERR_INVALID, "no NAME_img.png|tif + NAME_masks.png|tif pairs found under %s", dir);
     pair_ref *refs = NULL;

@@ -685,6 +685,43 @@ static void test_errors(void **state) {
 
 /* ------------------------------------------------------------------ timing */
 
+/* Corrections autosaved by the labeling tool (ROOT/.cellsam/<rel>.labels.png) are
+ * training pairs; an explicit NAME_masks file wins for the same image. */
+static void test_labeling_tool_corrections(void **state) {
+    (void)state;
+    char root[1024];
+    snprintf(root, sizeof root, "%s", tu_tmp("served"));
+    mkdir(root, 0755);
+    mkdir(tu_tmp("served/sub"), 0755);
+    mkdir(tu_tmp("served/.cellsam"), 0755);
+    mkdir(tu_tmp("served/.cellsam/sub"), 0755);
+    write_grey(tu_tmp("served/sub/plate1.png"), 40, 30, 10);             /* corrected in the tool */
+    write_const(tu_tmp("served/.cellsam/sub/plate1.png.labels.png"), 40, 30, 1);
+    write_grey(tu_tmp("served/a_img.png"), 40, 30, 10);                  /* explicit pair */
+    write_const(tu_tmp("served/a_masks.png"), 40, 30, 1);
+    write_const(tu_tmp("served/.cellsam/a_img.png.labels.png"), 40, 30, 1);
+    write_const(tu_tmp("served/.cellsam/gone.png.labels.png"), 40, 30, 1); /* image deleted */
+    cs_dataset ds;
+    assert_int_equal(cs_dataset_open(root, &ds), CELLSAM_OK);
+    assert_int_equal(ds.n, 2);
+    int found = 0;
+    for (int i = 0; i < ds.n; i++) {
+        if (strstr(ds.img_paths[i], "sub/plate1.png")) {
+            assert_non_null(strstr(ds.mask_paths[i], ".cellsam/sub/plate1.png.labels.png"));
+            found++;
+        } else {
+            assert_non_null(strstr(ds.mask_paths[i], "a_masks.png"));
+        }
+    }
+    assert_int_equal(found, 1);
+    cs_train_sample smp;
+    cs_augment none = cs_augment_none();
+    assert_int_equal(cs_train_sample_load(&ds, 0, &none, NULL, 1, &smp), CELLSAM_OK);
+    assert_true(smp.n_cells >= 1);
+    cs_train_sample_free(&smp);
+    cs_dataset_free(&ds);
+}
+
 static void test_load_time(void **state) {
     (void)state;
     cs_augment aug = cs_augment_default();
@@ -711,6 +748,7 @@ int main(void) {
         cmocka_unit_test(test_matches_inference), cmocka_unit_test(test_label_geometry),
         cmocka_unit_test(test_flips_rot90),      cmocka_unit_test(test_augment_alignment),
         cmocka_unit_test(test_errors),           cmocka_unit_test(test_load_time),
+        cmocka_unit_test(test_labeling_tool_corrections),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
