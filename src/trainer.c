@@ -182,6 +182,29 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     return CELLSAM_OK;
 }
 
+/* Global-norm clipping per branch. The SAM branch and the detector are driven by
+ * separate losses; one global norm would let the detector's large, spiky gradients
+ * rescale the mask branch's updates at random. Returns the norm before clipping. */
+static float clip_group(cs_tparams *ps, const char *prefix, float max_norm) {
+    size_t len = strlen(prefix);
+    double ss = 0;
+    for (size_t i = 0; i < ps->n; i++) {
+        const cs_tparam *p = &ps->items[i];
+        if (p->frozen || strncmp(p->name, prefix, len)) continue;
+        for (size_t k = 0; k < p->n; k++) ss += (double)p->g[k] * p->g[k];
+    }
+    float norm = (float)sqrt(ss);
+    if (max_norm > 0 && norm > max_norm && isfinite(norm)) {
+        float c = max_norm / (norm + 1e-6f);
+        for (size_t i = 0; i < ps->n; i++) {
+            cs_tparam *p = &ps->items[i];
+            if (p->frozen || strncmp(p->name, prefix, len)) continue;
+            for (size_t k = 0; k < p->n; k++) p->g[k] *= c;
+        }
+    }
+    return norm;
+}
+
 /* ------------------------------------------------------------ the trainer */
 
 typedef struct {
@@ -598,7 +621,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     cs_adamw_params op = cs_adamw_default_params();
     op.lr = tp->lr;
     op.weight_decay = tp->weight_decay;
-    op.clip_norm = tp->clip_norm;
+    op.clip_norm = 0; /* clipped per branch (clip_group) before each step */
     op.warmup_steps = tp->warmup_steps;
     op.total_steps = (int)total_steps;
     op.schedule = CS_SCHED_COSINE;
@@ -610,6 +633,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             goto done;
         }
         t->opt.p.total_steps = (int)total_steps; /* a longer run may extend the schedule */
+        t->opt.p.clip_norm = 0;
+        t->opt.p.lr = tp->lr;
+        t->opt.p.warmup_steps = tp->warmup_steps;
         tlog(t, "resuming %s at step %lld", tp->out_path, (long long)t->opt.step);
     }
     free(sp);
@@ -650,6 +676,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             for (int i = first; i < last && !rc; i++) rc = train_one_image(t, order[i], scale);
             if (rc) break;
             float gnorm = 0;
+            float norm_sam = clip_group(&t->ps, "model_cp.", tp->clip_norm);
+            float norm_det = clip_group(&t->ps, "cellfinder.", tp->clip_norm);
             int orc = cs_adamw_step(&t->opt, &t->ps, &gnorm);
             cs_tparams_zero_grad(&t->ps);
             if (orc) tlog(t, "step %lld: non-finite gradient, batch skipped", (long long)t->opt.step);
@@ -659,9 +687,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             double n = t->n_loss ? t->n_loss : 1;
             double loss = (t->loss_mask + t->loss_iou + t->loss_det) / n;
             if (report) report->last_loss = loss;
-            tlog(t, "epoch %d step %lld/%lld loss %.4f (mask %.4f iou %.4f det %.4f) |g| %.3g lr %.3g %.2f img/s",
+            tlog(t, "epoch %d step %lld/%lld loss %.4f (mask %.4f iou %.4f det %.4f) |g| sam %.3g det %.3g lr %.3g %.2f img/s",
                  epoch + 1, (long long)t->opt.step, (long long)total_steps, loss, t->loss_mask / n, t->loss_iou / n,
-                 t->loss_det / n, gnorm, cs_adamw_lr_at(&t->opt.p, t->opt.step - 1),
+                 t->loss_det / n, norm_sam, norm_det, cs_adamw_lr_at(&t->opt.p, t->opt.step - 1),
                  (last - first) / (cs_now_seconds() - ts));
             int at_epoch_end = t->opt.step % steps_per_epoch == 0 || t->opt.step == total_steps;
             if (tp->time_limit_s > 0 && cs_now_seconds() - t0 > tp->time_limit_s) stop = 1;
