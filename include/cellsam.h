@@ -205,6 +205,9 @@ typedef struct {
     int train_detector;        /* CellFinder head (1) */
     int cache_embeddings;      /* frozen encoders: compute each image's features once (1) */
     int augment;               /* flips, rotations, crops, intensity (1; off with a cache) */
+    int anchor_matching;       /* detector targets: 1 = each cell to its nearest anchors (stable,
+                                  fast from scratch; train's default), 0 = DETR's Hungarian
+                                  matching on the predictions (finetune's default) */
     int n_threads;
     uint64_t seed;
     double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */

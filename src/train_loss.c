@@ -247,6 +247,7 @@ cs_detr_loss_params cs_detr_loss_default_params(void) {
     p.focal_alpha = 0.25f;
     p.focal_gamma = 2;
     p.target_class = 1;
+    p.anchors = NULL;
     return p;
 }
 
@@ -337,7 +338,12 @@ static int detr_match(const float *logits, const float *boxes, int Q, int n_clas
             const float *t = gt + (size_t)g * 4;
             double l1 = fabs((double)b[0] - t[0]) + fabs((double)b[1] - t[1]) + fabs((double)b[2] - t[2]) +
                         fabs((double)b[3] - t[3]);
-            row[g] = cls[q] + wb * l1 - wg * giou_value(&pb[q], &gb[g]);
+            if (p->anchors) {
+                const float *a = p->anchors + (size_t)q * 2;
+                row[g] = fabs((double)a[0] - t[0]) + fabs((double)a[1] - t[1]);
+            } else {
+                row[g] = cls[q] + wb * l1 - wg * giou_value(&pb[q], &gb[g]);
+            }
         }
     }
     rc = cs_linear_sum_assignment(cost, Q, G, row_ind, col_ind);

@@ -37,6 +37,7 @@ cellsam_train_params cellsam_train_default_params(void) {
     p.train_detector = 1;
     p.cache_embeddings = 1;
     p.augment = 1;
+    p.anchor_matching = 1;
     p.n_threads = 1;
     p.seed = 1;
     return p;
@@ -222,6 +223,7 @@ typedef struct {
     float *logits, *dlogits, *iou, *diou, *target, *dice_grad;
     float *det_logits, *det_boxes, *det_dlogits, *det_dboxes, *gt_cxcywh;
     float *boxes;
+    float *anchors; /* Q x 2 anchor points for static matching */
     /* frozen-encoder cache: per training image, features and the sample's targets */
     float **cache_emb, **cache_feat;
     cs_train_sample *cache_sample;
@@ -262,7 +264,7 @@ static void trainer_free(trainer *t) {
     cs_dataset_free(&t->val);
     cs_dataset_free(&t->all);
     float *bufs[] = {t->emb, t->demb, t->feat, t->dfeat, t->logits, t->dlogits, t->iou, t->diou, t->target, t->dice_grad,
-                     t->det_logits, t->det_boxes, t->det_dlogits, t->det_dboxes, t->gt_cxcywh, t->boxes};
+                     t->det_logits, t->det_boxes, t->det_dlogits, t->det_dboxes, t->gt_cxcywh, t->boxes, t->anchors};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) cs_free(bufs[i]);
 }
 
@@ -372,6 +374,16 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
     lp.loss_class *= scale;
     lp.loss_bbox *= scale;
     lp.loss_giou *= scale;
+    if (t->tp->anchor_matching) {
+        /* query q uses anchor q mod n_positions (patterns repeat the anchors) */
+        const cs_tparam *pos = cs_tparams_find(&t->ps, "cellfinder.decode_head.transformer.position.weight");
+        if (!pos) return cs_error(CELLSAM_ERR_MODEL, "detector has no anchor positions");
+        for (int q = 0; q < Q; q++) {
+            t->anchors[2 * q] = pos->w[2 * (q % c->n_positions)];
+            t->anchors[2 * q + 1] = pos->w[2 * (q % c->n_positions) + 1];
+        }
+        lp.anchors = t->anchors;
+    }
     double total = 0;
     for (int l = 0; l < L; l++) {
         cs_detr_loss_value v;
@@ -520,9 +532,10 @@ static int alloc_scratch(trainer *t) {
     t->det_dboxes = cs_alloc(L * Q * 4, sizeof(float));
     t->gt_cxcywh = cs_alloc((size_t)IMG * IMG / 4 * 4, sizeof(float)); /* >= any cell count x 4 */
     t->boxes = cs_alloc((size_t)K * 4, sizeof(float));
+    t->anchors = cs_alloc(Q * 2, sizeof(float));
     if (!t->emb || !t->demb || !t->feat || !t->dfeat || !t->logits || !t->dlogits || !t->iou || !t->diou ||
         !t->target || !t->dice_grad || !t->det_logits || !t->det_dlogits || !t->det_boxes || !t->det_dboxes || !t->gt_cxcywh ||
-        !t->boxes)
+        !t->boxes || !t->anchors)
         return CELLSAM_ERR_NOMEM;
     if (!t->tp->train_encoders && t->tp->cache_embeddings) {
         size_t n = (size_t)(t->train.n > 0 ? t->train.n : 1);

@@ -405,6 +405,43 @@ static void test_detr_matching_brute(void **state) {
     assert_true(max_gap < 1e-6);
 }
 
+/* Static anchor matching: each box goes to the anchors nearest its centre, one to
+ * one and optimally (two boxes nearest the same anchor share them by total
+ * distance), whatever the predictions say; the loss terms stay the DETR ones. */
+static void test_detr_anchor_matching(void **state) {
+    (void)state;
+    enum { Q = 4, NC = 2, G = 3 };
+    const float anchors[Q * 2] = {0.1f, 0.1f, 0.9f, 0.1f, 0.1f, 0.9f, 0.9f, 0.9f};
+    /* box 0 near anchor 3; boxes 1 and 2 both nearest anchor 0, box 2 only slightly:
+     * the optimum gives anchor 0 to box 1 and anchor 1 or 2 to box 2 */
+    const float gt[G * 4] = {0.85f, 0.8f, 0.1f, 0.1f, 0.12f, 0.1f, 0.1f, 0.1f, 0.3f, 0.3f, 0.1f, 0.1f};
+    float logits[Q * NC], boxes[Q * 4];
+    rng_seed(11);
+    random_case(Q, NC, G, logits, boxes, (float[G * 4]){0});
+    cs_detr_loss_params p = cs_detr_loss_default_params();
+    p.anchors = anchors;
+    int match[G];
+    float dl[Q * NC], db[Q * 4];
+    cs_detr_loss_value v;
+    assert_int_equal(cs_detr_loss(logits, boxes, Q, NC, gt, G, &p, dl, db, match, &v), CELLSAM_OK);
+    printf("  anchor matching: box->anchor %d %d %d\n", match[0], match[1], match[2]);
+    assert_int_equal(match[0], 3);
+    assert_int_equal(match[1], 0);
+    assert_true(match[2] == 1 || match[2] == 2);
+    /* the same predictions under Hungarian matching pick by prediction cost; the
+     * anchor rule must not depend on them: shuffle the predictions, same match */
+    for (int i = 0; i < Q * 4; i++) boxes[i] = 0.5f;
+    int match2[G];
+    assert_int_equal(cs_detr_loss(logits, boxes, Q, NC, gt, G, &p, NULL, NULL, match2, NULL), CELLSAM_OK);
+    for (int g = 0; g < G; g++) assert_int_equal(match[g], match2[g]);
+    /* unmatched queries get no box gradient; matched ones do */
+    for (int k = 0; k < 4; k++) assert_true(db[1 * 4 + k] == 0.0f || match[2] == 1);
+    double gsum = 0;
+    for (int k = 0; k < 4; k++) gsum += fabs(db[3 * 4 + k]);
+    assert_true(gsum > 0);
+    assert_int_equal(v.n_matched, G);
+}
+
 /* Total loss composed from the single-pair losses (consistency with the parts). */
 static void test_detr_value(void **state) {
     (void)state;
@@ -624,6 +661,7 @@ int main(void) {
         cmocka_unit_test(test_giou_fd),
         cmocka_unit_test(test_detr_matching_known),
         cmocka_unit_test(test_detr_matching_brute),
+        cmocka_unit_test(test_detr_anchor_matching),
         cmocka_unit_test(test_detr_value),
         cmocka_unit_test(test_detr_fd),
         cmocka_unit_test(test_detr_g0_and_g_over_q),

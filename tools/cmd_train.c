@@ -30,6 +30,8 @@ static void usage(const char *cmd) {
            "  --prompts N        boxes decoded per image (16)\n"
            "  --lr X  --weight-decay X  --clip X  --warmup N\n"
            "  --no-augment       no flips, rotations, crops or intensity changes\n"
+           "  --matching M       detector targets: anchor (each cell to its nearest anchor points;\n"
+           "                     stable, train's default) or hungarian (DETR; finetune's default)\n"
            "  --time-limit SEC   save and stop cleanly after SEC seconds (resume later)\n"
            "  --save-every N     also save every N steps\n"
            "  --threads N  --seed N\n"
@@ -46,6 +48,7 @@ static int run(const char *cmd, int argc, char **argv) {
         p.epochs = 5;
         p.lr = 1e-4f;
         p.warmup_steps = 10;
+        p.anchor_matching = 0;
     }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -98,6 +101,14 @@ static int run(const char *cmd, int argc, char **argv) {
             p.arch = v;
         } else if (!strcmp(a, "--resume")) {
             p.resume = 1;
+        } else if (!strcmp(a, "--matching")) {
+            NEED_VALUE;
+            if (!strcmp(v, "anchor")) p.anchor_matching = 1;
+            else if (!strcmp(v, "hungarian")) p.anchor_matching = 0;
+            else {
+                cli_error(cmd, "--matching: expected anchor or hungarian");
+                return 2;
+            }
         } else if (!strcmp(a, "--no-augment")) {
             p.augment = 0;
         } else if (ft && !strcmp(a, "--train-encoders")) {
