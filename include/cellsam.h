@@ -205,6 +205,9 @@ typedef struct {
     int train_detector;        /* CellFinder head (1) */
     int cache_embeddings;      /* frozen encoders: compute each image's features once (1) */
     int augment;               /* flips, rotations, crops, intensity (1; off with a cache) */
+    int reset_detector_head;   /* fine-tune: re-initialise the CellFinder head (keep the trunk) */
+    int trunk_from_sam;        /* start the CellFinder trunk from the SAM image encoder's weights
+                                  (same architecture without the neck), as CellSAM does */
     int anchor_matching;       /* detector targets: 1 = each cell to its nearest anchors (stable,
                                   fast from scratch; train's default), 0 = DETR's Hungarian
                                   matching on the predictions (finetune's default) */

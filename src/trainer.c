@@ -595,6 +595,59 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             goto done;
         }
     }
+    if (!resuming && tp->reset_detector_head) {
+        /* a fresh head from the same initialisers, copied over the loaded one */
+        cs_tparams fresh;
+        cs_tparams_init(&fresh);
+        cs_tdetector *tmp = NULL;
+        cs_rng r;
+        cs_rng_seed(&r, tp->seed + 17);
+        rc = cs_tdetector_create(&fresh, "cellfinder.decode_head.", &t->arch.det, &r, &tmp);
+        for (size_t i = 0; !rc && i < fresh.n; i++) {
+            cs_tparam *dst = cs_tparams_find(&t->ps, fresh.items[i].name);
+            if (dst && dst->n == fresh.items[i].n) memcpy(dst->w, fresh.items[i].w, dst->n * sizeof(float));
+        }
+        cs_tdetector_free(tmp);
+        cs_tparams_free(&fresh);
+        if (rc) goto done;
+    }
+    if (!resuming && tp->trunk_from_sam) {
+        const char *trunk = "cellfinder.decode_head.backbone.body.";
+        size_t tl = strlen(trunk);
+        int copied = 0;
+        for (size_t i = 0; i < t->ps.n; i++) {
+            cs_tparam *dst = &t->ps.items[i];
+            if (strncmp(dst->name, trunk, tl)) continue;
+            char src_name[512];
+            snprintf(src_name, sizeof src_name, "model_cp.image_encoder.%s", dst->name + tl);
+            const cs_tparam *src = cs_tparams_find(&t->ps, src_name);
+            if (src && src->n == dst->n) {
+                memcpy(dst->w, src->w, dst->n * sizeof(float));
+                copied++;
+            }
+        }
+        /* The two branches see the same [0,1] map up to the SAM branch's final
+         * (x - mean/255)/(std/255): fold that affine map into the trunk's patch
+         * embedding so its first layer starts where the SAM encoder's is. */
+        static const double pixel_mean[3] = {123.675, 116.28, 103.53}, pixel_std[3] = {58.395, 57.12, 57.375};
+        char wn[128], bn[128];
+        snprintf(wn, sizeof wn, "%spatch_embed.proj.weight", trunk);
+        snprintf(bn, sizeof bn, "%spatch_embed.proj.bias", trunk);
+        cs_tparam *pw = cs_tparams_find(&t->ps, wn), *pb = cs_tparams_find(&t->ps, bn);
+        if (copied && pw && pb && pw->ndim == 4 && pw->shape[1] == 3) {
+            size_t D = (size_t)pw->shape[0], kk = (size_t)(pw->shape[2] * pw->shape[3]);
+            for (size_t o = 0; o < D; o++)
+                for (size_t c = 0; c < 3; c++) {
+                    double inv = 255.0 / pixel_std[c], shift = -pixel_mean[c] / pixel_std[c];
+                    float *w = pw->w + (o * 3 + c) * kk;
+                    double sum = 0;
+                    for (size_t k = 0; k < kk; k++) sum += w[k];
+                    pb->w[o] += (float)(sum * shift);
+                    for (size_t k = 0; k < kk; k++) w[k] = (float)(w[k] * inv);
+                }
+        }
+        tlog(t, "CellFinder trunk initialised from the SAM encoder (%d tensors)", copied);
+    }
     cs_tdetector_sync_shared(t->det);
     if (!tp->train_encoders) {
         cs_tparams_set_frozen(&t->ps, "model_cp.image_encoder.", 1);

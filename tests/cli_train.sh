@@ -52,6 +52,15 @@ ok "--resume continues at the saved step"
 grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
 ok "finetune -m CKPT runs with frozen encoders"
 
+# a fresh detector head on a trunk started from the SAM encoder, detector only
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \
+    --no-decoder --train-encoders --reset-detector-head --trunk-from-sam --matching anchor \
+    --out "$TMP/d.safetensors" 2>"$TMP/log5" || fail "detector re-training failed: $(tail -3 "$TMP/log5")"
+grep -q "trunk initialised from the SAM encoder (.* tensors)" "$TMP/log5" || fail "trunk not copied: $(head -2 "$TMP/log5")"
+grep -q "mask 0.0000 iou 0.0000 det" "$TMP/log5" || fail "--no-decoder still trained the decoder"
+"$CLI" info "$TMP/d.safetensors" >/dev/null 2>&1 || fail "the re-trained detector checkpoint does not load"
+ok "finetune --reset-detector-head --trunk-from-sam --no-decoder"
+
 # over-fitting one image with the decoder alone lowers its loss
 mkdir "$TMP/one"
 cp "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_"* "$TMP/one/"

@@ -14,7 +14,9 @@ static void usage(const char *cmd) {
                "pairs. By default both image encoders stay frozen and each image's features are\n"
                "computed once and cached, so only the mask decoder and the CellFinder head train.\n"
                "  --train-encoders   also train both ViTs (slow; disables the cache)\n"
-               "  --no-detector / --no-decoder   train only the other part\n");
+               "  --no-detector / --no-decoder   train only the other part\n"
+               "  --reset-detector-head  start the CellFinder head afresh (new object type)\n"
+               "  --trunk-from-sam   start the CellFinder trunk from the SAM image encoder\n");
     else
         printf("usage: cellsam train --data DIR --out MODEL.safetensors [--arch tiny|small|vit_b] [options]\n\n"
                "Train a CellSAM-architecture model from scratch on NAME_img.png / NAME_masks.png pairs.\n"
@@ -114,6 +116,10 @@ static int run(const char *cmd, int argc, char **argv) {
         } else if (ft && !strcmp(a, "--train-encoders")) {
             p.train_encoders = 1;
             p.cache_embeddings = 0;
+        } else if (!strcmp(a, "--reset-detector-head")) {
+            p.reset_detector_head = 1;
+        } else if (!strcmp(a, "--trunk-from-sam")) {
+            p.trunk_from_sam = 1;
         } else if (!strcmp(a, "--no-detector")) {
             p.train_detector = 0;
         } else if (!strcmp(a, "--no-decoder")) {
