@@ -331,9 +331,11 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         char *end;
         long h = strtol(v, &end, 10);
         if (*end || h < 1 || h > 256) {
+            /* the message first: v points into the model's weights */
+            int err = cs_error(CELLSAM_ERR_MODEL, "%s: metadata %s=\"%s\" is not a head count", path,
+                               meta_heads[i].key, v);
             cellsam_model_free(m);
-            return cs_error(CELLSAM_ERR_MODEL, "%s: metadata %s=\"%s\" is not a head count", path,
-                            meta_heads[i].key, v);
+            return err;
         }
         *meta_heads[i].dst = (int)h;
     }
