@@ -13,6 +13,7 @@
 #include "common.h"
 #include "image_io.h"
 #include "metrics.h"
+#include "model.h"
 #include "train.h"
 
 #define GRID 64
@@ -230,6 +231,8 @@ typedef struct {
     int *cache_ok;
     double loss_mask, loss_iou, loss_det;
     int n_loss;
+    /* frozen encoders run through the inference engine (no activation buffers) */
+    cellsam_model *frozen_model;
 } trainer;
 
 static void tlog(const trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -249,6 +252,7 @@ static void trainer_free(trainer *t) {
     cs_tdecoder_free(t->dec);
     cs_tdetector_free(t->det);
     cs_tparams_free(&t->ps);
+    cellsam_model_free(t->frozen_model);
     if (t->cache_ok) {
         for (int i = 0; i < t->train.n; i++) {
             cs_free(t->cache_emb[i]);
@@ -412,11 +416,13 @@ static int train_one_image(trainer *t, int index, float scale) {
         rc = cs_train_sample_load(&t->train, index, &aug, &t->rng, 4, &local);
         if (rc) return rc;
         if (tp->train_decoder) {
-            rc = cs_tvit_forward(t->sam_vit, s->sam_input, t->emb, !frozen, tp->n_threads);
+            rc = t->frozen_model ? cs_vit_forward(&t->frozen_model->sam_vit, s->sam_input, t->emb, tp->n_threads)
+                                 : cs_tvit_forward(t->sam_vit, s->sam_input, t->emb, !frozen, tp->n_threads);
             emb = t->emb;
         }
         if (!rc && tp->train_detector) {
-            rc = cs_tvit_forward(t->det_vit, s->det_input, t->feat, !frozen, tp->n_threads);
+            rc = t->frozen_model ? cs_vit_forward(&t->frozen_model->det_vit, s->det_input, t->feat, tp->n_threads)
+                                 : cs_tvit_forward(t->det_vit, s->det_input, t->feat, !frozen, tp->n_threads);
             feat = t->feat;
         }
         if (rc) {
@@ -562,6 +568,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         return cs_error(CELLSAM_ERR_INVALID, "invalid training parameters");
     double t0 = cs_now_seconds();
     trainer T;
+    char *sp = NULL; /* optimiser state path, freed at done */
     memset(&T, 0, sizeof T);
     trainer *t = &T;
     t->tp = tp;
@@ -575,7 +582,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     if (!rc) rc = cs_tdetector_create(&t->ps, "cellfinder.decode_head.", &t->arch.det, &t->rng, &t->det);
     if (rc) goto done;
     /* weights to start from: the run being resumed, else the fine-tuning checkpoint */
-    char *sp = state_path(tp->out_path);
+    sp = state_path(tp->out_path);
     if (!sp) {
         rc = CELLSAM_ERR_NOMEM;
         goto done;
@@ -591,7 +598,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         if (!rc && n_missing)
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the %zu trainable tensors", start, n_missing, t->ps.n);
         if (rc) {
-            free(sp);
             goto done;
         }
     }
@@ -649,6 +655,15 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         tlog(t, "CellFinder trunk initialised from the SAM encoder (%d tensors)", copied);
     }
     cs_tdetector_sync_shared(t->det);
+    if (!tp->train_encoders && tp->init_model && !tp->trunk_from_sam) {
+        /* Frozen encoders equal the fine-tuning checkpoint's: run them with the
+         * inference engine, which keeps no activations (a ViT-B trainable forward
+         * holds its attention buffers, several GB). */
+        rc = cellsam_model_load(tp->init_model, NULL, &t->frozen_model);
+        if (!rc && !t->frozen_model->has_detector)
+            rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->init_model);
+        if (rc) goto done;
+    }
     if (!tp->train_encoders) {
         cs_tparams_set_frozen(&t->ps, "model_cp.image_encoder.", 1);
         cs_tparams_set_frozen(&t->ps, "cellfinder.decode_head.backbone.", 1);
@@ -678,7 +693,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     if (!rc && t->train.n == 0) rc = cs_error(CELLSAM_ERR_INVALID, "%s: no training images left after the split", tp->data_dir);
     if (!rc) rc = alloc_scratch(t);
     if (rc) {
-        free(sp);
         goto done;
     }
     int steps_per_epoch = (t->train.n + tp->images_per_step - 1) / tp->images_per_step;
@@ -695,7 +709,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     if (resuming) {
         rc = cs_adamw_load(&t->opt, &t->ps, sp);
         if (rc) {
-            free(sp);
             goto done;
         }
         t->opt.p.total_steps = (int)total_steps; /* a longer run may extend the schedule */
@@ -704,7 +717,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         t->opt.p.warmup_steps = tp->warmup_steps;
         tlog(t, "resuming %s at step %lld", tp->out_path, (long long)t->opt.step);
     }
-    free(sp);
     tlog(t, "training %zu parameters (%zu trainable) on %d images, %d held out; %d steps of %d images",
          cs_tparams_count_values(&t->ps, 0), cs_tparams_count_values(&t->ps, 1), t->train.n, t->val.n,
          (int)total_steps, tp->images_per_step);
@@ -782,6 +794,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         report->val_f1 = val_f1;
     }
 done:
+    free(sp);
     trainer_free(t);
     return rc;
 }
