@@ -357,6 +357,9 @@ typedef struct {
 int cs_train_sample_load(const cs_dataset *ds, int index, const cs_augment *aug, cs_rng *rng,
                          int min_area, cs_train_sample *out);
 void cs_train_sample_free(cs_train_sample *s);
+/* A label image of exactly W x H (one channel, integers 0..2^24-1, checked pixel
+ * by pixel) as malloc'd uint32 ids: training targets and validation ground truth. */
+int cs_read_label_image(const char *path, int W, int H, uint32_t **out);
 /* Target mask of cell `id` (1-based) at side x side (nearest sampling of labels). */
 void cs_train_sample_mask(const cs_train_sample *s, int id, int side, float *out);
 

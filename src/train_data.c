@@ -602,7 +602,7 @@ static int probe_size(const char *path, const char *what, int *w, int *h) {
 
 /* Labels through the project's image reader: its float samples are exact
  * integers below 2^24, which is checked value by value. */
-static int read_labels(const char *path, int W, int H, uint32_t **out) {
+int cs_read_label_image(const char *path, int W, int H, uint32_t **out) {
     *out = NULL;
     cs_image m;
     int rc = cs_image_read(path, &m);
@@ -652,7 +652,7 @@ static int read_pair(const cs_dataset *ds, int i, raw_pair *p) {
     cs_image_free(&img);
     for (size_t k = 0; !rc && k < (size_t)W * H * 3; k++)
         if (!isfinite(p->img[k])) rc = cs_error(CELLSAM_ERR_INVALID, "image %s contains NaN or infinite values", ip);
-    if (!rc) rc = read_labels(mp, W, H, &p->lab);
+    if (!rc) rc = cs_read_label_image(mp, W, H, &p->lab);
     if (rc) {
         raw_free(p);
         return rc;

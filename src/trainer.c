@@ -479,11 +479,10 @@ static int validate(trainer *t, double *mean_f1) {
     double sum = 0;
     int done = 0;
     for (int i = 0; i < n && !rc; i++) {
-        cs_image img = {0}, gt = {0};
+        cs_image img = {0};
+        uint32_t *gt = NULL;
         rc = cs_image_read(t->val.img_paths[i], &img);
-        if (!rc) rc = cs_image_read(t->val.mask_paths[i], &gt);
-        if (!rc && (gt.width != img.width || gt.height != img.height || gt.channels != 1))
-            rc = cs_error(CELLSAM_ERR_INVALID, "%s: label image does not match its image", t->val.mask_paths[i]);
+        if (!rc) rc = cs_read_label_image(t->val.mask_paths[i], img.width, img.height, &gt);
         float *hw3 = NULL;
         if (!rc) rc = cs_image_to_model_input(&img, 0, 0, img.channels > 3 ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL, &hw3);
         cellsam_result *res = NULL;
@@ -492,23 +491,16 @@ static int validate(trainer *t, double *mean_f1) {
             sp.n_threads = t->tp->n_threads;
             rc = cellsam_segment(ctx, hw3, img.width, img.height, 3, &sp, &res);
         }
+        cs_match_stats st;
+        if (!rc) rc = cs_evaluate_labels(gt, res->labels, (size_t)img.width * img.height, &st);
         if (!rc) {
-            size_t np = (size_t)img.width * img.height;
-            uint32_t *g = malloc(np * sizeof *g);
-            if (!g) rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
-            for (size_t k = 0; g && k < np; k++) g[k] = (uint32_t)gt.data[k];
-            cs_match_stats st;
-            if (!rc) rc = cs_evaluate_labels(g, res->labels, np, &st);
-            if (!rc) {
-                sum += st.f1;
-                done++;
-            }
-            free(g);
+            sum += st.f1;
+            done++;
         }
         cellsam_result_free(res);
         free(hw3);
+        free(gt);
         cs_image_free(&img);
-        cs_image_free(&gt);
     }
     cellsam_context_free(ctx);
     cellsam_model_free(m);
