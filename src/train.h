@@ -170,12 +170,18 @@ typedef struct {
      * move with the predictions, which makes training from scratch converge in far
      * fewer steps; the loss terms are unchanged. */
     const float *anchors;
+    /* With anchors: one-to-many targets (0 = one to one). Every query whose anchor lies
+     * in the central part of a box (the box shrunk by dense_center, e.g. 0.5) is a
+     * positive for it (the nearest centre wins), and each box keeps at least its
+     * nearest anchor. Duplicates are left to the pipeline's mask IoU filter, as
+     * FCOS-style detectors leave them to NMS; losses are normalised by the positives. */
+    float dense_center;
 } cs_detr_loss_params;
 cs_detr_loss_params cs_detr_loss_default_params(void);
 
 typedef struct {
     double total, cls, bbox, giou;
-    int n_matched;
+    int n_matched; /* queries with a positive target */
 } cs_detr_loss_value;
 
 /* Anchor-DETR set loss for one image and one decoder layer: Hungarian matching of
@@ -308,6 +314,10 @@ int cs_tdetector_backward(cs_tdetector *d, const float *dlogits_all, const float
  * indices 0..L-1: copy 0 trains (copies 1..L-1 are frozen) and this copies it onto
  * the others; call after every optimiser step so a saved file is consistent. */
 void cs_tdetector_sync_shared(cs_tdetector *d);
+/* Fresh heads: adapt_pos1d and the decoder cross-attention start so that each query
+ * attends to a bump about `width` feature cells (<= 0: 1.5) around its anchor, and
+ * query self-attention starts as the identity. */
+void cs_tdetector_init_local(cs_tdetector *d, float width);
 /* Bytes of activations kept for the backward (and of scratch), once allocated. */
 size_t cs_tdetector_activation_bytes(const cs_tdetector *d, size_t *scratch_bytes);
 

@@ -379,6 +379,61 @@ void cs_tdetector_sync_shared(cs_tdetector *d) {
     }
 }
 
+/* Position-aware initialisation of a fresh head (why: with Anchor-DETR's random
+ * init every query's row/column attention starts uniform over the 64x64 map, so
+ * every query reads the same global average and the class scores stay flat for
+ * thousands of steps on CPU budgets). Here adapt_pos1d passes the 16 highest
+ * frequencies of the sine embedding through (ReLU pairs), and every decoder
+ * cross-attention head compares query and key positions on exactly those, so that
+ * a query's attention starts as a bump about `width` feature cells wide around its
+ * anchor: the query reads the features at its anchor from step 0. Self-attention
+ * among queries starts as the identity (zero out_proj). All of it stays trainable. */
+void cs_tdetector_init_local(cs_tdetector *d, float width) {
+    const int C = TD_DMODEL, NP = 32; /* sin/cos of the 16 highest frequencies: dims 0..31 */
+    const float alpha = 4.0f;          /* positional signal over the ~unit content */
+    /* bump exp(-beta * 1/2 sum w_k^2 dx^2) with dx in units of the map side */
+    double sum_w2 = 0;
+    for (int k = 0; k < NP / 2; k++) {
+        double w = 2.0 * M_PI / pow(10000.0, 2.0 * k / 256.0);
+        sum_w2 += w * w;
+    }
+    const double sigma = (width > 0 ? width : 1.5) / d->G;
+    const double beta = 1.0 / (sigma * sigma * sum_w2);
+    const double s = 1.0 / sqrt((double)d->hd);
+    const float cq = (float)(beta / (s * alpha * alpha));
+    cs_tparam *w0 = par(d, d->p1w[0]), *b0 = par(d, d->p1b[0]), *w2 = par(d, d->p1w[1]), *b2 = par(d, d->p1b[1]);
+    memset(w0->w, 0, (size_t)C * C * sizeof(float));
+    memset(w2->w, 0, (size_t)C * C * sizeof(float));
+    memset(b0->w, 0, (size_t)C * sizeof(float));
+    memset(b2->w, 0, (size_t)C * sizeof(float));
+    for (int k = 0; k < NP; k++) {
+        w0->w[(size_t)k * C + k] = 1.0f;         /* relu(+e_k) */
+        w0->w[(size_t)(NP + k) * C + k] = -1.0f; /* relu(-e_k) */
+        w2->w[(size_t)k * C + k] = alpha;
+        w2->w[(size_t)k * C + NP + k] = -alpha;
+    }
+    for (int l = 0; l < d->n_dec; l++) {
+        dec_idx *L = &d->dec[l];
+        float *in = par(d, L->ca.in_w)->w, *ib = par(d, L->ca.in_b)->w;
+        /* rows [0:C) q_row, [C:2C) q_col, [2C:3C) k_row, [3C:4C) k_col; every head
+         * reads input dims 0..NP-1 (zero elsewhere); head dims past NP stay zero */
+        for (int blk = 0; blk < 4; blk++) {
+            float *W = in + (size_t)blk * C * C;
+            memset(W, 0, (size_t)C * C * sizeof(float));
+            memset(ib + (size_t)blk * C, 0, (size_t)C * sizeof(float));
+            const float g = blk < 2 ? cq : 1.0f;
+            for (int h = 0; h < d->heads; h++)
+                for (int k = 0; k < NP && k < d->hd; k++) W[(size_t)(h * d->hd + k) * C + k] = g;
+        }
+        memset(par(d, L->sa.out_w)->w, 0, (size_t)C * C * sizeof(float));
+    }
+    /* encoder RCDA starts as the identity too: with random projections and the
+     * stronger positional inputs its attention would copy each feature to random
+     * places before the decoder reads it */
+    for (int l = 0; l < d->n_enc; l++) memset(par(d, d->enc[l].attn.out_w)->w, 0, (size_t)C * C * sizeof(float));
+    cs_tdetector_sync_shared(d);
+}
+
 /* --------------------------------------------------------------- buffers */
 
 static float *buf(cs_tdetector *d, size_t a, size_t b, int is_act) {

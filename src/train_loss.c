@@ -248,6 +248,7 @@ cs_detr_loss_params cs_detr_loss_default_params(void) {
     p.focal_gamma = 2;
     p.target_class = 1;
     p.anchors = NULL;
+    p.dense_center = 0;
     return p;
 }
 
@@ -285,6 +286,11 @@ static int check_detr_args(const float *logits, const float *boxes, int Q, int n
         return cs_error(CELLSAM_ERR_INVALID, "DETR loss: focal alpha %g not <= 1", (double)p->focal_alpha);
     if (!isfinite(p->focal_gamma) || p->focal_gamma < 0)
         return cs_error(CELLSAM_ERR_INVALID, "DETR loss: focal gamma %g not >= 0", (double)p->focal_gamma);
+    if (!(p->dense_center >= 0 && p->dense_center <= 1))
+        return cs_error(CELLSAM_ERR_INVALID, "DETR loss: dense centre fraction %g outside 0..1",
+                        (double)p->dense_center);
+    if (p->dense_center > 0 && !p->anchors)
+        return cs_error(CELLSAM_ERR_INVALID, "DETR loss: one-to-many targets need anchors");
     size_t n_logits;
     if (cs_mul_size((size_t)Q, (size_t)n_classes, &n_logits))
         return cs_error(CELLSAM_ERR_LIMIT, "DETR loss: %d x %d logits overflow", Q, n_classes);
@@ -363,32 +369,95 @@ done:
     return rc;
 }
 
+/* One-to-many targets (cs_detr_loss_params.dense_center): owner[q] = the box whose
+ * shrunk central region holds anchor q (nearest centre, in box-size units, wins);
+ * then every box without a query takes its nearest anchor, unless that anchor is
+ * the only one of another box. match[g] = the positive nearest box g's centre. */
+static void dense_assign(const float *anchors, int Q, const float *gt, int G, float center, int *owner,
+                         int *match, int *count, double *best) {
+    for (int q = 0; q < Q; q++) owner[q] = -1;
+    for (int g = 0; g < G; g++) count[g] = 0;
+    for (int q = 0; q < Q; q++) {
+        const float ax = anchors[2 * q], ay = anchors[2 * q + 1];
+        double nearest = HUGE_VAL;
+        for (int g = 0; g < G; g++) {
+            const float *b = gt + (size_t)g * 4;
+            double hx = 0.5 * center * b[2], hy = 0.5 * center * b[3];
+            double dx = fabs((double)ax - b[0]), dy = fabs((double)ay - b[1]);
+            if (dx > hx || dy > hy) continue;
+            double d = dx / (b[2] + 1e-9) + dy / (b[3] + 1e-9);
+            if (d < nearest) nearest = d, owner[q] = g;
+        }
+        if (owner[q] >= 0) count[owner[q]]++;
+    }
+    for (int g = 0; g < G; g++) {
+        if (count[g]) continue;
+        const float *b = gt + (size_t)g * 4;
+        int qbest = -1;
+        double nearest = HUGE_VAL;
+        for (int q = 0; q < Q; q++) {
+            double d = fabs((double)anchors[2 * q] - b[0]) + fabs((double)anchors[2 * q + 1] - b[1]);
+            if (d < nearest) nearest = d, qbest = q;
+        }
+        if (qbest < 0) continue;
+        int prev = owner[qbest];
+        if (prev >= 0 && count[prev] <= 1) continue; /* two boxes share one anchor: the first keeps it */
+        if (prev >= 0) count[prev]--;
+        owner[qbest] = g;
+        count[g] = 1;
+    }
+    for (int g = 0; g < G; g++) match[g] = -1;
+    for (int q = 0; q < Q; q++) {
+        int g = owner[q];
+        if (g < 0) continue;
+        double d = fabs((double)anchors[2 * q] - gt[4 * g]) + fabs((double)anchors[2 * q + 1] - gt[4 * g + 1]);
+        if (match[g] < 0 || d < best[g]) {
+            match[g] = q;
+            best[g] = d;
+        }
+    }
+}
+
 int cs_detr_loss(const float *logits, const float *boxes, int Q, int n_classes, const float *gt_boxes,
                  int G, const cs_detr_loss_params *p, float *dlogits, float *dboxes, int *match,
                  cs_detr_loss_value *value) {
     int rc = check_detr_args(logits, boxes, Q, n_classes, gt_boxes, G, p);
     if (rc) return rc;
-    int *m = NULL;  /* match[g] */
-    int *owner = NULL; /* gt matched to each query, or -1 */
+    int *m = NULL;     /* match[g] */
+    int *owner = NULL; /* gt each query is a positive for, or -1 */
+    int n_pos = 0;
     if (G > 0) {
+        const int dense = p->dense_center > 0;
         m = malloc((size_t)G * sizeof *m);
         owner = malloc((size_t)Q * sizeof *owner);
-        if (!m || !owner) {
+        int *count = dense ? malloc((size_t)G * sizeof *count) : NULL;
+        double *best = dense ? malloc((size_t)G * sizeof *best) : NULL;
+        if (!m || !owner || (dense && (!count || !best))) {
             free(m);
             free(owner);
+            free(count);
+            free(best);
             return cs_error(CELLSAM_ERR_NOMEM, "DETR loss: out of memory for the matching");
         }
-        rc = detr_match(logits, boxes, Q, n_classes, gt_boxes, G, p, m);
-        if (rc) {
-            free(m);
-            free(owner);
-            return rc;
+        if (dense) {
+            dense_assign(p->anchors, Q, gt_boxes, G, p->dense_center, owner, m, count, best);
+            free(count);
+            free(best);
+        } else {
+            rc = detr_match(logits, boxes, Q, n_classes, gt_boxes, G, p, m);
+            if (rc) {
+                free(m);
+                free(owner);
+                return rc;
+            }
+            for (int q = 0; q < Q; q++) owner[q] = -1;
+            for (int g = 0; g < G; g++)
+                if (m[g] >= 0) owner[m[g]] = g;
         }
-        for (int q = 0; q < Q; q++) owner[q] = -1;
-        for (int g = 0; g < G; g++)
-            if (m[g] >= 0) owner[m[g]] = g;
+        for (int q = 0; q < Q; q++) n_pos += owner[q] >= 0;
     }
-    double num_boxes = G > 0 ? (double)G : 1.0;
+    /* DETR normalises by the number of boxes; one-to-many targets by the positives */
+    double num_boxes = p->dense_center > 0 ? (n_pos > 0 ? n_pos : 1.0) : (G > 0 ? (double)G : 1.0);
     double alpha = p->focal_alpha, gamma = p->focal_gamma;
 
     /* Focal loss over every query and class; DETR's mean over queries times Q
@@ -406,12 +475,10 @@ int cs_detr_loss(const float *logits, const float *boxes, int Q, int n_classes, 
     }
 
     double l1_sum = 0, giou_sum = 0;
-    int n_matched = 0;
     if (dboxes) memset(dboxes, 0, (size_t)Q * 4 * sizeof *dboxes);
-    for (int g = 0; g < G; g++) {
-        int q = m[g];
-        if (q < 0) continue;
-        n_matched++;
+    for (int q = 0; q < Q && owner; q++) {
+        int g = owner[q];
+        if (g < 0) continue;
         double pc[4], tc[4], dg[4];
         for (int k = 0; k < 4; k++) {
             pc[k] = boxes[(size_t)q * 4 + k];
@@ -436,7 +503,7 @@ int cs_detr_loss(const float *logits, const float *boxes, int Q, int n_classes, 
         value->bbox = l1_sum / num_boxes;
         value->giou = giou_sum / num_boxes;
         value->total = p->loss_class * value->cls + p->loss_bbox * value->bbox + p->loss_giou * value->giou;
-        value->n_matched = n_matched;
+        value->n_matched = n_pos;
     }
     free(m);
     free(owner);

@@ -387,6 +387,7 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
             t->anchors[2 * q + 1] = pos->w[2 * (q % c->n_positions) + 1];
         }
         lp.anchors = t->anchors;
+        if (t->tp->anchor_matching == 2) lp.dense_center = 0.5f;
     }
     double total = 0;
     for (int l = 0; l < L; l++) {
@@ -581,6 +582,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     }
     int resuming = tp->resume && file_exists(tp->out_path) && file_exists(sp);
     const char *start = resuming ? tp->out_path : tp->init_model;
+    if (!start) cs_tdetector_init_local(t->det, 0);
     if (start) {
         cs_weights *w = NULL;
         size_t n_loaded = 0, n_missing = 0;
@@ -601,6 +603,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         cs_rng r;
         cs_rng_seed(&r, tp->seed + 17);
         rc = cs_tdetector_create(&fresh, "cellfinder.decode_head.", &t->arch.det, &r, &tmp);
+        if (!rc) cs_tdetector_init_local(tmp, 0);
         for (size_t i = 0; !rc && i < fresh.n; i++) {
             cs_tparam *dst = cs_tparams_find(&t->ps, fresh.items[i].name);
             if (dst && dst->n == fresh.items[i].n) memcpy(dst->w, fresh.items[i].w, dst->n * sizeof(float));

@@ -474,6 +474,69 @@ static void test_finite_differences(void **state) {
 
 /* --------------------------------------------------- shared heads, errors */
 
+/* Receptive field of one query at initialisation: the gradient of its class logit
+ * (last decoder layer) with respect to the features; returns the share of the
+ * gradient energy within 3 feature cells of the query's anchor and the distance of
+ * the cell with the most. */
+static double receptive_field(int local, int n_enc, int n_dec, int *argmax_dist) {
+    enum { E = 16, G = 32, NPOS = 256 }; /* anchors 16 x 16, every 2 cells */
+    cs_tdetector_config cfg = {E, 256, 8, n_enc, n_dec, 64, NPOS, 1, 2, G};
+    cs_tparams ps;
+    cs_tparams_init(&ps);
+    cs_rng rng;
+    cs_rng_seed(&rng, 5);
+    cs_tdetector *d = NULL;
+    assert_int_equal(cs_tdetector_create(&ps, PREFIX, &cfg, &rng, &d), CELLSAM_OK);
+    if (local) cs_tdetector_init_local(d, 0);
+    const cs_tparam *pos = cs_tparams_find(&ps, PREFIX "transformer.position.weight");
+    const size_t nl = (size_t)n_dec * NPOS * 2;
+    float *feat = malloc(sizeof(float) * E * G * G), *dfeat = malloc(sizeof(float) * E * G * G),
+          *lg = malloc(sizeof(float) * nl), *dlg = calloc(nl, sizeof(float)),
+          *bx = malloc(sizeof(float) * nl * 2), *dbx = calloc(nl * 2, sizeof(float));
+    assert_true(feat && dfeat && lg && dlg && bx && dbx && pos);
+    for (int i = 0; i < E * G * G; i++) feat[i] = (float)sin(0.7 * i + 0.1 * (i % 13));
+    const int q = 5 * 16 + 10; /* an anchor away from the borders */
+    dlg[(size_t)(n_dec - 1) * NPOS * 2 + 2 * q + 1] = 1.0f;
+    assert_int_equal(cs_tdetector_forward(d, feat, lg, bx, 1, 1), CELLSAM_OK);
+    assert_int_equal(cs_tdetector_backward(d, dlg, dbx, dfeat, 1), CELLSAM_OK);
+    const double ax = pos->w[2 * q] * G - 0.5, ay = pos->w[2 * q + 1] * G - 0.5; /* in cell indices */
+    double near = 0, total = 0, best = -1;
+    for (int y = 0; y < G; y++)
+        for (int x = 0; x < G; x++) {
+            double e = 0;
+            for (int c = 0; c < E; c++) e += (double)dfeat[(size_t)c * G * G + y * G + x] * dfeat[(size_t)c * G * G + y * G + x];
+            double dist = sqrt((x - ax) * (x - ax) + (y - ay) * (y - ay));
+            total += e;
+            if (dist <= 3.0) near += e;
+            if (e > best) best = e, *argmax_dist = (int)lround(dist);
+        }
+    free(feat);
+    free(dfeat);
+    free(lg);
+    free(dlg);
+    free(bx);
+    free(dbx);
+    cs_tdetector_free(d);
+    cs_tparams_free(&ps);
+    return near / total;
+}
+
+/* A fresh head's queries read the features at their anchors (cs_tdetector_init_local);
+ * with Anchor-DETR's random init they read the whole map about evenly. */
+static void test_local_init(void **state) {
+    (void)state;
+    for (int e = 0; e < 2; e++)
+        for (int l = 1; l <= 3; l += 2) {
+            int dl = -1, dp = -1;
+            double rl = receptive_field(1, e, l, &dl), rp = receptive_field(0, e, l, &dp);
+            printf("  %d encoder / %d decoder layers: gradient share within 3 cells %.3f (peak %d cells away), "
+                   "plain init %.3f (peak %d cells away)\n", e, l, rl, dl, rp, dp);
+            assert_true(rl > 0.5);
+            assert_true(dl <= 2);
+            assert_true(rl > 5 * rp);
+        }
+}
+
 static void test_shared_heads_and_reuse(void **state) {
     (void)state;
     cs_tdetector_config cfg = {8, 256, 4, 0, 3, 16, 4, 1, 2, 4};
@@ -614,6 +677,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_shared_heads_and_reuse),
+        cmocka_unit_test(test_local_init),
         cmocka_unit_test(test_finite_differences),
         cmocka_unit_test(test_forward_parity),
     };

@@ -442,6 +442,63 @@ static void test_detr_anchor_matching(void **state) {
     assert_int_equal(v.n_matched, G);
 }
 
+/* One-to-many targets: every anchor in a box's central region is a positive for it;
+ * a box with none takes its nearest anchor (here from a box that has spare ones);
+ * losses are normalised by the number of positives. Checked against a loss composed
+ * by hand from the single-pair losses. */
+static void test_detr_dense_assignment(void **state) {
+    (void)state;
+    enum { Q = 16, NC = 2, G = 3 };
+    float anchors[Q * 2];
+    for (int q = 0; q < Q; q++) {
+        anchors[2 * q] = (float)(q % 4 + 0.5) / 4.0f; /* 0.125 0.375 0.625 0.875 */
+        anchors[2 * q + 1] = (float)(q / 4 + 0.5) / 4.0f;
+    }
+    /* A: big, centre region (half-extent 0.225) holds anchors 0, 1, 4, 5;
+     * B: tiny near anchor 15, holds none; C: tiny, nearest anchor 5, which A gives up */
+    const float gt[G * 4] = {0.3f, 0.3f, 0.9f, 0.9f, 0.8f, 0.8f, 0.05f, 0.05f, 0.36f, 0.36f, 0.05f, 0.05f};
+    float logits[Q * NC], boxes[Q * 4], dl[Q * NC], db[Q * 4];
+    rng_seed(21);
+    random_case(Q, NC, 0, logits, boxes, NULL);
+    cs_detr_loss_params p = cs_detr_loss_default_params();
+    p.anchors = anchors;
+    p.dense_center = 0.5f;
+    int match[G];
+    cs_detr_loss_value v;
+    assert_int_equal(cs_detr_loss(logits, boxes, Q, NC, gt, G, &p, dl, db, match, &v), CELLSAM_OK);
+    printf("  dense: %d positives, box->nearest positive %d %d %d\n", v.n_matched, match[0], match[1], match[2]);
+    assert_int_equal(v.n_matched, 5);
+    assert_int_equal(match[0], 1); /* anchors 1 and 4 tie at L1 0.25 from A's centre: the first */
+    assert_int_equal(match[1], 15);
+    assert_int_equal(match[2], 5);
+    const int owner[Q] = {0, 0, -1, -1, 0, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1};
+    float t[Q * NC] = {0};
+    double l1 = 0, gi = 0;
+    for (int q = 0; q < Q; q++) {
+        int g = owner[q];
+        double gsum = 0;
+        for (int k = 0; k < 4; k++) gsum += fabs(db[q * 4 + k]);
+        if (g < 0) {
+            assert_true(gsum == 0); /* negatives get no box gradient */
+            continue;
+        }
+        assert_true(gsum > 0);
+        t[q * NC + p.target_class] = 1;
+        l1 += cs_loss_box_l1(boxes + q * 4, gt + g * 4, 1.0f, NULL);
+        gi += cs_loss_giou(boxes + q * 4, gt + g * 4, 1.0f, NULL);
+    }
+    double cls = cs_loss_sigmoid_focal(logits, t, Q * NC, 0.25f, 2.0f, 1.0f, NULL) / 5;
+    double total = 2 * cls + 5 * l1 / 5 + 2 * gi / 5;
+    printf("  dense loss total %.9f want %.9f\n", v.total, total);
+    assert_true(fabs(v.total - total) < 1e-9);
+    /* one-to-many needs anchors, and a fraction in 0..1 */
+    p.anchors = NULL;
+    assert_int_equal(cs_detr_loss(logits, boxes, Q, NC, gt, G, &p, NULL, NULL, NULL, NULL), CELLSAM_ERR_INVALID);
+    p.anchors = anchors;
+    p.dense_center = 1.5f;
+    assert_int_equal(cs_detr_loss(logits, boxes, Q, NC, gt, G, &p, NULL, NULL, NULL, NULL), CELLSAM_ERR_INVALID);
+}
+
 /* Total loss composed from the single-pair losses (consistency with the parts). */
 static void test_detr_value(void **state) {
     (void)state;
@@ -478,8 +535,19 @@ static double detr_total(const float *logits, const float *boxes, int Q, int NC,
     return v.total;
 }
 
-static void detr_fd_case(int Q, int NC, int G, uint64_t seed, const char *what) {
+static void detr_fd_case(int Q, int NC, int G, uint64_t seed, const char *what, float dense_center) {
     cs_detr_loss_params p = cs_detr_loss_default_params();
+    float anchors[64];
+    assert_true(Q <= 32);
+    if (dense_center > 0) {
+        /* anchors on a loose grid, so that several fall inside the random boxes */
+        for (int q = 0; q < Q; q++) {
+            anchors[2 * q] = (float)(q % 4 + 0.5) / 4.0f;
+            anchors[2 * q + 1] = (float)(q / 4 + 0.5) / (float)((Q + 3) / 4);
+        }
+        p.anchors = anchors;
+        p.dense_center = dense_center;
+    }
     float *logits = malloc(sizeof(float) * (size_t)(Q * NC)), *boxes = malloc(sizeof(float) * (size_t)(Q * 4));
     float *gt = malloc(sizeof(float) * (size_t)(G * 4 + 1));
     float *dl = malloc(sizeof(float) * (size_t)(Q * NC)), *db = malloc(sizeof(float) * (size_t)(Q * 4));
@@ -519,8 +587,9 @@ static void detr_fd_case(int Q, int NC, int G, uint64_t seed, const char *what) 
     report(name, (size_t)(Q * NC), err_l, FD_TOL);
     snprintf(name, sizeof name, "%s dboxes (%d non-zero)", what, n_nonzero);
     report(name, (size_t)(Q * 4), err_b, FD_TOL);
-    /* Only matched queries receive box gradients. */
-    assert_true(n_nonzero <= 4 * G);
+    /* Only matched queries receive box gradients (one per box unless one-to-many). */
+    assert_true(n_nonzero <= 4 * (dense_center > 0 ? v.n_matched : G));
+    assert_true(v.n_matched >= (G < Q ? G : Q) || dense_center > 0);
     if (G > 0) assert_true(n_nonzero > 0);
     free(logits);
     free(boxes);
@@ -531,9 +600,11 @@ static void detr_fd_case(int Q, int NC, int G, uint64_t seed, const char *what) 
 
 static void test_detr_fd(void **state) {
     (void)state;
-    detr_fd_case(8, 2, 3, 7, "detr Q8 C2 G3");
-    detr_fd_case(6, 3, 5, 8, "detr Q6 C3 G5");
-    detr_fd_case(5, 2, 0, 9, "detr Q5 C2 G0");
+    detr_fd_case(8, 2, 3, 7, "detr Q8 C2 G3", 0);
+    detr_fd_case(6, 3, 5, 8, "detr Q6 C3 G5", 0);
+    detr_fd_case(5, 2, 0, 9, "detr Q5 C2 G0", 0);
+    detr_fd_case(16, 2, 3, 10, "dense Q16 C2 G3", 0.8f);
+    detr_fd_case(12, 2, 4, 12, "dense Q12 C2 G4", 0.5f);
 }
 
 static void test_detr_g0_and_g_over_q(void **state) {
@@ -662,6 +733,7 @@ int main(void) {
         cmocka_unit_test(test_detr_matching_known),
         cmocka_unit_test(test_detr_matching_brute),
         cmocka_unit_test(test_detr_anchor_matching),
+        cmocka_unit_test(test_detr_dense_assignment),
         cmocka_unit_test(test_detr_value),
         cmocka_unit_test(test_detr_fd),
         cmocka_unit_test(test_detr_g0_and_g_over_q),

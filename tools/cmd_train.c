@@ -106,9 +106,10 @@ static int run(const char *cmd, int argc, char **argv) {
         } else if (!strcmp(a, "--matching")) {
             NEED_VALUE;
             if (!strcmp(v, "anchor")) p.anchor_matching = 1;
+            else if (!strcmp(v, "dense")) p.anchor_matching = 2;
             else if (!strcmp(v, "hungarian")) p.anchor_matching = 0;
             else {
-                cli_error(cmd, "--matching: expected anchor or hungarian");
+                cli_error(cmd, "--matching: expected dense, anchor or hungarian");
                 return 2;
             }
         } else if (!strcmp(a, "--no-augment")) {
