@@ -208,9 +208,13 @@ typedef struct {
     int reset_detector_head;   /* fine-tune: re-initialise the CellFinder head (keep the trunk) */
     int trunk_from_sam;        /* start the CellFinder trunk from the SAM image encoder's weights
                                   (same architecture without the neck), as CellSAM does */
-    int anchor_matching;       /* detector targets: 1 = each cell to its nearest anchors (stable,
-                                  fast from scratch; train's default), 0 = DETR's Hungarian
-                                  matching on the predictions (finetune's default) */
+    const char *detector_from; /* fine-tune: take the whole CellFinder (cellfinder.*: trunk and head)
+                                  from this checkpoint instead of init_model (combine branches
+                                  trained in separate runs) */
+    int anchor_matching;       /* detector targets: 2 = one-to-many (every anchor in the central
+                                  half of a cell's box; converges fastest), 1 = each cell to its
+                                  nearest anchor, 0 = DETR's Hungarian matching on the
+                                  predictions (finetune's default) */
     int n_threads;
     uint64_t seed;
     double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */

@@ -52,6 +52,9 @@ int cs_tparams_set_frozen(cs_tparams *ps, const char *prefix, int frozen);
  * shape-checked and converted to float32. A shape mismatch is an error naming the
  * tensor. n_loaded, n_missing (may be NULL) count store parameters found / absent. */
 int cs_tparams_load(cs_tparams *ps, const cs_weights *w, size_t *n_loaded, size_t *n_missing);
+/* The same for the parameters whose names start with prefix (NULL: all). */
+int cs_tparams_load_prefix(cs_tparams *ps, const cs_weights *w, const char *prefix, size_t *n_loaded,
+                           size_t *n_missing);
 /* Save values (not gradients) as safetensors in dtype, atomically. meta: NULL or
  * a NULL-terminated list of key, value strings stored as safetensors metadata. */
 int cs_tparams_save(const cs_tparams *ps, const char *path, cs_dtype dtype, const char *const *meta);

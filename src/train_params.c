@@ -110,9 +110,15 @@ int cs_tparams_set_frozen(cs_tparams *ps, const char *prefix, int frozen) {
 }
 
 int cs_tparams_load(cs_tparams *ps, const cs_weights *w, size_t *n_loaded, size_t *n_missing) {
-    size_t loaded = 0, missing = 0;
+    return cs_tparams_load_prefix(ps, w, NULL, n_loaded, n_missing);
+}
+
+int cs_tparams_load_prefix(cs_tparams *ps, const cs_weights *w, const char *prefix, size_t *n_loaded,
+                           size_t *n_missing) {
+    size_t loaded = 0, missing = 0, plen = prefix ? strlen(prefix) : 0;
     for (size_t i = 0; i < ps->n; i++) {
         cs_tparam *p = &ps->items[i];
+        if (plen && strncmp(p->name, prefix, plen)) continue;
         const cs_tensor_entry *e = cs_weights_find(w, p->name);
         if (!e) {
             missing++;

@@ -595,6 +595,21 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             goto done;
         }
     }
+    if (!resuming && tp->detector_from) {
+        cs_weights *w = NULL;
+        size_t n_loaded = 0, n_missing = 0;
+        rc = cs_weights_open(tp->detector_from, &w);
+        if (!rc) rc = cs_tparams_load_prefix(&t->ps, w, "cellfinder.", &n_loaded, &n_missing);
+        cs_weights_free(w);
+        if (!rc && (n_missing || !n_loaded))
+            rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the CellFinder's trainable tensors", tp->detector_from,
+                          n_missing ? n_missing : (size_t)1);
+        if (rc) {
+            cs_error_prefix(rc, "--detector-from");
+            goto done;
+        }
+        tlog(t, "CellFinder taken from %s (%zu tensors)", tp->detector_from, n_loaded);
+    }
     if (!resuming && tp->reset_detector_head) {
         /* a fresh head from the same initialisers, copied over the loaded one */
         cs_tparams fresh;

@@ -61,6 +61,18 @@ grep -q "mask 0.0000 iou 0.0000 det" "$TMP/log5" || fail "--no-decoder still tra
 "$CLI" info "$TMP/d.safetensors" >/dev/null 2>&1 || fail "the re-trained detector checkpoint does not load"
 ok "finetune --reset-detector-head --trunk-from-sam --no-decoder"
 
+# the CellFinder of one run joined to the SAM branch of another
+"$CLI" finetune -m "$TMP/f.safetensors" --detector-from "$TMP/d.safetensors" --data "$TMP/data" --steps 1 --batch 1 \
+    --prompts 2 --val-fraction 0 --no-detector --threads 2 --out "$TMP/c.safetensors" 2>"$TMP/log6" ||
+    fail "--detector-from failed: $(tail -3 "$TMP/log6")"
+grep -q "CellFinder taken from .*d.safetensors ([0-9]* tensors)" "$TMP/log6" || fail "detector not taken: $(head -3 "$TMP/log6")"
+"$CLI" finetune -m "$TMP/f.safetensors" --detector-from "$2/checkpoint.safetensors" --data "$TMP/data" --steps 1 \
+    --out "$TMP/y.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "detector-from.*shape" "$TMP/e" ||
+    fail "--detector-from with other shapes: $(cat "$TMP/e")"
+[ -e "$TMP/y.safetensors" ] && fail "an output was written after the error"
+ok "finetune --detector-from joins branches; mismatched shapes are one error line"
+
 # over-fitting one image with the decoder alone lowers its loss
 mkdir "$TMP/one"
 cp "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_"* "$TMP/one/"

@@ -82,6 +82,16 @@ static void test_load_save_roundtrip(void **state) {
     assert_int_equal(loaded, 1);
     assert_int_equal(missing, 1);
     assert_memory_equal(p->w, e->data, p->n * sizeof(float));
+    /* a prefix restricts the load to the tensors under it (finetune --detector-from) */
+    memset(p->w, 0, p->n * sizeof(float));
+    assert_int_equal(cs_tparams_load_prefix(&ps, w, "cellfinder.", &loaded, &missing), CELLSAM_OK);
+    assert_int_equal(loaded, 0);
+    assert_int_equal(missing, 0);
+    assert_true(p->w[0] == 0.0f);
+    assert_int_equal(cs_tparams_load_prefix(&ps, w, "model_cp.", &loaded, &missing), CELLSAM_OK);
+    assert_int_equal(loaded, 1);
+    assert_int_equal(missing, 0);
+    assert_memory_equal(p->w, e->data, p->n * sizeof(float));
     /* a shape mismatch names the tensor */
     cs_tparams bad;
     cs_tparams_init(&bad);

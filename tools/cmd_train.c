@@ -16,7 +16,9 @@ static void usage(const char *cmd) {
                "  --train-encoders   also train both ViTs (slow; disables the cache)\n"
                "  --no-detector / --no-decoder   train only the other part\n"
                "  --reset-detector-head  start the CellFinder head afresh (new object type)\n"
-               "  --trunk-from-sam   start the CellFinder trunk from the SAM image encoder\n");
+               "  --trunk-from-sam   start the CellFinder trunk from the SAM image encoder\n"
+               "  --detector-from CKPT  take the CellFinder (trunk and head) from CKPT instead\n"
+               "                     (join a detector and a mask branch trained in separate runs)\n");
     else
         printf("usage: cellsam train --data DIR --out MODEL.safetensors [--arch tiny|small|vit_b] [options]\n\n"
                "Train a CellSAM-architecture model from scratch on NAME_img.png / NAME_masks.png pairs.\n"
@@ -32,8 +34,9 @@ static void usage(const char *cmd) {
            "  --prompts N        boxes decoded per image (16)\n"
            "  --lr X  --weight-decay X  --clip X  --warmup N\n"
            "  --no-augment       no flips, rotations, crops or intensity changes\n"
-           "  --matching M       detector targets: anchor (each cell to its nearest anchor points;\n"
-           "                     stable, train's default) or hungarian (DETR; finetune's default)\n"
+           "  --matching M       detector targets: anchor (each cell to its nearest anchor point;\n"
+           "                     train's default), dense (every anchor in the central half of a\n"
+           "                     cell's box; converges fastest) or hungarian (DETR; finetune's default)\n"
            "  --time-limit SEC   save and stop cleanly after SEC seconds (resume later)\n"
            "  --save-every N     also save every N steps\n"
            "  --threads N  --seed N\n"
@@ -121,6 +124,9 @@ static int run(const char *cmd, int argc, char **argv) {
             p.reset_detector_head = 1;
         } else if (!strcmp(a, "--trunk-from-sam")) {
             p.trunk_from_sam = 1;
+        } else if (ft && !strcmp(a, "--detector-from")) {
+            NEED_VALUE;
+            p.detector_from = v;
         } else if (!strcmp(a, "--no-detector")) {
             p.train_detector = 0;
         } else if (!strcmp(a, "--no-decoder")) {
