@@ -212,7 +212,7 @@ typedef struct {
                                   from this checkpoint instead of init_model (combine branches
                                   trained in separate runs) */
     int anchor_matching;       /* detector targets: 2 = one-to-many (every anchor in the central
-                                  half of a cell's box; converges fastest), 1 = each cell to its
+                                  half of a cell's box; train's default), 1 = each cell to its
                                   nearest anchor, 0 = DETR's Hungarian matching on the
                                   predictions (finetune's default) */
     int n_threads;

@@ -38,7 +38,7 @@ cellsam_train_params cellsam_train_default_params(void) {
     p.train_detector = 1;
     p.cache_embeddings = 1;
     p.augment = 1;
-    p.anchor_matching = 1;
+    p.anchor_matching = 2;
     p.n_threads = 1;
     p.seed = 1;
     return p;

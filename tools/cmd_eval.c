@@ -47,7 +47,8 @@ static void usage(FILE *f) {
             "  GT files are the folder's NAME_masks.{png,tif,tiff,npy}; if it has none, every\n"
             "  .png/.tif/.tiff/.npy file is a GT file named by its stem (NAME.png -> NAME).\n"
             "  The prediction for NAME is the first file in PRED that exists of\n"
-            "    NAME_masks, NAME_cp_masks, NAME_labels, NAME\n"
+            "    NAME_masks, NAME_cp_masks, NAME_img_cp_masks (what `cellsam segment FOLDER`\n"
+            "    writes for NAME_img.png), NAME_labels, NAME\n"
             "  each tried as .png, .tif, .tiff, .npy in that order (names are case-sensitive).\n"
             "  GT files without a prediction, and prediction files named *_masks, *_cp_masks\n"
             "  or *_labels that no GT file claims, are reported on stderr and skipped.\n"
@@ -474,13 +475,13 @@ static long listing_find(const dir_listing *d, const char *name) {
 
 /* Prediction for NAME in a folder (see usage()), marking it used; -1 if none. */
 static long find_prediction(dir_listing *pred, const char *name) {
-    static const char *suffixes[] = {"_masks", "_cp_masks", "_labels", ""};
+    static const char *suffixes[] = {"_masks", "_cp_masks", "_img_cp_masks", "_labels", ""};
     static const char *exts[] = {".png", ".tif", ".tiff", ".npy"};
     size_t n = strlen(name) + 32;
     char *cand = malloc(n);
     if (!cand) return -1;
     long hit = -1;
-    for (size_t s = 0; s < 4 && hit < 0; s++)
+    for (size_t s = 0; s < sizeof suffixes / sizeof *suffixes && hit < 0; s++)
         for (size_t e = 0; e < 4 && hit < 0; e++) {
             snprintf(cand, n, "%s%s%s", name, suffixes[s], exts[e]);
             hit = listing_find(pred, cand);

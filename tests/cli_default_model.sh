@@ -1,0 +1,51 @@
+#!/bin/sh
+# The bundled default model (models/cellsam-small.safetensors): `cellsam segment`
+# without -m finds it, and it segments real nuclei. Scored with `cellsam eval`
+# against the ground truth of the bundled sample and of the DSB 2018 stage-1 test
+# images in the shared data (none of which the model was trained on).
+# The floors sit a little under the F1 measured when the model was committed
+# (models/README.md), so a change that degrades the model or the pipeline fails.
+# usage: sh cli_default_model.sh CELLSAM_BINARY TESTDATA_DIR DATA_DIR
+CLI=$1
+DATA=$3
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/cellsam-cli-default-XXXXXX") || exit 1
+trap 'rm -rf "$TMP"' EXIT
+unset CELLSAM_MODEL
+
+fail() {
+    echo "cli_default_model: FAIL: $*"
+    exit 1
+}
+
+SAMPLE_FLOOR=0.38 # bundled sample (StarDist example crop); measured 0.426
+DSB_FLOOR=0.40    # mean over dsb2018_stage1_test; measured 0.441
+
+[ -f "$SRC/models/cellsam-small.safetensors" ] || fail "models/cellsam-small.safetensors is missing"
+
+# 1. the sample, with no -m: the default model is found beside the source tree
+"$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/sample.png" --threads 2 --quiet 2>"$TMP/err.txt" ||
+    fail "segment without -m exited non-zero: $(cat "$TMP/err.txt")"
+"$CLI" eval "$DATA/stardist_example/img2d_masks.png" "$TMP/sample.png" --json >"$TMP/sample.json" ||
+    fail "eval of the sample failed"
+f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/sample.json")
+echo "sample: F1@0.5 $f1 (floor $SAMPLE_FLOOR)"
+awk -v f="$f1" -v m="$SAMPLE_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "sample F1 $f1 below $SAMPLE_FLOOR"
+
+# 2. the DSB test images: a folder run, then the folder scored
+mkdir "$TMP/dsb"
+"$CLI" segment "$DATA/dsb2018_stage1_test" -o "$TMP/dsb" --threads 2 --quiet 2>"$TMP/err.txt" ||
+    fail "folder segment exited non-zero: $(cat "$TMP/err.txt")"
+"$CLI" eval "$DATA/dsb2018_stage1_test" "$TMP/dsb" --json >"$TMP/dsb.json" || fail "eval of the DSB folder failed"
+f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/dsb.json")
+n=$(grep -c '"f1"' "$TMP/dsb.json")
+echo "dsb2018_stage1_test: mean F1@0.5 $f1 over $n images (floor $DSB_FLOOR)"
+[ "$n" -ge 30 ] || fail "only $n DSB images scored"
+awk -v f="$f1" -v m="$DSB_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "DSB mean F1 $f1 below $DSB_FLOOR"
+
+# 3. CELLSAM_MODEL overrides the default; a bad one is a one-line error
+CELLSAM_MODEL="$TMP/none.safetensors" "$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/x.png" \
+    2>"$TMP/err.txt" && fail "a missing CELLSAM_MODEL was accepted"
+[ "$(wc -l <"$TMP/err.txt")" -eq 1 ] || fail "missing CELLSAM_MODEL: not one error line: $(cat "$TMP/err.txt")"
+[ -e "$TMP/x.png" ] && fail "an output was left after the error"
+echo "cli_default_model: OK"
