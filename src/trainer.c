@@ -231,8 +231,9 @@ typedef struct {
     int *cache_ok;
     double loss_mask, loss_iou, loss_det;
     int n_loss;
-    /* frozen encoders run through the inference engine (no activation buffers) */
-    cellsam_model *frozen_model;
+    /* frozen encoders run through the inference engine (no activation buffers):
+     * the fine-tuning checkpoint, and the --detector-from one for the trunk */
+    cellsam_model *frozen_model, *frozen_det_model;
 } trainer;
 
 static void tlog(const trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -253,6 +254,7 @@ static void trainer_free(trainer *t) {
     cs_tdetector_free(t->det);
     cs_tparams_free(&t->ps);
     cellsam_model_free(t->frozen_model);
+    cellsam_model_free(t->frozen_det_model);
     if (t->cache_ok) {
         for (int i = 0; i < t->train.n; i++) {
             cs_free(t->cache_emb[i]);
@@ -422,8 +424,9 @@ static int train_one_image(trainer *t, int index, float scale) {
             emb = t->emb;
         }
         if (!rc && tp->train_detector) {
-            rc = t->frozen_model ? cs_vit_forward(&t->frozen_model->det_vit, s->det_input, t->feat, tp->n_threads)
-                                 : cs_tvit_forward(t->det_vit, s->det_input, t->feat, !frozen, tp->n_threads);
+            const cellsam_model *trunk = t->frozen_det_model ? t->frozen_det_model : t->frozen_model;
+            rc = trunk ? cs_vit_forward(&trunk->det_vit, s->det_input, t->feat, tp->n_threads)
+                  : cs_tvit_forward(t->det_vit, s->det_input, t->feat, !frozen, tp->n_threads);
             feat = t->feat;
         }
         if (rc) {
@@ -672,6 +675,12 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         rc = cellsam_model_load(tp->init_model, NULL, &t->frozen_model);
         if (!rc && !t->frozen_model->has_detector)
             rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->init_model);
+        /* the trunk's weights are --detector-from's, so its features come from there */
+        if (!rc && tp->detector_from && tp->train_detector) {
+            rc = cellsam_model_load(tp->detector_from, NULL, &t->frozen_det_model);
+            if (!rc && !t->frozen_det_model->has_detector)
+                rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->detector_from);
+        }
         if (rc) goto done;
     }
     if (!tp->train_encoders) {

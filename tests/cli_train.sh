@@ -71,6 +71,17 @@ grep -q "CellFinder taken from .*d.safetensors ([0-9]* tensors)" "$TMP/log6" || 
 [ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "detector-from.*shape" "$TMP/e" ||
     fail "--detector-from with other shapes: $(cat "$TMP/e")"
 [ -e "$TMP/y.safetensors" ] && fail "an output was written after the error"
+# ... and trains that CellFinder on its own trunk's features: the first detector loss equals that
+# of a run started from the same CellFinder directly (d's trunk differs from f's)
+for run in direct joined; do
+    if [ $run = direct ]; then src="-m $TMP/d.safetensors"; else src="-m $TMP/f.safetensors --detector-from $TMP/d.safetensors"; fi
+    # shellcheck disable=SC2086
+    "$CLI" finetune $src --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder --seed 5 \
+        --threads 2 --out "$TMP/$run.safetensors" 2>"$TMP/$run.log" || fail "$run detector run failed: $(tail -3 "$TMP/$run.log")"
+done
+l_direct=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/direct.log")
+l_joined=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/joined.log")
+[ -n "$l_direct" ] && [ "$l_direct" = "$l_joined" ] || fail "--detector-from trained on other features: det loss $l_joined, direct $l_direct"
 ok "finetune --detector-from joins branches; mismatched shapes are one error line"
 
 # over-fitting one image with the decoder alone lowers its loss
