@@ -585,8 +585,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     }
     int resuming = tp->resume && file_exists(tp->out_path) && file_exists(sp);
     const char *start = resuming ? tp->out_path : tp->init_model;
-    if (!start) cs_tdetector_init_local(t->det, 0);
-    if (start) {
+    if (!start) {
+        cs_tdetector_init_local(t->det, 0);
+    } else {
         cs_weights *w = NULL;
         size_t n_loaded = 0, n_missing = 0;
         rc = cs_weights_open(start, &w);
@@ -672,11 +673,14 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         /* Frozen encoders equal the fine-tuning checkpoint's: run them with the
          * inference engine, which keeps no activations (a ViT-B trainable forward
          * holds its attention buffers, several GB). */
-        rc = cellsam_model_load(tp->init_model, NULL, &t->frozen_model);
-        if (!rc && !t->frozen_model->has_detector)
-            rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->init_model);
+        const int trunk_elsewhere = tp->detector_from && tp->train_detector;
+        if (tp->train_decoder || (tp->train_detector && !trunk_elsewhere)) {
+            rc = cellsam_model_load(tp->init_model, NULL, &t->frozen_model);
+            if (!rc && !t->frozen_model->has_detector)
+                rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->init_model);
+        }
         /* the trunk's weights are --detector-from's, so its features come from there */
-        if (!rc && tp->detector_from && tp->train_detector) {
+        if (!rc && trunk_elsewhere) {
             rc = cellsam_model_load(tp->detector_from, NULL, &t->frozen_det_model);
             if (!rc && !t->frozen_det_model->has_detector)
                 rc = cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder detector", tp->detector_from);
