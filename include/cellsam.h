@@ -72,6 +72,7 @@ typedef struct {
     int det_enc_layers;
     int det_dec_layers;
     int det_heads;
+    float box_nms_iou;    /* box NMS the model recommends (metadata), 0 = none (official) */
     const char *prefix;   /* "model_cp." or "" (plain SAM) */
     const char *format;   /* "pytorch" or "safetensors" */
 } cellsam_model_info;
@@ -128,6 +129,11 @@ typedef struct {
     float bbox_threshold;  /* detector score threshold blended with k-means (0.4) */
     float iou_threshold;   /* masks with predicted IoU below this are dropped (0.5) */
     float mask_threshold;  /* sigmoid(logit) > this is foreground (0.4) */
+    float box_nms_iou;     /* 0 = off (official). In (0, 1]: drop a detected box whose IoU
+                              with a higher-scored kept box exceeds this, before decoding.
+                              For detectors trained one-to-many (cellsam train's default),
+                              which score several boxes per cell; negative = the model's
+                              recommendation (its safetensors metadata), else off */
     int min_size;          /* objects smaller than this many pixels are removed (25) */
     int remove_boundaries; /* subtract a 1-pixel outline from every label (0) */
     int normalize;         /* percentile clip + CLAHE per channel, as the official code (1) */

@@ -339,6 +339,20 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         }
         *meta_heads[i].dst = (int)h;
     }
+    /* a detector trained one-to-many scores several boxes per cell: its trainer records
+     * the box NMS it needs, which segmentation applies unless the caller chooses */
+    const char *nms = cs_weights_get_meta(w, "cellsam.box_nms_iou");
+    if (nms) {
+        char *end;
+        double v = strtod(nms, &end);
+        if (*end || !(v >= 0 && v <= 1)) {
+            int err = cs_error(CELLSAM_ERR_MODEL, "%s: metadata cellsam.box_nms_iou=\"%s\" is not an IoU in [0, 1]",
+                               path, nms);
+            cellsam_model_free(m);
+            return err;
+        }
+        m->box_nms_iou = (float)v;
+    }
     cs_binder *b = &m->binder;
     b->w = w;
     char vp[64];
@@ -412,6 +426,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         in->det_dec_layers = dd.dec_layers;
         in->det_heads = dd.n_heads;
     }
+    in->box_nms_iou = m->box_nms_iou;
     in->prefix = m->prefix;
     in->format = cs_weights_format(w);
     if (m->sam_vit.img_size != 1024 || m->sam_vit.grid != 64) {

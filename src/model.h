@@ -151,6 +151,7 @@ struct cellsam_model {
     cs_prompt_encoder pe;
     cs_mask_decoder md;
     int has_detector;
+    float box_nms_iou; /* recommended box NMS (metadata cellsam.box_nms_iou), 0 = none */
     cs_vit det_vit;
     struct cs_cellfinder *det;
     cs_binder binder; /* owns converted tensors */

@@ -21,6 +21,7 @@ cellsam_segment_params cellsam_segment_default_params(void) {
     p.bbox_threshold = 0.4f;
     p.iou_threshold = 0.5f;
     p.mask_threshold = 0.4f;
+    p.box_nms_iou = -1.0f; /* the model's recommendation; none for the official checkpoint */
     p.min_size = 25;
     p.normalize = 1;
     p.tiled = 1;
@@ -54,7 +55,37 @@ int cs_place_channels(const float *img, int H, int W, int C, float **hw3) {
     return CELLSAM_OK;
 }
 
-/* Detector: boxes (1024 frame) kept by the dynamic threshold, in descending score order. */
+static float box_iou(const float *a, const float *b) {
+    float ix = fminf(a[2], b[2]) - fmaxf(a[0], b[0]), iy = fminf(a[3], b[3]) - fmaxf(a[1], b[1]);
+    if (ix <= 0 || iy <= 0) return 0;
+    float inter = ix * iy;
+    float uni = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    return uni > 0 ? inter / uni : 0;
+}
+
+/* Greedy NMS over boxes sorted by descending score: keeps a box unless it overlaps a kept
+ * one by more than `iou`. In place; returns the number kept. Kept boxes are compared in
+ * order, so the cost is O(n x kept). */
+int cs_box_nms(float *xyxy, float *scores, int *query, int n, float iou) {
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        int suppressed = 0;
+        for (int j = 0; j < k && !suppressed; j++) suppressed = box_iou(xyxy + 4 * i, xyxy + 4 * j) > iou;
+        if (suppressed) continue;
+        memmove(xyxy + 4 * k, xyxy + 4 * i, 4 * sizeof(float));
+        scores[k] = scores[i];
+        if (query) query[k] = query[i];
+        k++;
+    }
+    return k;
+}
+
+float cs_effective_box_nms(const cellsam_model *m, const cellsam_segment_params *p) {
+    return p->box_nms_iou < 0 ? m->box_nms_iou : p->box_nms_iou;
+}
+
+/* Detector: boxes (1024 frame) kept by the dynamic threshold (and the box NMS, when
+ * on), in descending score order. */
 static int detect_boxes(cellsam_context *ctx, const float *det_in, const cellsam_segment_params *p,
                         float **boxes_out, float **scores_out, int **query_out, int *n_out) {
     const cellsam_model *m = ctx->model;
@@ -92,6 +123,8 @@ static int detect_boxes(cellsam_context *ctx, const float *det_in, const cellsam
             query[k] = query[i];
             k++;
         }
+    const float nms = cs_effective_box_nms(m, p);
+    if (nms > 0 && nms < 1) k = cs_box_nms(xyxy, scores, query, k, nms);
     *boxes_out = xyxy;
     *scores_out = scores;
     *query_out = query;
@@ -388,6 +421,9 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     cellsam_segment_params dp = cellsam_segment_default_params();
     const cellsam_segment_params *p = params ? params : &dp;
     if (width < 1 || height < 1) return cs_error(CELLSAM_ERR_INVALID, "image has zero size (%d x %d)", width, height);
+    if (!(p->box_nms_iou <= 1) || (p->box_nms_iou < 0 && p->box_nms_iou != -1.0f))
+        return cs_error(CELLSAM_ERR_INVALID, "box NMS IoU %g: give 0 (off), a value in (0, 1], or -1 (the model's)",
+                        p->box_nms_iou);
     size_t npix;
     if (cs_mul_size((size_t)width, (size_t)height, &npix) || npix > ((size_t)1 << 34))
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);

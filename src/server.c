@@ -1400,6 +1400,7 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
     int tiled = p.tiled, rb = 0;
     if (get_real(j, "bbox_threshold", 0, 1, &p.bbox_threshold, msg, sizeof msg) ||
         get_real(j, "iou_threshold", -10, 10, &p.iou_threshold, msg, sizeof msg) ||
+        get_real(j, "box_nms_iou", 0, 1, &p.box_nms_iou, msg, sizeof msg) ||
         get_int(j, "min_size", 0, 1000000, &p.min_size, msg, sizeof msg) ||
         get_bool(j, "tiled", &tiled, msg, sizeof msg) || get_bool(j, "remove_boundaries", &rb, msg, sizeof msg)) {
         json_decref(j);

@@ -55,6 +55,10 @@ int cs_tparams_load(cs_tparams *ps, const cs_weights *w, size_t *n_loaded, size_
 /* The same for the parameters whose names start with prefix (NULL: all). */
 int cs_tparams_load_prefix(cs_tparams *ps, const cs_weights *w, const char *prefix, size_t *n_loaded,
                            size_t *n_missing);
+/* The same, leaving the tensor named `except` (may be NULL) at its initial value: a
+ * re-sized anchor table when fine-tuning with another number of queries. */
+int cs_tparams_load_except(cs_tparams *ps, const cs_weights *w, const char *prefix, const char *except,
+                           size_t *n_loaded, size_t *n_missing);
 /* Save values (not gradients) as safetensors in dtype, atomically. meta: NULL or
  * a NULL-terminated list of key, value strings stored as safetensors metadata. */
 int cs_tparams_save(const cs_tparams *ps, const char *path, cs_dtype dtype, const char *const *meta);

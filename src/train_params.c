@@ -115,10 +115,16 @@ int cs_tparams_load(cs_tparams *ps, const cs_weights *w, size_t *n_loaded, size_
 
 int cs_tparams_load_prefix(cs_tparams *ps, const cs_weights *w, const char *prefix, size_t *n_loaded,
                            size_t *n_missing) {
+    return cs_tparams_load_except(ps, w, prefix, NULL, n_loaded, n_missing);
+}
+
+int cs_tparams_load_except(cs_tparams *ps, const cs_weights *w, const char *prefix, const char *except,
+                           size_t *n_loaded, size_t *n_missing) {
     size_t loaded = 0, missing = 0, plen = prefix ? strlen(prefix) : 0;
     for (size_t i = 0; i < ps->n; i++) {
         cs_tparam *p = &ps->items[i];
         if (plen && strncmp(p->name, prefix, plen)) continue;
+        if (except && !strcmp(p->name, except)) continue;
         const cs_tensor_entry *e = cs_weights_find(w, p->name);
         if (!e) {
             missing++;

@@ -234,7 +234,18 @@ typedef struct {
     /* frozen encoders run through the inference engine (no activation buffers):
      * the fine-tuning checkpoint, and the --detector-from one for the trunk */
     cellsam_model *frozen_model, *frozen_det_model;
+    char box_nms[16]; /* metadata cellsam.box_nms_iou to save ("" = none) */
 } trainer;
+
+/* Box NMS recorded in models whose detector trained with one-to-many targets; chosen
+ * on the held-out split of ../shared/train (models/README.md). */
+#define DENSE_TARGETS_BOX_NMS "0.2"
+
+/* The detector's NMS hint travels with the detector's weights. */
+static void take_box_nms_hint(trainer *t, const cs_weights *w) {
+    const char *v = cs_weights_get_meta(w, "cellsam.box_nms_iou");
+    snprintf(t->box_nms, sizeof t->box_nms, "%s", v ? v : "");
+}
 
 static void tlog(const trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void tlog(const trainer *t, const char *fmt, ...) {
@@ -291,8 +302,10 @@ static int trainer_save(trainer *t) {
     snprintf(heads[0], sizeof heads[0], "%d", t->arch.vit_heads);
     snprintf(heads[1], sizeof heads[1], "%d", t->arch.dec.heads);
     snprintf(heads[2], sizeof heads[2], "%d", t->arch.det.heads);
+    /* one-to-many targets teach several boxes per cell: the model asks for box NMS */
     const char *meta[] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
-                          "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train", NULL};
+                          "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train",
+                          t->box_nms[0] ? "cellsam.box_nms_iou" : NULL, t->box_nms, NULL};
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
     if (rc) return rc;
     char *sp = state_path(t->tp->out_path);
@@ -571,6 +584,14 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     cs_tparams_init(&t->ps);
     int rc = tp->init_model ? arch_from_checkpoint(tp->init_model, &t->arch) : arch_from_name(tp, &t->arch);
     if (rc) return rc;
+    /* fine-tuning with another number of queries: the head's weights do not depend on it,
+     * only the anchor table does, which then starts as a fresh grid */
+    const char *anchor_table = "cellfinder.decode_head.transformer.position.weight";
+    int new_anchors = tp->init_model && tp->n_queries > 0 && tp->n_queries != t->arch.det.n_positions;
+    if (new_anchors) {
+        if (tp->n_queries > 10000) return cs_error(CELLSAM_ERR_INVALID, "%d queries (at most 10000)", tp->n_queries);
+        t->arch.det.n_positions = tp->n_queries;
+    }
     cs_rng_seed(&t->rng, tp->seed);
     rc = cs_tvit_create(&t->ps, "model_cp.image_encoder.", &t->arch.sam_vit, &t->rng, &t->sam_vit);
     if (!rc) rc = cs_tdecoder_create(&t->ps, "model_cp.", &t->arch.dec, &t->rng, &t->dec);
@@ -591,7 +612,10 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         cs_weights *w = NULL;
         size_t n_loaded = 0, n_missing = 0;
         rc = cs_weights_open(start, &w);
-        if (!rc) rc = cs_tparams_load(&t->ps, w, &n_loaded, &n_missing);
+        /* a resumed run already has the new table */
+        const char *except = new_anchors && !resuming ? anchor_table : NULL;
+        if (!rc) rc = cs_tparams_load_except(&t->ps, w, NULL, except, &n_loaded, &n_missing);
+        if (!rc) take_box_nms_hint(t, w);
         cs_weights_free(w);
         if (!rc && n_missing)
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the %zu trainable tensors", start, n_missing, t->ps.n);
@@ -603,7 +627,10 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         cs_weights *w = NULL;
         size_t n_loaded = 0, n_missing = 0;
         rc = cs_weights_open(tp->detector_from, &w);
-        if (!rc) rc = cs_tparams_load_prefix(&t->ps, w, "cellfinder.", &n_loaded, &n_missing);
+        if (!rc)
+            rc = cs_tparams_load_except(&t->ps, w, "cellfinder.", new_anchors ? anchor_table : NULL, &n_loaded,
+                                        &n_missing);
+        if (!rc) take_box_nms_hint(t, w);
         cs_weights_free(w);
         if (!rc && (n_missing || !n_loaded))
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the CellFinder's trainable tensors", tp->detector_from,
@@ -614,6 +641,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         }
         tlog(t, "CellFinder taken from %s (%zu tensors)", tp->detector_from, n_loaded);
     }
+    if (tp->train_detector && tp->anchor_matching == 2)
+        snprintf(t->box_nms, sizeof t->box_nms, "%s", DENSE_TARGETS_BOX_NMS);
     if (!resuming && tp->reset_detector_head) {
         /* a fresh head from the same initialisers, copied over the loaded one */
         cs_tparams fresh;

@@ -233,6 +233,7 @@ cmp -s "$TMP/box1.json" "$TMP/box2.json" && ok "switching images keeps each embe
     bad "the same prompt gave a different mask after another image"
 # segment-all on a first (queued before c's embedding), so a prompt on c meets an unready embedding
 expect "segment-all bad threshold" 400 "$(req POST "/api/images/$A/segment" -d '{"bbox_threshold":2}')"
+expect "segment-all bad box NMS" 400 "$(req POST "/api/images/$A/segment" -d '{"box_nms_iou":1.5}')"
 expect "segment-all tiled of wrong type" 400 "$(req POST "/api/images/$A/segment" -d '{"tiled":"no"}')"
 expect "segment-all malformed JSON" 400 "$(req POST "/api/images/$A/segment" -d '{')"
 expect "segment-all result before any run" 404 "$(req GET "/api/images/$A/segment")"
@@ -288,7 +289,7 @@ ERRS=$(cat "$TMP"/load.[0-9]* | awk '{n+=$1; e+=$2} END {print e+0}')
 expect "server answers after the load" 200 "$(req GET /api/info)"
 
 
-expect "segment-all in tiled mode" 202 "$(req POST "/api/images/$C/segment" -d '{"tiled":true}')"
+expect "segment-all in tiled mode, box NMS 0.3" 202 "$(req POST "/api/images/$C/segment" -d '{"tiled":true,"box_nms_iou":0.3}')"
 wait_state "$C" segment ready 240 && ok "tiled segment-all finished" || bad "tiled segment-all did not finish"
 expect "segment-all result" 200 "$(req GET "/api/images/$A/segment")"
 [ "$(head -c 4 "$TMP/body")" = CSL1 ] && ok "result is a label container" || bad "result header"

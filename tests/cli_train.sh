@@ -33,6 +33,8 @@ done
 grep -q "step 2/2 loss" "$TMP/log" || fail "no progress line for step 2: $(cat "$TMP/log")"
 grep -q "validation F1@0.5" "$TMP/log" || fail "no validation line: $(cat "$TMP/log")"
 ok "train --arch tiny: 2 steps, model + optimiser state, progress and validation lines"
+"$CLI" info "$TMP/m.safetensors" | grep -q "^box NMS       0\.2 " || fail "a dense-target model does not record its box NMS"
+ok "the model trained with dense targets records box NMS 0.2 in its metadata"
 
 "$CLI" segment -m "$TMP/m.safetensors" "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" \
     -o "$TMP/pred.png" --quiet 2>"$TMP/err" || fail "segment with the trained model failed: $(cat "$TMP/err")"
@@ -51,6 +53,16 @@ ok "--resume continues at the saved step"
     --threads 2 --out "$TMP/f.safetensors" 2>"$TMP/log3" || fail "finetune failed: $(tail -3 "$TMP/log3")"
 grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
 ok "finetune -m CKPT runs with frozen encoders"
+"$CLI" info "$TMP/f.safetensors" | grep -q "^box NMS       0\.2 " || fail "finetuning lost the detector's box NMS hint"
+ok "finetuning keeps the detector's box NMS hint"
+
+# more anchors: a fresh grid, every other tensor of the head kept
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \
+    --no-decoder --matching dense --queries 144 --lr 1e-9 --out "$TMP/q.safetensors" 2>"$TMP/logq" ||
+    fail "finetune --queries failed: $(tail -3 "$TMP/logq")"
+"$CLI" info "$TMP/q.safetensors" | grep -q "cellfinder    144 queries" || fail "--queries 144 not applied"
+"$CLI" info "$TMP/m.safetensors" | grep -q "cellfinder    144 queries" && fail "the tiny test model already had 144 queries"
+ok "finetune --queries re-lays the anchors"
 
 # a fresh detector head on a trunk started from the SAM encoder, detector only
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \

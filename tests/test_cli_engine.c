@@ -127,6 +127,15 @@ static void test_convert_roundtrip(void **s) {
         cs_weights_free(a);
         cs_weights_free(b);
     }
+    /* --box-nms records the model's recommendation, which info reports; a bad value is refused */
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_tmp("conv.safetensors"), cfg), 0);
+    assert_null(strstr(out, "box NMS"));
+    assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --box-nms 0.25", tu_cli(), tu_path("checkpoint.pt"),
+                            tu_tmp("nms.safetensors")), 0);
+    assert_int_equal(tu_run(out, sizeof out, "%s info -m %s --config %s", tu_cli(), tu_tmp("nms.safetensors"), cfg), 0);
+    assert_non_null(strstr(out, "box NMS       0.25 "));
+    assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --box-nms 1.5", tu_cli(), tu_path("checkpoint.pt"),
+                            tu_tmp("x.safetensors")), 2);
     assert_int_equal(tu_run(out, sizeof out, "%s convert %s %s --dtype f64", tu_cli(), tu_path("checkpoint.pt"), tu_tmp("x.safetensors")), 2);
     /* a failed conversion leaves no output file */
     assert_int_equal(tu_run(out, sizeof out, "%s convert /nonexistent.pt %s", tu_cli(), tu_tmp("none.safetensors")), 1);

@@ -16,6 +16,7 @@
 #include "postprocess.h"
 #include "preprocess.h"
 #include "testutil.h"
+#include "weights.h"
 
 static cellsam_model *g_model;
 static cellsam_context *g_ctx;
@@ -309,10 +310,103 @@ static void test_degenerate_images(void **state) {
     free(strip);
 }
 
+/* Greedy box NMS on a case worked by hand: B overlaps A by IoU 81/119 = 0.68; C overlaps
+ * A by 72/128 = 0.5625 and B by 90/110 = 0.82; D is apart. At 0.6, C survives because
+ * the box it overlaps most (B) was itself suppressed. */
+static void test_box_nms(void **state) {
+    (void)state;
+    const float in[4][4] = {{0, 0, 10, 10}, {1, 1, 11, 11}, {2, 1, 12, 11}, {20, 20, 30, 30}};
+    const float in_scores[4] = {0.9f, 0.8f, 0.7f, 0.6f};
+    struct {
+        float iou;
+        int n;
+        int kept[4];
+    } cases[] = {{0.9f, 4, {0, 1, 2, 3}}, {0.7f, 3, {0, 1, 3}}, {0.6f, 3, {0, 2, 3}}, {0.5f, 2, {0, 3}}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        float boxes[16], scores[4];
+        int query[4] = {10, 11, 12, 13};
+        memcpy(boxes, in, sizeof boxes);
+        memcpy(scores, in_scores, sizeof scores);
+        int n = cs_box_nms(boxes, scores, query, 4, cases[c].iou);
+        assert_int_equal(n, cases[c].n);
+        for (int i = 0; i < n; i++) {
+            int k = cases[c].kept[i];
+            assert_int_equal(query[i], 10 + k);
+            assert_true(scores[i] == in_scores[k]);
+            assert_memory_equal(boxes + 4 * i, in[k], 4 * sizeof(float));
+        }
+    }
+    assert_int_equal(cs_box_nms(NULL, NULL, NULL, 0, 0.5f), 0);
+}
+
+/* A model's recommended box NMS (metadata cellsam.box_nms_iou) is what the default
+ * parameters use; 0 switches it off (the official output), and a bad value is refused. */
+static void test_box_nms_hint(void **state) {
+    (void)state;
+    cs_weights *w = NULL;
+    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
+    const char *with_hint = tu_tmp("nms_hint.safetensors"), *bad_hint = tu_tmp("nms_bad.safetensors");
+    assert_int_equal(cs_weights_set_meta(w, "cellsam.box_nms_iou", "0.3"), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, with_hint, CS_DTYPE_F32), 0);
+    assert_int_equal(cs_weights_set_meta(w, "cellsam.box_nms_iou", "1.5"), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, bad_hint, CS_DTYPE_F32), 0);
+    cs_weights_free(w);
+
+    cellsam_model_params mp = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    mp.config_path = cfg;
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
+    printf("  bad hint: %s\n", cellsam_last_error());
+    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_context *ctx = NULL;
+    assert_int_equal(cellsam_context_new(m, &ctx), 0);
+
+    /* a blob image on which the reference model keeps overlapping boxes */
+    const int W = 96, H = 96;
+    float *img = malloc((size_t)W * H * sizeof(float));
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.tiled = 0;
+    sp.n_threads = 2;
+    cellsam_result *hint = NULL, *explicit_nms = NULL, *off = NULL, *official = NULL;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &hint), 0);
+    sp.box_nms_iou = 0.3f;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &explicit_nms), 0);
+    sp.box_nms_iou = 0;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &off), 0);
+    sp.box_nms_iou = -1;
+    assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &official), 0);
+    printf("  boxes: %d with the model's NMS hint, %d without\n", hint->n_boxes_detected, off->n_boxes_detected);
+    assert_int_equal(hint->n_boxes_detected, explicit_nms->n_boxes_detected);
+    assert_memory_equal(hint->labels, explicit_nms->labels, (size_t)W * H * sizeof(uint32_t));
+    assert_int_equal(off->n_boxes_detected, official->n_boxes_detected);
+    assert_memory_equal(off->labels, official->labels, (size_t)W * H * sizeof(uint32_t));
+    assert_true(hint->n_boxes_detected < off->n_boxes_detected);
+    /* out-of-range values are refused */
+    cellsam_result *r = NULL;
+    sp.box_nms_iou = 1.5f;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &r), CELLSAM_ERR_INVALID);
+    sp.box_nms_iou = -0.5f;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &r), CELLSAM_ERR_INVALID);
+    assert_null(r);
+    cellsam_result_free(hint);
+    cellsam_result_free(explicit_nms);
+    cellsam_result_free(off);
+    cellsam_result_free(official);
+    free(img);
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_all_cases),
         cmocka_unit_test(test_degenerate_images),
+        cmocka_unit_test(test_box_nms),
+        cmocka_unit_test(test_box_nms_hint),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -26,6 +26,8 @@ static void print_info(const cellsam_model_info *in) {
                in->det_enc_layers, in->det_dec_layers, in->det_heads);
     else
         printf("cellfinder    absent\n");
+    if (in->box_nms_iou > 0)
+        printf("box NMS       %g (recommended by the model: a detector trained one-to-many)\n", in->box_nms_iou);
 }
 
 int cmd_info(int argc, char **argv) {
@@ -65,15 +67,25 @@ int cmd_info(int argc, char **argv) {
 /* --------------------------------------------------------------- convert */
 
 int cmd_convert(int argc, char **argv) {
-    const char *in = NULL, *out = NULL, *dt = "f32";
+    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16]\n\n"
+            printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n\n"
                    "Rewrite a checkpoint (PyTorch .pt as published, or safetensors) as safetensors,\n"
                    "keeping every tensor name and shape; --dtype converts the values (default f32).\n"
-                   "safetensors loads memory-mapped and zero-copy.\n");
+                   "safetensors loads memory-mapped and zero-copy.\n"
+                   "  --box-nms IOU  record the box NMS that `cellsam segment` applies to this model by\n"
+                   "                 default (metadata cellsam.box_nms_iou; 0 = none, as the official model)\n");
             return 0;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dt = argv[++i];
+        else if (!strcmp(argv[i], "--box-nms") && i + 1 < argc) {
+            nms = argv[++i];
+            float v;
+            if (cli_parse_floats(nms, &v, 1) || !(v >= 0 && v <= 1)) {
+                cli_error("convert", "--box-nms: expected an IoU in [0, 1], not '%s'", nms);
+                return 2;
+            }
+        }
         else if (argv[i][0] != '-' && !in) in = argv[i];
         else if (argv[i][0] != '-' && !out) out = argv[i];
         else {
@@ -98,7 +110,8 @@ int cmd_convert(int argc, char **argv) {
         cli_error("convert", "%s", cellsam_last_error());
         return 1;
     }
-    int rc = cs_weights_save_safetensors(w, out, d);
+    int rc = nms ? cs_weights_set_meta(w, "cellsam.box_nms_iou", nms) : CELLSAM_OK;
+    if (!rc) rc = cs_weights_save_safetensors(w, out, d);
     if (rc) cli_error("convert", "%s", cellsam_last_error());
     else fprintf(stderr, "cellsam convert: wrote %zu tensors to %s (%s)\n", cs_weights_count(w), out, dt);
     cs_weights_free(w);

@@ -46,6 +46,9 @@ static void usage(void) {
         "                  automatic above 4096 x 4096 pixels. The CSV then has no score/IoU columns\n"
         "                  filled (0) and --overlay is unavailable\n"
         "Thresholds: --bbox-threshold 0.4  --iou-threshold 0.5  --min-size 25  --remove-boundaries\n"
+        "  --box-nms IOU   drop a detected box overlapping a higher-scored one by IoU > IOU before\n"
+        "                  decoding (0 = off, the official behaviour). Default: what the model's\n"
+        "                  metadata recommends (cellsam-trained models: 0.5), else off\n"
         "            --no-normalize (skip the percentile clip + CLAHE)\n"
         "Other: --threads N (default: all cores)  --overwrite  --quiet\n"
         "       --weights f16|bf16  keep the ViT matrices in 16 bits (half the weight memory;\n"
@@ -332,6 +335,7 @@ int cmd_segment(int argc, char **argv) {
         FLOAT_OPT("--bbox-threshold", 0.0, 1.0, &o.sp.bbox_threshold)
         FLOAT_OPT("--iou-threshold", -10.0, 10.0, &o.sp.iou_threshold)
         FLOAT_OPT("--link-iou", 0.0, 1.0, &o.sp.link_iou)
+        FLOAT_OPT("--box-nms", 0.0, 1.0, &o.sp.box_nms_iou)
         else if (a[0] != '-' && !input) input = a;
         else {
             cli_error("segment", "unexpected argument '%s' (see --help)", a);

@@ -18,7 +18,9 @@ static void usage(const char *cmd) {
                "  --reset-detector-head  start the CellFinder head afresh (new object type)\n"
                "  --trunk-from-sam   start the CellFinder trunk from the SAM image encoder\n"
                "  --detector-from CKPT  take the CellFinder (trunk and head) from CKPT instead\n"
-               "                     (join a detector and a mask branch trained in separate runs)\n");
+               "                     (join a detector and a mask branch trained in separate runs)\n"
+               "  --queries N        re-lay the CellFinder's anchors as a fresh grid of N (more anchors\n"
+               "                     for small, dense cells); the head's other weights are kept\n");
     else
         printf("usage: cellsam train --data DIR --out MODEL.safetensors [--arch tiny|small|vit_b] [options]\n\n"
                "Train a CellSAM-architecture model from scratch on NAME_img.png / NAME_masks.png pairs.\n"
