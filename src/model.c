@@ -25,15 +25,6 @@ cellsam_prompt cellsam_default_prompt(void) {
     return p;
 }
 
-/* Shape of prefix+name along axis, or -1 when the tensor is absent. */
-static int64_t dim_of(const cs_weights *w, const char *prefix, const char *name, int axis) {
-    char full[512];
-    snprintf(full, sizeof full, "%s%s", prefix, name);
-    const cs_tensor_entry *e = cs_weights_find(w, full);
-    if (!e || axis >= e->ndim) return -1;
-    return e->shape[axis];
-}
-
 static int count_indexed(const cs_weights *w, const char *fmt_prefix, const char *suffix) {
     int n = 0;
     char name[512];
@@ -84,13 +75,13 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
     char p[160];
     snprintf(p, sizeof p, "%s", pfx);
     memset(v, 0, sizeof *v);
-    int64_t D = dim_of(w, p, "patch_embed.proj.weight", 0);
-    int64_t patch = dim_of(w, p, "patch_embed.proj.weight", 2);
-    int64_t grid = dim_of(w, p, "pos_embed", 1);
+    int64_t D = cs_weights_dim(w, p, "patch_embed.proj.weight", 0);
+    int64_t patch = cs_weights_dim(w, p, "patch_embed.proj.weight", 2);
+    int64_t grid = cs_weights_dim(w, p, "pos_embed", 1);
     char bp[200];
     snprintf(bp, sizeof bp, "%sblocks.", p);
     int depth = count_indexed(w, bp, ".norm1.weight");
-    int64_t mlp = dim_of(w, p, "blocks.0.mlp.lin1.weight", 0);
+    int64_t mlp = cs_weights_dim(w, p, "blocks.0.mlp.lin1.weight", 0);
     if (D <= 0 || patch <= 0 || grid <= 0 || depth <= 0 || mlp <= 0) {
         b->prefix = p;
         cs_bindf(b, CS_SHAPE(-1, 3, -1, -1), "patch_embed.proj.weight");
@@ -122,7 +113,7 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
         cs_vit_block *k = &v->blocks[i];
         char q[64];
         snprintf(q, sizeof q, "blocks.%d.", i);
-        int64_t rel = dim_of(w, p, (snprintf(bp, sizeof bp, "%sattn.rel_pos_h", q), bp), 0);
+        int64_t rel = cs_weights_dim(w, p, (snprintf(bp, sizeof bp, "%sattn.rel_pos_h", q), bp), 0);
         /* a table of 2*grid-1 rows means global attention; otherwise 2*window-1 */
         k->window = rel == 2 * grid - 1 ? 0 : (int)((rel + 1) / 2);
         if (k->window && !v->window) v->window = k->window;
@@ -151,7 +142,7 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
         k->lin2_b = cs_bindf(b, CS_SHAPE(D), "%smlp.lin2.bias", q);
     }
     if (with_neck) {
-        int64_t C = dim_of(w, p, "neck.0.weight", 0);
+        int64_t C = cs_weights_dim(w, p, "neck.0.weight", 0);
         v->has_neck = 1;
         v->out_chans = (int)C;
         v->neck0_w = cs_bindf(b, CS_SHAPE(C > 0 ? C : -1, D, 1, 1), "neck.0.weight");
@@ -167,7 +158,7 @@ static int bind_vit(cs_binder *b, const char *pfx, cs_vit *v, int heads, int wit
 static void bind_attn(cs_binder *b, cs_attn *a, const char *name, int64_t P) {
     char full[256];
     snprintf(full, sizeof full, "%s.q_proj.weight", name);
-    int64_t I = dim_of(b->w, b->prefix, full, 0);
+    int64_t I = cs_weights_dim(b->w, b->prefix, full, 0);
     a->internal = (int)(I > 0 ? I : 0);
     if (I <= 0) I = -1;
     a->q_w = cs_bindf(b, CS_SHAPE(I, P), "%s.q_proj.weight", name);
@@ -185,7 +176,7 @@ static int bind_prompt_decoder(cs_binder *b, const char *pfx, cellsam_model *m, 
     const cs_weights *w = b->w;
     snprintf(p, sizeof p, "%sprompt_encoder.", pfx);
     b->prefix = p;
-    int64_t P = dim_of(w, p, "no_mask_embed.weight", 1);
+    int64_t P = cs_weights_dim(w, p, "no_mask_embed.weight", 1);
     if (P <= 0 || P > 4096 || P % 8) {
         cs_bindf(b, CS_SHAPE(1, -1), "no_mask_embed.weight");
         return CELLSAM_ERR_MODEL;
@@ -198,7 +189,7 @@ static int bind_prompt_decoder(cs_binder *b, const char *pfx, cellsam_model *m, 
     for (int i = 0; i < 4; i++) pe->point_emb[i] = cs_bindf(b, CS_SHAPE(1, P), "point_embeddings.%d.weight", i);
     pe->not_a_point = cs_bindf(b, CS_SHAPE(1, P), "not_a_point_embed.weight");
     pe->no_mask = cs_bindf(b, CS_SHAPE(1, P), "no_mask_embed.weight");
-    int64_t c2 = dim_of(w, p, "mask_downscaling.3.weight", 0);
+    int64_t c2 = cs_weights_dim(w, p, "mask_downscaling.3.weight", 0);
     int64_t c1 = c2 > 0 ? c2 / 4 : -1;
     pe->mask_in_chans = (int)(c2 > 0 ? c2 : 0);
     pe->md0_w = cs_bindf(b, CS_SHAPE(c1, 1, 2, 2), "mask_downscaling.0.weight");
@@ -220,9 +211,9 @@ static int bind_prompt_decoder(cs_binder *b, const char *pfx, cellsam_model *m, 
     char lp[200];
     snprintf(lp, sizeof lp, "%stransformer.layers.", p);
     md->depth = count_indexed(w, lp, ".norm1.weight");
-    int64_t mlp = dim_of(w, p, "transformer.layers.0.mlp.lin1.weight", 0);
-    int64_t nm = dim_of(w, p, "mask_tokens.weight", 0);
-    int64_t ih = dim_of(w, p, "iou_prediction_head.layers.0.weight", 0);
+    int64_t mlp = cs_weights_dim(w, p, "transformer.layers.0.mlp.lin1.weight", 0);
+    int64_t nm = cs_weights_dim(w, p, "mask_tokens.weight", 0);
+    int64_t ih = cs_weights_dim(w, p, "iou_prediction_head.layers.0.weight", 0);
     if (md->depth < 1 || md->depth > 64 || mlp <= 0 || nm <= 0 || nm > 16 || ih <= 0 || ih > 1024 ||
         dec_heads < 1 || P % dec_heads) {
         cs_bindf(b, CS_SHAPE(-1, P), "transformer.layers.0.mlp.lin1.weight");
@@ -357,7 +348,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     b->w = w;
     char vp[64];
     snprintf(vp, sizeof vp, "%simage_encoder.", m->prefix);
-    int64_t D = dim_of(w, vp, "patch_embed.proj.weight", 0);
+    int64_t D = cs_weights_dim(w, vp, "patch_embed.proj.weight", 0);
     int vit_heads = ho.vit_heads ? ho.vit_heads : (D > 0 && D % 64 == 0 ? (int)(D / 64) : 1);
     int w16 = params->weights_dtype == CELLSAM_DTYPE_F16 ? CS_DTYPE_F16
               : params->weights_dtype == CELLSAM_DTYPE_BF16 ? CS_DTYPE_BF16 : 0;

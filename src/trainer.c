@@ -108,11 +108,6 @@ static int arch_from_name(const cellsam_train_params *tp, arch_config *a) {
     return CELLSAM_OK;
 }
 
-static int64_t shape_of(const cs_weights *w, const char *name, int axis) {
-    const cs_tensor_entry *e = cs_weights_find(w, name);
-    return e && axis < e->ndim ? e->shape[axis] : -1;
-}
-
 /* Architecture of an existing checkpoint (fine-tuning), from its tensor shapes and
  * the head counts the inference loader settles on. */
 static int arch_from_checkpoint(const char *path, arch_config *a) {
@@ -148,12 +143,12 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     d->depth = info.decoder_depth;
     d->heads = info.decoder_heads;
     d->mlp = info.decoder_mlp_dim;
-    d->n_mask_tokens = (int)shape_of(w, "model_cp.mask_decoder.mask_tokens.weight", 0);
-    d->iou_hidden = (int)shape_of(w, "model_cp.mask_decoder.iou_prediction_head.layers.0.weight", 0);
-    d->downsample = (int)(d->dim / shape_of(w, "model_cp.mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight", 0));
+    d->n_mask_tokens = (int)cs_weights_dim(w, NULL, "model_cp.mask_decoder.mask_tokens.weight", 0);
+    d->iou_hidden = (int)cs_weights_dim(w, NULL, "model_cp.mask_decoder.iou_prediction_head.layers.0.weight", 0);
+    d->downsample = (int)(d->dim / cs_weights_dim(w, NULL, "model_cp.mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight", 0));
     d->grid = info.image_size / info.patch_size;
     d->img_size = info.image_size;
-    d->mask_in_chans = (int)shape_of(w, "model_cp.prompt_encoder.mask_downscaling.3.weight", 0);
+    d->mask_in_chans = (int)cs_weights_dim(w, NULL, "model_cp.prompt_encoder.mask_downscaling.3.weight", 0);
     cs_tdetector_config *t = &a->det;
     const char *h = "cellfinder.decode_head.transformer.";
     char name[256];
@@ -163,17 +158,17 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     t->enc_layers = info.det_enc_layers;
     t->dec_layers = info.det_dec_layers;
     snprintf(name, sizeof name, "%sencoder_layers.0.ffn.linear1.weight", h);
-    t->ffn = (int)shape_of(w, name, 0);
+    t->ffn = (int)cs_weights_dim(w, NULL, name, 0);
     if (t->ffn <= 0) {
         snprintf(name, sizeof name, "%sdecoder_layers.0.ffn.linear1.weight", h);
-        t->ffn = (int)shape_of(w, name, 0);
+        t->ffn = (int)cs_weights_dim(w, NULL, name, 0);
     }
     snprintf(name, sizeof name, "%sposition.weight", h);
-    t->n_positions = (int)shape_of(w, name, 0);
+    t->n_positions = (int)cs_weights_dim(w, NULL, name, 0);
     snprintf(name, sizeof name, "%spattern.weight", h);
-    t->n_patterns = (int)shape_of(w, name, 0);
+    t->n_patterns = (int)cs_weights_dim(w, NULL, name, 0);
     snprintf(name, sizeof name, "%sclass_embed.0.weight", h);
-    t->n_classes = (int)shape_of(w, name, 0);
+    t->n_classes = (int)cs_weights_dim(w, NULL, name, 0);
     t->grid = d->grid;
     cs_weights_free(w);
     if (d->n_mask_tokens < 1 || d->iou_hidden < 1 || d->downsample < 1 || d->mask_in_chans < 1 || t->ffn < 1 ||

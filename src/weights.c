@@ -161,6 +161,13 @@ const cs_tensor_entry *cs_weights_find(const cs_weights *w, const char *name) {
     return NULL;
 }
 
+int64_t cs_weights_dim(const cs_weights *w, const char *prefix, const char *name, int axis) {
+    char full[512];
+    snprintf(full, sizeof full, "%s%s", prefix ? prefix : "", name);
+    const cs_tensor_entry *e = cs_weights_find(w, full);
+    return e && axis >= 0 && axis < e->ndim ? e->shape[axis] : -1;
+}
+
 /* ---------------------------------------------------------------- mmap */
 
 static int map_file(const char *path, void **addr, size_t *len) {

@@ -44,6 +44,9 @@ void cs_weights_free(cs_weights *w);
 size_t cs_weights_count(const cs_weights *w);
 const cs_tensor_entry *cs_weights_at(const cs_weights *w, size_t i);
 const cs_tensor_entry *cs_weights_find(const cs_weights *w, const char *name);
+/* Size along `axis` of the tensor named prefix+name (prefix may be NULL), or -1 when the
+ * tensor is absent or has fewer axes: how loaders infer an architecture from shapes. */
+int64_t cs_weights_dim(const cs_weights *w, const char *prefix, const char *name, int axis);
 const char *cs_weights_format(const cs_weights *w); /* "safetensors" or "pytorch" */
 
 /* Write a safetensors file (atomic rename) with every tensor converted to `dtype`,
