@@ -88,6 +88,11 @@ int cs_image_read_region(const char *path, int x, int y, int w, int h, cs_image 
  * leaves a partial file under `path`. */
 int cs_write_labels(const char *path, const uint32_t *labels, int width, int height);
 
+/* Read a label image exactly, as 32-bit unsigned ids (src/label_read.c): grey PNG (8/16
+ * bit), single-sample integer TIFF (first page), or an .npy of integers (H, W); the format
+ * by signature. *labels (width x height) is the caller's to free. */
+int cs_read_labels(const char *path, uint32_t **labels, int *width, int *height);
+
 /* Streaming label writer (src/label_stream.c): rows in order, temp file renamed on
  * close. .tif is 32-bit unsigned, .png 16-bit (a label over 65535 is an error),
  * .npy uint32. */

@@ -55,7 +55,6 @@
 #define TD_MAX_DEPTH 32                       /* folder recursion */
 #define TD_MAX_PAIRS (1 << 22)
 #define TD_MAX_PATH 4096
-#define TD_EXACT_LABEL_LIMIT 16777216.0       /* float samples are exact integers below 2^24 */
 #define TD_NET CS_PREP_SIZE                   /* 1024 */
 
 /* ------------------------------------------------------------------ dataset */
@@ -600,30 +599,16 @@ static int probe_size(const char *path, const char *what, int *w, int *h) {
     return CELLSAM_OK;
 }
 
-/* Labels through the project's image reader: its float samples are exact
- * integers below 2^24, which is checked value by value. */
+/* Labels read exactly (cs_read_labels), checked against the image's size. */
 int cs_read_label_image(const char *path, int W, int H, uint32_t **out) {
     *out = NULL;
-    cs_image m;
-    int rc = cs_image_read(path, &m);
+    uint32_t *lab;
+    int w, h;
+    int rc = cs_read_labels(path, &lab, &w, &h);
     if (rc) return name_file(rc, "mask", path);
-    if (m.channels != 1) rc = cs_error(CELLSAM_ERR_FORMAT, "mask %s has %d channels; a label image has one", path, m.channels);
-    else if (m.width != W || m.height != H)
-        rc = cs_error(CELLSAM_ERR_INVALID, "mask %s is %d x %d but its image is %d x %d", path, m.width, m.height, W, H);
-    uint32_t *lab = rc ? NULL : cs_alloc((size_t)W * H, sizeof(uint32_t));
-    if (!rc && !lab) rc = CELLSAM_ERR_NOMEM;
-    for (size_t i = 0; !rc && i < (size_t)W * H; i++) {
-        const double v = m.data[i];
-        if (!(v >= 0 && v < TD_EXACT_LABEL_LIMIT) || v != floor(v))
-            rc = cs_error(CELLSAM_ERR_FORMAT, "mask %s: pixel (%zu, %zu) = %g is not a label (integer 0..2^24-1)", path,
-                          i % (size_t)W, i / (size_t)W, v);
-        else
-            lab[i] = (uint32_t)v;
-    }
-    cs_image_free(&m);
-    if (rc) {
+    if (w != W || h != H) {
         free(lab);
-        return rc;
+        return cs_error(CELLSAM_ERR_INVALID, "mask %s is %d x %d but its image is %d x %d", path, w, h, W, H);
     }
     *out = lab;
     return CELLSAM_OK;

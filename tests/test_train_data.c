@@ -665,7 +665,7 @@ static void test_errors(void **state) {
     printf("  %s\n", cellsam_last_error());
     assert_non_null(strstr(cellsam_last_error(), "b_img.png"));
     expect_error(cs_train_sample_load(&ds, 2, &none, NULL, 0, &s), CELLSAM_ERR_LIMIT, "c_img.png");
-    expect_error(cs_train_sample_load(&ds, 3, &none, NULL, 0, &s), CELLSAM_ERR_FORMAT, "d_masks.png");
+    expect_error(cs_train_sample_load(&ds, 3, &none, NULL, 0, &s), CELLSAM_ERR_UNSUPPORTED, "d_masks.png");
     assert_null(s.sam_input);
     assert_int_equal(cs_train_sample_load(&ds, 4, &none, NULL, 0, &s), 0); /* the good ones load */
     /* the 142 x 152 tile wraps the 40 x 30 image 5 x 5 times: 25 instances */
