@@ -16,6 +16,7 @@
 
 typedef struct {
     float *qp, *kp, *vp, *scores, *o, *tmp; /* attention scratch */
+    float *cb;                              /* heads x tokens folded query biases */
 } attn_ws;
 
 /* SAM Attention: out[nq, P] = out_proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h).
@@ -56,6 +57,80 @@ static void attention(const cs_attn *a, int P, int heads, const float *q_in, int
                       const float *v_in, int nk, const float *kp_pre, const float *vp_pre, float *out,
                       attn_ws *ws, int n_threads) {
     attention_pre(a, P, heads, q_in, nq, k_in, v_in, nk, NULL, kp_pre, vp_pre, out, ws, n_threads);
+}
+
+/* The prompt tokens (nq, a handful) attending to the image tokens (nk = 4096), with the
+ * key and value projections folded into the queries instead of applied to every image
+ * token: scores_h = (q_h W_k,h) k_in^T (the bias term q_h . b_k,h is the same for every
+ * key, so softmax ignores it), and because each row of attn sums to 1,
+ * attn_h (v_in W_v,h^T + b_v,h) = (attn_h v_in) W_v,h^T + b_v,h. That costs
+ * 4 x nq x heads x nk x P flops instead of 4 x nk x P x I: 4x fewer for SAM's decoder.
+ * Rows r = h * nq + i of the folded matrices belong to head h, query i. */
+static void attention_few_to_many(const cs_attn *a, int P, int heads, const float *q_in, int nq,
+                                  const float *k_in, const float *v_in, int nk, float *out, attn_ws *ws,
+                                  int n_threads) {
+    const int I = a->internal, dh = I / heads, R = nq * heads;
+    float *qf = ws->kp, *rv = ws->vp; /* R x P each; the per-key projections are not needed */
+    cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
+    for (int h = 0; h < heads; h++)
+        cs_gemm(nq, P, dh, ws->qp + h * dh, I, a->k_w + (size_t)h * dh * P, P, 0, 0.0f, qf + (size_t)h * nq * P, P,
+                n_threads);
+    cs_gemm(R, nk, P, qf, P, k_in, P, 1, 0.0f, ws->scores, nk, n_threads);
+    const float div = sqrtf((float)dh);
+    for (int r = 0; r < R; r++) {
+        float *row = ws->scores + (size_t)r * nk;
+        for (int j = 0; j < nk; j++) row[j] /= div;
+        cs_softmax_row(row, nk);
+    }
+    cs_gemm(R, P, nk, ws->scores, nk, v_in, P, 0, 0.0f, rv, P, n_threads);
+    for (int h = 0; h < heads; h++) {
+        cs_gemm(nq, dh, P, rv + (size_t)h * nq * P, P, a->v_w + (size_t)h * dh * P, P, 1, 0.0f, ws->o + h * dh, I,
+                n_threads);
+        for (int i = 0; i < nq; i++) cs_add(ws->o + (size_t)i * I + h * dh, a->v_b + h * dh, (size_t)dh);
+    }
+    cs_linear(ws->o, nq, I, a->o_w, a->o_b, P, out, n_threads);
+}
+
+/* The image tokens (nq = 4096) attending to the prompt tokens (nk, a handful), with the
+ * query projection folded into the keys (unless the queries come pre-projected) and the
+ * output projection folded into the values: scores_h = q_in (W_q,h^T k_h) + b_q,h . k_h,
+ * out = sum_h attn_h (v_h W_o,h^T) + b_o. The two image-sized GEMMs then have
+ * heads x nk columns instead of I. Columns c = h * nk + t belong to head h, token t. */
+static void attention_many_to_few(const cs_attn *a, int P, int heads, const float *q_in, const float *qp_pre,
+                                  int nq, const float *k_in, const float *v_in, int nk, float *out, attn_ws *ws,
+                                  int n_threads) {
+    const int I = a->internal, dh = I / heads, R = nk * heads;
+    float *kp = ws->qp, *vp = ws->kp, *vf = ws->vp, *kf = ws->o; /* small: nk x I, nk x I, R x P, R x P */
+    float *cb = ws->cb;
+    cs_linear(k_in, nk, P, a->k_w, a->k_b, I, kp, n_threads);
+    cs_linear(v_in, nk, P, a->v_w, a->v_b, I, vp, n_threads);
+    for (int h = 0; h < heads; h++)
+        cs_gemm(nk, P, dh, vp + h * dh, I, a->o_w + h * dh, I, 1, 0.0f, vf + (size_t)h * nk * P, P, n_threads);
+    if (qp_pre) {
+        for (int h = 0; h < heads; h++)
+            cs_gemm(nq, nk, dh, qp_pre + h * dh, I, kp + h * dh, I, 1, 0.0f, ws->scores + h * nk, R, n_threads);
+        for (int c = 0; c < R; c++) cb[c] = 0.0f;
+    } else {
+        for (int h = 0; h < heads; h++) {
+            cs_gemm(nk, P, dh, kp + h * dh, I, a->q_w + (size_t)h * dh * P, P, 0, 0.0f, kf + (size_t)h * nk * P, P,
+                    n_threads);
+            for (int t = 0; t < nk; t++) {
+                float s = 0.0f;
+                for (int c = 0; c < dh; c++) s += a->q_b[h * dh + c] * kp[(size_t)t * I + h * dh + c];
+                cb[h * nk + t] = s;
+            }
+        }
+        cs_gemm(nq, R, P, q_in, P, kf, P, 1, 0.0f, ws->scores, R, n_threads);
+    }
+    const float div = sqrtf((float)dh);
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+    for (int j = 0; j < nq; j++) {
+        float *row = ws->scores + (size_t)j * R;
+        for (int c = 0; c < R; c++) row[c] = (row[c] + cb[c]) / div;
+        for (int h = 0; h < heads; h++) cs_softmax_row(row + h * nk, nk);
+    }
+    cs_gemm(nq, P, R, ws->scores, R, vf, P, 0, 0.0f, out, P, n_threads);
+    for (int j = 0; j < nq; j++) cs_add(out + (size_t)j * P, a->o_b, (size_t)P);
 }
 
 static void add_into(float *dst, const float *a, const float *b, size_t n) {
@@ -105,6 +180,7 @@ static void item_ws_free(item_ws *w) {
     free(w->aw.vp);
     free(w->aw.o);
     free(w->aw.scores);
+    free(w->aw.cb);
     memset(w, 0, sizeof *w);
 }
 
@@ -126,9 +202,10 @@ static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
     w->aw.kp = cs_alloc(N, P * sizeof(float));
     w->aw.vp = cs_alloc(N, P * sizeof(float));
     w->aw.o = cs_alloc(N, P * sizeof(float));
-    w->aw.scores = cs_alloc(N, (size_t)T * sizeof(float));
+    w->aw.scores = cs_alloc(N, (size_t)T * (size_t)md->heads * sizeof(float));
+    w->aw.cb = cs_alloc((size_t)T, (size_t)md->heads * sizeof(float));
     if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->up1 ||
-        !w->z2 || !w->up2 || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores) {
+        !w->z2 || !w->up2 || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
         item_ws_free(w);
         return CELLSAM_ERR_NOMEM;
     }
@@ -182,8 +259,10 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         add_into(qpe, Q, Q0, (size_t)T * P);
         add_into(kpe, keys, sh->pe, (size_t)N * P);
         int shared = l == 0 && sh->kp0;
-        attention(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, shared ? sh->kp0 : NULL, shared ? sh->vp0 : NULL,
-                  qout, &w->aw, nthr);
+        if (shared)
+            attention(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, sh->kp0, sh->vp0, qout, &w->aw, nthr);
+        else
+            attention_few_to_many(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, qout, &w->aw, nthr);
         cs_add(Q, qout, (size_t)T * P);
         cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
         /* MLP (ReLU) */
@@ -195,14 +274,14 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         /* image attends to the tokens */
         add_into(qpe, Q, Q0, (size_t)T * P);
         /* layer 0's image tokens are still the shared keys0: their query projection is shared too */
-        attention_pre(&L->i2t, P, md->heads, kpe, N, qpe, Q, T, l == 0 ? sh->qi0 : NULL, NULL, NULL, w->kout,
-                      &w->aw, nthr);
+        attention_many_to_few(&L->i2t, P, md->heads, kpe, l == 0 ? sh->qi0 : NULL, N, qpe, Q, T, w->kout, &w->aw,
+                              nthr);
         cs_add(keys, w->kout, (size_t)N * P);
         cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, nthr);
     }
     add_into(qpe, Q, Q0, (size_t)T * P);
     add_into(kpe, keys, sh->pe, (size_t)N * P);
-    attention(&md->final_attn, P, md->heads, qpe, T, kpe, keys, N, NULL, NULL, qout, &w->aw, nthr);
+    attention_few_to_many(&md->final_attn, P, md->heads, qpe, T, kpe, keys, N, qout, &w->aw, nthr);
     cs_add(Q, qout, (size_t)T * P);
     cs_layernorm(Q, Q, T, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
 
@@ -261,6 +340,10 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     const int T = 1 + nm + n_tok;
     if (P > 1024 || md->iou_hidden > 1024 || nm > 16)
         return cs_error(CELLSAM_ERR_UNSUPPORTED, "mask decoder width %d is too large", P);
+    /* the folded attentions keep heads x tokens rows in image-sized buffers */
+    if ((long long)T * md->heads > N)
+        return cs_error(CELLSAM_ERR_LIMIT, "%d prompt tokens: the mask decoder takes at most %d", n_tok,
+                        N / md->heads - 1 - nm);
     if (opt->mask_first < 0 || opt->mask_count < 1 || opt->mask_first + opt->mask_count > nm)
         return cs_error(CELLSAM_ERR_INVALID, "mask tokens %d..%d out of range", opt->mask_first,
                         opt->mask_first + opt->mask_count - 1);

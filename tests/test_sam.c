@@ -91,6 +91,40 @@ static void test_dense_pe_and_no_mask(void **state) {
     free(crop);
 }
 
+/* Per-prompt dense embeddings (mask prompts) take the decoder's unshared path, where
+ * layer 0 projects its own keys; given the shared no-mask embedding for every prompt,
+ * it must agree with the shared path, which pre-projects layer 0 once per call. */
+static void test_decoder_per_prompt_dense(void **state) {
+    (void)state;
+    const int P = g_model->pe.dim, K = 3, nm = g_model->md.n_mask_tokens;
+    float *emb = malloc((size_t)P * 4096 * sizeof(float));
+    for (size_t i = 0; i < (size_t)P * 4096; i++) emb[i] = (float)sin(0.37 * (double)i) * 0.5f;
+    float *dense = malloc((size_t)K * P * 4096 * sizeof(float));
+    assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
+    for (int k = 1; k < K; k++) memcpy(dense + (size_t)k * P * 4096, dense, (size_t)P * 4096 * sizeof(float));
+    float *sparse = malloc((size_t)K * 2 * P * sizeof(float));
+    for (int k = 0; k < K; k++) {
+        float b4[4] = {100.0f + 200 * k, 150.0f, 300.0f + 200 * k, 420.0f};
+        assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
+    }
+    const size_t plane = 256 * 256;
+    float *lg_shared = malloc((size_t)K * nm * plane * sizeof(float)), *lg_own = malloc((size_t)K * nm * plane * sizeof(float));
+    float io_shared[64], io_own[64];
+    assert_int_equal(cs_mask_decoder_forward(&g_model->md, emb, g_ctx->dense_pe, dense, 0, sparse, K, 2, lg_shared,
+                                             io_shared, 2),
+                     0);
+    assert_int_equal(cs_mask_decoder_forward(&g_model->md, emb, g_ctx->dense_pe, dense, (size_t)P * 4096, sparse, K,
+                                             2, lg_own, io_own, 2),
+                     0);
+    tu_check_close("per-prompt dense vs shared: logits", lg_own, lg_shared, (size_t)K * nm * plane, 1e-4);
+    tu_check_close("per-prompt dense vs shared: IoU", io_own, io_shared, (size_t)K * nm, 1e-5);
+    free(lg_shared);
+    free(lg_own);
+    free(sparse);
+    free(dense);
+    free(emb);
+}
+
 static void install_embedding(const char *case_dir) {
     cs_npy emb;
     tu_load(&emb, "%s/20_sam_image_embedding.npy", case_dir);
@@ -345,6 +379,7 @@ static void test_half_precision_weights(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_pe_and_no_mask),
+        cmocka_unit_test(test_decoder_per_prompt_dense),
         cmocka_unit_test(test_sam_encoder_unit_pattern),
         cmocka_unit_test(test_detector_trunk_unit_pattern),
         cmocka_unit_test(test_cases_prompt_and_decoder),
