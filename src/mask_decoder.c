@@ -127,7 +127,7 @@ static void attention_many_to_few(const cs_attn *a, int P, int heads, const floa
     for (int j = 0; j < nq; j++) {
         float *row = ws->scores + (size_t)j * R;
         for (int c = 0; c < R; c++) row[c] = (row[c] + cb[c]) / div;
-        for (int h = 0; h < heads; h++) cs_softmax_row(row + h * nk, nk);
+        cs_softmax_groups(row, heads, nk);
     }
     cs_gemm(nq, P, R, ws->scores, R, vf, P, 0, 0.0f, out, P, n_threads);
     for (int j = 0; j < nq; j++) cs_add(out + (size_t)j * P, a->o_b, (size_t)P);

@@ -148,6 +148,26 @@ void cs_softmax_row(float *x, int n) {
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 
+void cs_softmax_groups(float *x, int groups, int n) {
+    const int len = groups * n;
+    for (int g = 0; g < groups; g++) {
+        float *r = x + (size_t)g * n, m = r[0];
+        for (int i = 1; i < n; i++) m = r[i] > m ? r[i] : m;
+        for (int i = 0; i < n; i++) r[i] -= m;
+    }
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(x + i, exp_nonpos8(_mm256_loadu_ps(x + i)));
+#endif
+    for (; i < len; i++) x[i] = exp_nonpos(x[i]);
+    for (int g = 0; g < groups; g++) {
+        float *r = x + (size_t)g * n, s = 0.f;
+        for (int k = 0; k < n; k++) s += r[k];
+        const float inv = 1.0f / s;
+        for (int k = 0; k < n; k++) r[k] *= inv;
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 /* GELU on 8 lanes: erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7 in exact
  * arithmetic, ~2e-7 in float32) with the vectorised exp above; the difference from

@@ -22,6 +22,9 @@ void cs_gelu(float *x, size_t n, int n_threads);   /* exact erf GELU */
 void cs_relu(float *x, size_t n);
 void cs_add(float *y, const float *x, size_t n);   /* y += x */
 void cs_softmax_row(float *x, int n);              /* in place, max-subtracted */
+/* Softmax of each of `groups` consecutive runs of n values, in place: for many short
+ * rows (attention over a few prompt tokens), exponentials 8 at a time across runs. */
+void cs_softmax_groups(float *x, int groups, int n);
 float cs_sigmoidf(float x);
 /* out[N,C] = transpose(in[C,N]) */
 void cs_transpose(const float *in, float *out, int rows, int cols);

@@ -391,6 +391,28 @@ static void softmax_forward(void *p, float *out) {
     for (int r = 0; r < c->rows; r++) cs_softmax_row(out + (size_t)r * c->n, c->n);
 }
 
+/* Grouped softmax (short rows, exponentials across row boundaries) against a
+ * double-precision softmax of each group, for group lengths that do and do not
+ * divide 8. */
+static void test_softmax_groups(void **state) {
+    (void)state;
+    const int lens[3] = {7, 8, 3};
+    for (int li = 0; li < 3; li++) {
+        const int n = lens[li], groups = 9, len = n * groups;
+        float x[72];
+        float want[72];
+        for (int i = 0; i < len; i++) x[i] = (float)(sin(1.7 * i) * 3.0 + (i == 2 ? 30.0 : 0.0)); /* group 0: one dominant value */
+        for (int g = 0; g < groups; g++) {
+            double m = -INFINITY, s = 0;
+            for (int k = 0; k < n; k++) m = fmax(m, x[g * n + k]);
+            for (int k = 0; k < n; k++) s += exp(x[g * n + k] - m);
+            for (int k = 0; k < n; k++) want[g * n + k] = (float)(exp(x[g * n + k] - m) / s);
+        }
+        cs_softmax_groups(x, groups, n);
+        tu_check_close("softmax_groups", x, want, (size_t)len, 1e-6);
+    }
+}
+
 static void test_softmax_bwd(void **state) {
     (void)state;
     const int rows = 3, n = 7;
@@ -937,7 +959,7 @@ int main(void) {
         cmocka_unit_test(test_linear),     cmocka_unit_test(test_layernorm), cmocka_unit_test(test_groupnorm),
         cmocka_unit_test(test_activations), cmocka_unit_test(test_softmax_bwd), cmocka_unit_test(test_attention),
         cmocka_unit_test(test_conv2d),     cmocka_unit_test(test_convT),     cmocka_unit_test(test_bilinear),
-        cmocka_unit_test(test_threaded_sizes),
+        cmocka_unit_test(test_threaded_sizes), cmocka_unit_test(test_softmax_groups),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
