@@ -48,7 +48,7 @@ static void usage(void) {
         "Thresholds: --bbox-threshold 0.4  --iou-threshold 0.5  --min-size 25  --remove-boundaries\n"
         "  --box-nms IOU   drop a detected box overlapping a higher-scored one by IoU > IOU before\n"
         "                  decoding (0 = off, the official behaviour). Default: what the model's\n"
-        "                  metadata recommends (cellsam-trained models: 0.5), else off\n"
+        "                  metadata recommends (cellsam-trained models: 0.2), else off\n"
         "            --no-normalize (skip the percentile clip + CLAHE)\n"
         "Other: --threads N (default: all cores)  --overwrite  --quiet\n"
         "       --weights f16|bf16  keep the ViT matrices in 16 bits (half the weight memory;\n"
