@@ -21,15 +21,12 @@ typedef struct {
 
 /* SAM Attention: out[nq, P] = out_proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h).
  * kp/vp may be given pre-projected (then k_in/v_in are ignored). */
-static void attention_pre(const cs_attn *a, int P, int heads, const float *q_in, int nq, const float *k_in,
-                          const float *v_in, int nk, const float *qp_pre, const float *kp_pre,
-                          const float *vp_pre, float *out, attn_ws *ws, int n_threads) {
+static void attention(const cs_attn *a, int P, int heads, const float *q_in, int nq, const float *k_in,
+                      const float *v_in, int nk, const float *kp_pre, const float *vp_pre, float *out,
+                      attn_ws *ws, int n_threads) {
     const int I = a->internal, dh = I / heads;
-    const float *qp = qp_pre;
-    if (!qp) {
-        cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
-        qp = ws->qp;
-    }
+    const float *qp = ws->qp;
+    cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
     const float *kp = kp_pre, *vp = vp_pre;
     if (!kp) {
         cs_linear(k_in, nk, P, a->k_w, a->k_b, I, ws->kp, n_threads);
@@ -51,12 +48,6 @@ static void attention_pre(const cs_attn *a, int P, int heads, const float *q_in,
         cs_gemm(nq, dh, nk, ws->scores, nk, vp + h * dh, I, 0, 0.0f, ws->o + h * dh, I, n_threads);
     }
     cs_linear(ws->o, nq, I, a->o_w, a->o_b, P, out, n_threads);
-}
-
-static void attention(const cs_attn *a, int P, int heads, const float *q_in, int nq, const float *k_in,
-                      const float *v_in, int nk, const float *kp_pre, const float *vp_pre, float *out,
-                      attn_ws *ws, int n_threads) {
-    attention_pre(a, P, heads, q_in, nq, k_in, v_in, nk, NULL, kp_pre, vp_pre, out, ws, n_threads);
 }
 
 /* The prompt tokens (nq, a handful) attending to the image tokens (nk = 4096), with the

@@ -80,7 +80,8 @@ int cs_box_nms(float *xyxy, float *scores, int *query, int n, float iou) {
     return k;
 }
 
-float cs_effective_box_nms(const cellsam_model *m, const cellsam_segment_params *p) {
+/* The box NMS IoU a call uses: the caller's, or the model's recommendation when < 0. */
+static float effective_box_nms(const cellsam_model *m, const cellsam_segment_params *p) {
     return p->box_nms_iou < 0 ? m->box_nms_iou : p->box_nms_iou;
 }
 
@@ -123,7 +124,7 @@ static int detect_boxes(cellsam_context *ctx, const float *det_in, const cellsam
             query[k] = query[i];
             k++;
         }
-    const float nms = cs_effective_box_nms(m, p);
+    const float nms = effective_box_nms(m, p);
     if (nms > 0 && nms < 1) k = cs_box_nms(xyxy, scores, query, k, nms);
     *boxes_out = xyxy;
     *scores_out = scores;

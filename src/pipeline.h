@@ -24,8 +24,6 @@ void cs_tile_result_free(cs_tile_result *r);
 /* Greedy box NMS over xyxy boxes in descending score order, in place (query may be
  * NULL); returns the number kept. */
 int cs_box_nms(float *xyxy, float *scores, int *query, int n, float iou);
-/* The box NMS IoU a call uses: the caller's, or the model's recommendation when < 0. */
-float cs_effective_box_nms(const cellsam_model *m, const cellsam_segment_params *p);
 
 /* Place 1..3 channels of an interleaved H x W x C image into H x W x 3 (last C slots),
  * as the official format_image_shape does. */
