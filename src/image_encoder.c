@@ -16,14 +16,16 @@
 #include "ops.h"
 
 /* Query rows per attention block: bounds the score buffer to QB x N floats, so the
- * global attention never holds a full N x N matrix (let alone all heads at once). */
-#define ATTN_QBLOCK 128
+ * global attention never holds a full N x N matrix (let alone all heads at once).
+ * 256 rows amortise the BLAS's packing of K and V (1 MB each for a global block)
+ * while two threads' score blocks (4 MB each) stay in the shared L3. */
+#define ATTN_QBLOCK 256
 
 /* One attention head over one window (or the whole grid, for global blocks).
  * q/k/v rows are `ld` floats apart; n = side*side tokens in row-major order.
  * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd) floats. */
 static size_t attn_scratch_floats(int side, int hd) {
-    return (size_t)ATTN_QBLOCK * ((size_t)side * side + hd + 2 * (2 * side - 1));
+    return (size_t)ATTN_QBLOCK * ((size_t)side * side + hd + 2 * (2 * side - 1) + 1);
 }
 
 static void attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
@@ -34,6 +36,7 @@ static void attention_head(const float *q, const float *k, const float *v, int l
     float *qs = scores + (size_t)ATTN_QBLOCK * n;
     float *fh = qs + (size_t)ATTN_QBLOCK * hd; /* q . Rh[j] for every table row j */
     float *fw = fh + (size_t)ATTN_QBLOCK * R;
+    float *inv_sum = fw + (size_t)ATTN_QBLOCK * R;
     for (int q0 = 0; q0 < n; q0 += ATTN_QBLOCK) {
         int qb = n - q0 < ATTN_QBLOCK ? n - q0 : ATTN_QBLOCK;
         for (int i = 0; i < qb; i++)
@@ -57,74 +60,99 @@ static void attention_head(const float *q, const float *k, const float *v, int l
                 float *sp = srow + (size_t)ky * side;
                 for (int kx = 0; kx < side; kx++) sp[kx] += h + rw[kx];
             }
-            cs_softmax_row(srow, n);
+            /* softmax without its last pass: 1/sum scales the hd outputs instead of the n weights */
+            inv_sum[i] = 1.0f / cs_exp_row_sum(srow, n);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, hd, n, 1.0f, scores, n, v, ld, 0.0f,
-                    out + (size_t)q0 * ldo, ldo);
+        float *o = out + (size_t)q0 * ldo;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, hd, n, 1.0f, scores, n, v, ld, 0.0f, o, ldo);
+        for (int i = 0; i < qb; i++)
+            for (int c = 0; c < hd; c++) o[(size_t)i * ldo + c] *= inv_sum[i];
     }
 }
 
-/* Attention sub-block: X (grid*grid x D) is LN1 output; writes the attention
+/* Buffers of the attention sub-block, sized once per forward pass for the largest
+ * block (windowed blocks pad the grid to whole windows). */
+typedef struct {
+    float *Yw, *QKV, *Ow, *scratch;
+    size_t scratch_len;
+} attn_workspace;
+
+static void attn_workspace_free(attn_workspace *ws) {
+    free(ws->Yw);
+    free(ws->QKV);
+    free(ws->Ow);
+    free(ws->scratch);
+}
+
+static int attn_workspace_init(attn_workspace *ws, const cs_vit *v, int n_threads) {
+    const int D = v->dim, G = v->grid, hd = D / v->heads;
+    size_t max_tok = 0, max_scratch = 0;
+    for (int bi = 0; bi < v->depth; bi++) {
+        const int side = v->blocks[bi].window ? v->blocks[bi].window : G;
+        const int nws = (G + side - 1) / side;
+        size_t tok = (size_t)nws * nws * side * side, sc = attn_scratch_floats(side, hd);
+        max_tok = tok > max_tok ? tok : max_tok;
+        max_scratch = sc > max_scratch ? sc : max_scratch;
+    }
+    memset(ws, 0, sizeof *ws);
+    ws->scratch_len = max_scratch;
+    ws->Yw = cs_calloc(max_tok, (size_t)D * sizeof(float));
+    ws->QKV = cs_alloc(max_tok, (size_t)3 * D * sizeof(float));
+    ws->Ow = cs_alloc(max_tok, (size_t)D * sizeof(float));
+    ws->scratch = cs_alloc((size_t)n_threads, max_scratch * sizeof(float));
+    if (!ws->Yw || !ws->QKV || !ws->Ow || !ws->scratch) {
+        attn_workspace_free(ws);
+        return CELLSAM_ERR_NOMEM;
+    }
+    return CELLSAM_OK;
+}
+
+/* Attention sub-block: Y (grid*grid x D) is the LN1 output; writes the attention
  * result (before proj) into O (grid*grid x D). */
-static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
-                           int n_threads) {
+static void block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
+                            attn_workspace *ws, int n_threads) {
     const int D = v->dim, G = v->grid, H = v->heads, hd = D / H;
     const int side = b->window ? b->window : G;
     const int nwin_side = (G + side - 1) / side;
-    const int Gp = nwin_side * side; /* padded grid */
     const int nwin = nwin_side * nwin_side;
     const size_t ntok = (size_t)nwin * side * side;
-    float *Yw = cs_calloc(ntok, (size_t)D * sizeof(float));
-    float *QKV = cs_alloc(ntok, (size_t)3 * D * sizeof(float));
-    float *Ow = cs_alloc(ntok, (size_t)D * sizeof(float));
-    if (!Yw || !QKV || !Ow) {
-        free(Yw);
-        free(QKV);
-        free(Ow);
-        return CELLSAM_ERR_NOMEM;
+    /* one window covering the grid exactly (global attention) needs no partition */
+    const int partition = nwin != 1 || side != G;
+    const float *Yw = Y;
+    float *Ow = O;
+    if (partition) {
+        /* window partition of the zero-padded grid: padded tokens stay 0 after the norm,
+         * so their q/k/v equal the bias and they take part in attention (reference
+         * behaviour). Padding rows are zero from the calloc and never written. */
+        for (int y = 0; y < G; y++)
+            for (int x = 0; x < G; x++) {
+                int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
+                size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
+                memcpy(ws->Yw + row * D, Y + ((size_t)y * G + x) * D, (size_t)D * sizeof(float));
+            }
+        Yw = ws->Yw;
+        Ow = ws->Ow;
     }
-    /* window partition of the zero-padded grid: padded tokens stay 0 after the norm,
-     * so their q/k/v equal the bias and they take part in attention (reference behaviour) */
-    for (int y = 0; y < G; y++)
-        for (int x = 0; x < G; x++) {
-            int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
-            size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
-            memcpy(Yw + row * D, Y + ((size_t)y * G + x) * D, (size_t)D * sizeof(float));
-        }
-    (void)Gp;
-    cs_linear(Yw, (int)ntok, D, b->qkv_w, b->qkv_b, 3 * D, QKV, n_threads);
+    cs_linear(Yw, (int)ntok, D, b->qkv_w, b->qkv_b, 3 * D, ws->QKV, n_threads);
     const float scale = 1.0f / sqrtf((float)hd);
     const int n = side * side;
-    const size_t scratch_len = attn_scratch_floats(side, hd);
     const int items = nwin * H;
     int nt = n_threads < items ? n_threads : items;
-    float *scratch = cs_alloc((size_t)nt, scratch_len * sizeof(float));
-    if (!scratch) {
-        free(Yw);
-        free(QKV);
-        free(Ow);
-        return CELLSAM_ERR_NOMEM;
-    }
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
         int w = it / H, h = it % H;
-        const float *base = QKV + (size_t)w * n * 3 * D;
+        const float *base = ws->QKV + (size_t)w * n * 3 * D;
         attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
                        b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D,
-                       scratch + (size_t)omp_get_thread_num() * scratch_len);
+                       ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len);
     }
-    free(scratch);
-    /* un-partition and crop the padding */
-    for (int y = 0; y < G; y++)
-        for (int x = 0; x < G; x++) {
-            int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
-            size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
-            memcpy(O + ((size_t)y * G + x) * D, Ow + row * D, (size_t)D * sizeof(float));
-        }
-    free(Yw);
-    free(QKV);
-    free(Ow);
-    return CELLSAM_OK;
+    if (partition) /* un-partition and crop the padding */
+        for (int y = 0; y < G; y++)
+            for (int x = 0; x < G; x++) {
+                int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
+                size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
+                memcpy(O + ((size_t)y * G + x) * D, ws->Ow + row * D, (size_t)D * sizeof(float));
+            }
 }
 
 /* Half-precision block matrices to float32 (F16C when built for it). */
@@ -156,7 +184,12 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
     /* float32 copies of one block's matrices when they are stored in 16 bits */
     const size_t wq = (size_t)3 * D * D, wp = (size_t)D * D, w1 = (size_t)v->mlp * D;
     float *W32 = v->weights16 ? cs_alloc(wq + wp + 2 * w1, sizeof(float)) : NULL;
-    int rc = CELLSAM_OK;
+    attn_workspace ws;
+    int rc = attn_workspace_init(&ws, v, n_threads);
+    if (rc) {
+        memset(&ws, 0, sizeof ws);
+        goto done;
+    }
     if (!X || !Y || !T || !M || (v->weights16 && !W32)) {
         rc = CELLSAM_ERR_NOMEM;
         goto done;
@@ -189,8 +222,7 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
         }
         const cs_vit_block *b = &blk;
         cs_layernorm(X, Y, (int)N, D, b->norm1_w, b->norm1_b, 1e-6f, n_threads);
-        rc = block_attention(v, b, Y, T, n_threads);
-        if (rc) goto done;
+        block_attention(v, b, Y, T, &ws, n_threads);
         /* X += proj(attn): accumulate straight into X through beta = 1 */
         for (size_t i = 0; i < N; i++) cs_add(X + i * D, b->proj_b, (size_t)D);
         cs_gemm((int)N, D, D, T, D, b->proj_w, D, 1, 1.0f, X, D, n_threads);
@@ -234,6 +266,7 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
         cs_transpose(X, out, (int)N, C);
     }
 done:
+    attn_workspace_free(&ws);
     free(W32);
     free(X);
     free(Y);

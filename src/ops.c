@@ -117,8 +117,8 @@ static inline float hmax8(__m256 v) {
 }
 #endif
 
-/* In-place softmax of one row: max-subtracted, float32 sums over 8 lanes. */
-void cs_softmax_row(float *x, int n) {
+/* exp(x - max(x)) in place over one row; returns the float32 sum (over 8 lanes). */
+float cs_exp_row_sum(float *x, int n) {
     int i = 0;
     float m = x[0], s = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -144,7 +144,12 @@ void cs_softmax_row(float *x, int n) {
         x[i] = exp_nonpos(x[i] - m);
         s += x[i];
     }
-    const float inv = 1.0f / s;
+    return s;
+}
+
+/* In-place softmax of one row: max-subtracted, float32 sums over 8 lanes. */
+void cs_softmax_row(float *x, int n) {
+    const float inv = 1.0f / cs_exp_row_sum(x, n);
     for (int k = 0; k < n; k++) x[k] *= inv;
 }
 

@@ -22,6 +22,7 @@ void cs_gelu(float *x, size_t n, int n_threads);   /* exact erf GELU */
 void cs_relu(float *x, size_t n);
 void cs_add(float *y, const float *x, size_t n);   /* y += x */
 void cs_softmax_row(float *x, int n);              /* in place, max-subtracted */
+float cs_exp_row_sum(float *x, int n);             /* exp(x - max) in place; returns the sum */
 /* Softmax of each of `groups` consecutive runs of n values, in place: for many short
  * rows (attention over a few prompt tokens), exponentials 8 at a time across runs. */
 void cs_softmax_groups(float *x, int groups, int n);

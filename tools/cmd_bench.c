@@ -143,12 +143,18 @@ int cmd_bench(int argc, char **argv) {
     float *x = cs_alloc((size_t)3 << 20, sizeof(float));
     if (!x) return 1;
     fill_random(x, (size_t)3 << 20, 3);
-    t0 = cs_now_seconds();
-    if (cellsam_encode(ctx, x, threads)) {
-        cli_error("bench", "%s", cellsam_last_error());
-        return 1;
+    /* best of 3, like the sgemm baseline: the first call also pays page faults on
+     * the mmap'd weights and fresh buffers */
+    double enc_s = 1e30;
+    for (int r = 0; r < 3; r++) {
+        t0 = cs_now_seconds();
+        if (cellsam_encode(ctx, x, threads)) {
+            cli_error("bench", "%s", cellsam_last_error());
+            return 1;
+        }
+        double t = cs_now_seconds() - t0;
+        enc_s = t < enc_s ? t : enc_s;
     }
-    double enc_s = cs_now_seconds() - t0;
     double enc_gf = vit_flops(&m->sam_vit) / enc_s / 1e9;
     json_object_set_new(js, "encoder_s", json_real(enc_s));
     json_object_set_new(js, "encoder_gflops", json_real(enc_gf));
