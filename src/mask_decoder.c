@@ -324,9 +324,116 @@ cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
     return o;
 }
 
+/* Buffers kept between decoder calls (one per context): the per-thread prompt
+ * scratch, and the data every prompt of an image shares (channel-last embedding and
+ * positional encoding, the layer-0 projections of embedding + dense prompt). An
+ * interactive session decodes one prompt per call on the same image, so the shared
+ * part is computed once per image instead of once per click. */
+struct cs_decoder_ws {
+    item_ws *items;
+    int n_items, items_T;
+    float *emb_t, *pe, *keys0, *kpe0, *kp0, *vp0, *qi0, *dense_copy;
+    const float *emb_src, *pe_src; /* what emb_t and pe were transposed from */
+    int emb_valid, layer0_valid;
+};
+
+cs_decoder_ws *cs_decoder_ws_new(void) { return calloc(1, sizeof(cs_decoder_ws)); }
+
+void cs_decoder_ws_release(cs_decoder_ws *ws) {
+    if (!ws) return;
+    for (int t = 0; t < ws->n_items; t++) item_ws_free(&ws->items[t]);
+    free(ws->items);
+    free(ws->emb_t);
+    free(ws->pe);
+    free(ws->keys0);
+    free(ws->kpe0);
+    free(ws->kp0);
+    free(ws->vp0);
+    free(ws->qi0);
+    free(ws->dense_copy);
+    memset(ws, 0, sizeof *ws);
+}
+
+void cs_decoder_ws_free(cs_decoder_ws *ws) {
+    cs_decoder_ws_release(ws);
+    free(ws);
+}
+
+void cs_decoder_ws_invalidate(cs_decoder_ws *ws) {
+    if (ws) ws->emb_valid = ws->layer0_valid = 0;
+}
+
+/* Per-thread prompt scratch for `outer` threads and T tokens. */
+static int ws_items(cs_decoder_ws *ws, const cs_mask_decoder *md, int T, int outer) {
+    if (ws->items && ws->n_items >= outer && ws->items_T == T) return CELLSAM_OK;
+    for (int t = 0; t < ws->n_items; t++) item_ws_free(&ws->items[t]);
+    free(ws->items);
+    ws->n_items = 0;
+    ws->items = calloc((size_t)outer, sizeof *ws->items);
+    if (!ws->items) return CELLSAM_ERR_NOMEM;
+    for (int t = 0; t < outer; t++) {
+        int rc = item_ws_alloc(&ws->items[t], md, T);
+        if (rc) {
+            for (int u = 0; u < t; u++) item_ws_free(&ws->items[u]);
+            free(ws->items);
+            ws->items = NULL;
+            return rc;
+        }
+    }
+    ws->n_items = outer;
+    ws->items_T = T;
+    return CELLSAM_OK;
+}
+
+/* Channel-last embedding and PE; with a shared dense prompt, also the initial keys
+ * and their layer-0 projections (token-to-image keys and values, image-to-token
+ * queries), recomputed only when the embedding or the dense prompt changed. */
+static int ws_shared(cs_decoder_ws *ws, const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
+                     const float *dense, int shared_dense, int n_threads) {
+    const int P = md->dim, N = 4096;
+    const size_t NP = (size_t)N * P;
+    if (!ws->emb_t) {
+        const size_t ik = (size_t)md->layers[0].t2i.internal, iq = (size_t)md->layers[0].i2t.internal;
+        ws->emb_t = cs_alloc(NP, sizeof(float));
+        ws->pe = cs_alloc(NP, sizeof(float));
+        ws->keys0 = cs_alloc(NP, sizeof(float));
+        ws->kpe0 = cs_alloc(NP, sizeof(float));
+        ws->dense_copy = cs_alloc(NP, sizeof(float));
+        ws->kp0 = cs_alloc((size_t)N, ik * sizeof(float));
+        ws->vp0 = cs_alloc((size_t)N, ik * sizeof(float));
+        ws->qi0 = cs_alloc((size_t)N, iq * sizeof(float));
+        if (!ws->emb_t || !ws->pe || !ws->keys0 || !ws->kpe0 || !ws->dense_copy || !ws->kp0 || !ws->vp0 ||
+            !ws->qi0) {
+            cs_decoder_ws_release(ws);
+            return CELLSAM_ERR_NOMEM;
+        }
+    }
+    if (!ws->emb_valid || ws->emb_src != image_emb || ws->pe_src != dense_pe) {
+        cs_transpose(image_emb, ws->emb_t, P, N);
+        cs_transpose(dense_pe, ws->pe, P, N);
+        ws->emb_src = image_emb;
+        ws->pe_src = dense_pe;
+        ws->emb_valid = 1;
+        ws->layer0_valid = 0;
+    }
+    if (!shared_dense) return CELLSAM_OK;
+    if (ws->layer0_valid && !memcmp(ws->dense_copy, dense, NP * sizeof(float))) return CELLSAM_OK;
+    memcpy(ws->dense_copy, dense, NP * sizeof(float));
+    const cs_attn *a = &md->layers[0].t2i, *b = &md->layers[0].i2t;
+    cs_transpose(dense, ws->keys0, P, N);
+    cs_add(ws->keys0, ws->emb_t, NP);
+    add_into(ws->kpe0, ws->keys0, ws->pe, NP);
+    cs_linear(ws->kpe0, N, P, a->k_w, a->k_b, a->internal, ws->kp0, n_threads);
+    cs_linear(ws->keys0, N, P, a->v_w, a->v_b, a->internal, ws->vp0, n_threads);
+    cs_linear(ws->kpe0, N, P, b->q_w, b->q_b, b->internal, ws->qi0, n_threads);
+    ws->layer0_valid = 1;
+    return CELLSAM_OK;
+}
+
 int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
                                const float *dense, size_t dense_stride, const float *sparse, int n_batch,
-                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou, int n_threads) {
+                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou,
+                               cs_decoder_ws *ws, int n_threads) {
     const int P = md->dim, N = 4096, nm = md->n_mask_tokens;
     const int T = 1 + nm + n_tok;
     if (P > 1024 || md->iou_hidden > 1024 || nm > 16)
@@ -340,6 +447,19 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
                         opt->mask_first + opt->mask_count - 1);
     if (n_threads < 1) n_threads = 1;
     if (n_batch <= 0) return CELLSAM_OK;
+    cs_decoder_ws local;
+    memset(&local, 0, sizeof local);
+    if (!ws) ws = &local;
+    /* prompts in parallel (one thread each, single-threaded GEMMs) when there are
+     * enough of them; otherwise one at a time with threaded GEMMs */
+    const int outer = n_batch >= 2 && n_threads > 1 ? (n_threads < n_batch ? n_threads : n_batch) : 1;
+    const int inner = outer > 1 ? 1 : n_threads;
+    int rc = ws_items(ws, md, T, outer);
+    if (!rc) rc = ws_shared(ws, md, image_emb, dense_pe, dense, dense_stride == 0, n_threads);
+    if (rc) {
+        cs_decoder_ws_release(ws);
+        return cs_error(rc, "out of memory in the mask decoder");
+    }
     decode_shared sh;
     memset(&sh, 0, sizeof sh);
     sh.md = md;
@@ -349,69 +469,23 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     sh.n_tok = n_tok;
     sh.T = T;
     sh.opt = *opt;
-    /* prompts in parallel (one thread each, single-threaded GEMMs) when there are
-     * enough of them; otherwise one at a time with threaded GEMMs */
-    const int outer = n_batch >= 2 && n_threads > 1 ? (n_threads < n_batch ? n_threads : n_batch) : 1;
-    const int inner = outer > 1 ? 1 : n_threads;
-    float *emb_t = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *pe = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-    float *keys0 = NULL, *kp0 = NULL, *vp0 = NULL, *kpe0 = NULL, *qi0 = NULL;
-    item_ws *ws = calloc((size_t)outer, sizeof *ws);
-    int rc = CELLSAM_OK;
-    if (!emb_t || !pe || !ws) {
-        rc = CELLSAM_ERR_NOMEM;
-        goto done;
-    }
-    for (int t = 0; t < outer && !rc; t++) rc = item_ws_alloc(&ws[t], md, T);
-    if (rc) goto done;
-    cs_transpose(image_emb, emb_t, P, N);
-    cs_transpose(dense_pe, pe, P, N);
-    sh.emb_t = emb_t;
-    sh.pe = pe;
+    sh.emb_t = ws->emb_t;
+    sh.pe = ws->pe;
     if (dense_stride == 0) {
-        /* the dense prompt is shared, so the initial keys and their layer-0
-         * token-to-image projections are the same for every prompt */
-        const cs_attn *a = &md->layers[0].t2i;
-        keys0 = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-        kpe0 = cs_alloc((size_t)N, (size_t)P * sizeof(float));
-        kp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
-        vp0 = cs_alloc((size_t)N, (size_t)a->internal * sizeof(float));
-        qi0 = cs_alloc((size_t)N, (size_t)md->layers[0].i2t.internal * sizeof(float));
-        if (!keys0 || !kpe0 || !kp0 || !vp0 || !qi0) {
-            rc = CELLSAM_ERR_NOMEM;
-            goto done;
-        }
-        cs_transpose(dense, keys0, P, N);
-        cs_add(keys0, emb_t, (size_t)N * P);
-        add_into(kpe0, keys0, pe, (size_t)N * P);
-        cs_linear(kpe0, N, P, a->k_w, a->k_b, a->internal, kp0, n_threads);
-        cs_linear(keys0, N, P, a->v_w, a->v_b, a->internal, vp0, n_threads);
-        const cs_attn *b = &md->layers[0].i2t;
-        cs_linear(kpe0, N, P, b->q_w, b->q_b, b->internal, qi0, n_threads);
-        sh.keys0 = keys0;
-        sh.kp0 = kp0;
-        sh.vp0 = vp0;
-        sh.qi0 = qi0;
+        sh.keys0 = ws->keys0;
+        sh.kp0 = ws->kp0;
+        sh.vp0 = ws->vp0;
+        sh.qi0 = ws->qi0;
     }
+    item_ws *items = ws->items;
     if (outer > 1) {
 #pragma omp parallel for num_threads(outer) schedule(dynamic, 1)
-        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &ws[omp_get_thread_num()], logits, iou, 1);
+        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &items[omp_get_thread_num()], logits, iou, 1);
     } else {
-        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &ws[0], logits, iou, inner);
+        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &items[0], logits, iou, inner);
     }
-done:
-    if (ws)
-        for (int t = 0; t < outer; t++) item_ws_free(&ws[t]);
-    free(ws);
-    free(emb_t);
-    free(pe);
-    free(keys0);
-    free(kpe0);
-    free(kp0);
-    free(vp0);
-    free(qi0);
-    if (rc == CELLSAM_ERR_NOMEM) return cs_error(rc, "out of memory in the mask decoder");
-    return rc;
+    if (ws == &local) cs_decoder_ws_release(&local);
+    return CELLSAM_OK;
 }
 
 int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
@@ -419,5 +493,5 @@ int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, c
                             int n_tok, float *logits, float *iou, int n_threads) {
     cs_decoder_options o = cs_decoder_default_options(md);
     return cs_mask_decoder_forward_ex(md, image_emb, dense_pe, dense, dense_stride, sparse, n_batch, n_tok, &o,
-                                      logits, iou, n_threads);
+                                      logits, iou, NULL, n_threads);
 }

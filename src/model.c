@@ -445,7 +445,8 @@ int cellsam_context_new(const cellsam_model *m, cellsam_context **out) {
     size_t n = (size_t)m->pe.dim * m->pe.grid * m->pe.grid;
     c->embedding = cs_alloc(n, sizeof(float));
     c->dense_pe = cs_alloc(n, sizeof(float));
-    if (!c->embedding || !c->dense_pe) {
+    c->dec_ws = cs_decoder_ws_new();
+    if (!c->embedding || !c->dense_pe || !c->dec_ws) {
         cellsam_context_free(c);
         return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
     }
@@ -458,11 +459,13 @@ void cellsam_context_free(cellsam_context *c) {
     if (!c) return;
     free(c->embedding);
     free(c->dense_pe);
+    cs_decoder_ws_free(c->dec_ws);
     free(c);
 }
 
 int cellsam_encode(cellsam_context *c, const float *input, int n_threads) {
     if (!c || !input) return cs_error(CELLSAM_ERR_INVALID, "null argument");
+    cs_decoder_ws_invalidate(c->dec_ws);
     int rc = cs_vit_forward(&c->model->sam_vit, input, c->embedding, n_threads);
     c->has_embedding = rc == CELLSAM_OK;
     return rc;
@@ -482,6 +485,7 @@ int cellsam_set_embedding(cellsam_context *c, const float *data, int ch, int h, 
         return cs_error(CELLSAM_ERR_INVALID, "embedding is %dx%dx%d, the model needs %dx%dx%d", ch, h, w,
                         m->pe.dim, m->pe.grid, m->pe.grid);
     memcpy(c->embedding, data, (size_t)ch * h * w * sizeof(float));
+    cs_decoder_ws_invalidate(c->dec_ws);
     c->has_embedding = 1;
     return CELLSAM_OK;
 }
@@ -549,7 +553,7 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
     }
     cs_decoder_options dopt = {first, count, -INFINITY};
     rc = cs_mask_decoder_forward_ex(&m->md, c->embedding, c->dense_pe, dense, 0, sparse, nb, ntok, &dopt, lg,
-                                    all_iou, threads);
+                                    all_iou, c->dec_ws, threads);
     if (rc) {
         free(lg);
         free(io);

@@ -137,9 +137,20 @@ typedef struct {
     float skip_below;
 } cs_decoder_options;
 cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md);
+/* Decoder buffers kept between calls (one per context, not shared between threads):
+ * prompt scratch and the per-image shared data, reused while the embedding pointer
+ * and the dense prompt's values stay the same. Invalidate after rewriting the
+ * embedding in place; release frees the buffers but keeps the handle. */
+typedef struct cs_decoder_ws cs_decoder_ws;
+cs_decoder_ws *cs_decoder_ws_new(void);
+void cs_decoder_ws_invalidate(cs_decoder_ws *ws);
+void cs_decoder_ws_release(cs_decoder_ws *ws);
+void cs_decoder_ws_free(cs_decoder_ws *ws);
+/* ws may be NULL (buffers for this call only). */
 int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb, const float *dense_pe,
                                const float *dense, size_t dense_stride, const float *sparse, int n_batch,
-                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou, int n_threads);
+                               int n_tok, const cs_decoder_options *opt, float *logits, float *iou,
+                               cs_decoder_ws *ws, int n_threads);
 
 /* ---- CellFinder head (Anchor-DETR with RCDA), filled in by cellfinder.c ---- */
 struct cs_cellfinder;
@@ -163,6 +174,7 @@ struct cellsam_context {
     float *embedding; /* (P,64,64) */
     int has_embedding;
     float *dense_pe;  /* (P,64,64), computed once */
+    cs_decoder_ws *dec_ws; /* decoder buffers and per-image shared data */
 };
 
 #endif

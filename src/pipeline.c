@@ -257,7 +257,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
         /* only mask token 0, and no upscaling for masks the IoU test will drop */
         cs_decoder_options dopt = {0, 1, p->iou_threshold};
         rc = cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, nu, 2, &dopt, lg, io,
-                                        p->n_threads);
+                                        ctx->dec_ws, p->n_threads);
         if (rc) goto done;
         for (int i = 0; i < kn; i++) {
             int s = slot[i];
@@ -270,6 +270,9 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
             pass_iou[n_pass - 1] = iou0;
         }
     }
+    /* a whole-image run keeps no decoder buffers (about 120 MB at full size) into
+     * the next image's encoder pass; interactive prompting keeps them */
+    cs_decoder_ws_release(ctx->dec_ws);
     /* holes and small objects; remember which composed label each final label came from */
     uint32_t *labels = cs_composer_take_labels(&comp);
     prefill = cs_alloc(npix, sizeof(uint32_t));

@@ -125,6 +125,54 @@ static void test_decoder_per_prompt_dense(void **state) {
     free(emb);
 }
 
+/* The decoder workspace keeps per-image shared data between calls: reusing it must
+ * give exactly what a fresh call gives, after the embedding is rewritten (and the
+ * workspace invalidated), after the dense prompt changes, and after a release. */
+static void test_decoder_workspace_reuse(void **state) {
+    (void)state;
+    const int P = g_model->pe.dim, K = 3, nm = g_model->md.n_mask_tokens;
+    const size_t plane = 256 * 256, NP = (size_t)P * 4096;
+    float *emb = malloc(NP * sizeof(float)), *dense = malloc(NP * sizeof(float));
+    float *sparse = malloc((size_t)K * 2 * P * sizeof(float));
+    float *lg_ws = malloc((size_t)K * nm * plane * sizeof(float)), *lg_ref = malloc((size_t)K * nm * plane * sizeof(float));
+    float io_ws[64], io_ref[64];
+    assert_non_null(emb);
+    assert_non_null(lg_ref);
+    for (size_t i = 0; i < NP; i++) emb[i] = (float)sin(0.21 * (double)i) * 0.5f;
+    assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
+    for (int k = 0; k < K; k++) {
+        float b4[4] = {80.0f + 150 * k, 120.0f, 260.0f + 150 * k, 400.0f};
+        assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
+    }
+    cs_decoder_options o = cs_decoder_default_options(&g_model->md);
+    cs_decoder_ws *ws = cs_decoder_ws_new();
+    assert_non_null(ws);
+    for (int step = 0; step < 5; step++) {
+        if (step == 2) { /* new image in the same buffer */
+            for (size_t i = 0; i < NP; i++) emb[i] = (float)cos(0.13 * (double)i) * 0.7f;
+            cs_decoder_ws_invalidate(ws);
+        }
+        if (step == 3) /* another dense prompt: detected by value */
+            for (size_t i = 0; i < NP; i++) dense[i] *= 0.5f;
+        if (step == 4) cs_decoder_ws_release(ws);
+        int nb = step == 1 ? 1 : K; /* one prompt alone: single-thread-per-call path */
+        assert_int_equal(cs_mask_decoder_forward_ex(&g_model->md, emb, g_ctx->dense_pe, dense, 0, sparse, nb, 2, &o,
+                                                    lg_ws, io_ws, ws, 2),
+                         0);
+        assert_int_equal(cs_mask_decoder_forward_ex(&g_model->md, emb, g_ctx->dense_pe, dense, 0, sparse, nb, 2, &o,
+                                                    lg_ref, io_ref, NULL, 2),
+                         0);
+        tu_check_close("workspace reuse: logits", lg_ws, lg_ref, (size_t)nb * nm * plane, 0);
+        tu_check_close("workspace reuse: IoU", io_ws, io_ref, (size_t)nb * nm, 0);
+    }
+    cs_decoder_ws_free(ws);
+    free(lg_ws);
+    free(lg_ref);
+    free(sparse);
+    free(dense);
+    free(emb);
+}
+
 static void install_embedding(const char *case_dir) {
     cs_npy emb;
     tu_load(&emb, "%s/20_sam_image_embedding.npy", case_dir);
@@ -380,6 +428,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dense_pe_and_no_mask),
         cmocka_unit_test(test_decoder_per_prompt_dense),
+        cmocka_unit_test(test_decoder_workspace_reuse),
         cmocka_unit_test(test_sam_encoder_unit_pattern),
         cmocka_unit_test(test_detector_trunk_unit_pattern),
         cmocka_unit_test(test_cases_prompt_and_decoder),
