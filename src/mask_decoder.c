@@ -150,7 +150,7 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
 
 /* Per-thread scratch for one prompt at a time. */
 typedef struct {
-    float *keys, *kpe, *kout, *Q, *Q0, *qpe, *qout, *mlp_h, *up1, *up2, *z2;
+    float *keys, *kpe, *kout, *Q, *Q0, *qpe, *qout, *mlp_h, *z2, *lz;
     attn_ws aw;
 } item_ws;
 
@@ -163,9 +163,8 @@ static void item_ws_free(item_ws *w) {
     free(w->qpe);
     free(w->qout);
     free(w->mlp_h);
-    free(w->up1);
-    free(w->up2);
     free(w->z2);
+    free(w->lz);
     free(w->aw.qp);
     free(w->aw.kp);
     free(w->aw.vp);
@@ -186,17 +185,16 @@ static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
     w->qpe = cs_alloc((size_t)T, P * sizeof(float));
     w->qout = cs_alloc((size_t)T, P * sizeof(float));
     w->mlp_h = cs_alloc((size_t)T, (size_t)md->mlp * sizeof(float));
-    w->up1 = cs_alloc(4 * N, P / 4 * sizeof(float));
     w->z2 = cs_alloc(4 * N, P / 8 * 4 * sizeof(float));
-    w->up2 = cs_alloc(16 * N, P / 8 * sizeof(float));
+    w->lz = cs_alloc(16 * N, (size_t)md->n_mask_tokens * sizeof(float));
     w->aw.qp = cs_alloc(N, P * sizeof(float));
     w->aw.kp = cs_alloc(N, P * sizeof(float));
     w->aw.vp = cs_alloc(N, P * sizeof(float));
     w->aw.o = cs_alloc(N, P * sizeof(float));
     w->aw.scores = cs_alloc(N, (size_t)T * (size_t)md->heads * sizeof(float));
     w->aw.cb = cs_alloc((size_t)T, (size_t)md->heads * sizeof(float));
-    if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->up1 ||
-        !w->z2 || !w->up2 || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
+    if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->z2 ||
+        !w->lz || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
         item_ws_free(w);
         return CELLSAM_ERR_NOMEM;
     }
@@ -210,6 +208,7 @@ typedef struct {
     const float *keys0;      /* emb + shared dense, channel-last; NULL when dense differs per prompt */
     const float *kp0, *vp0;  /* layer-0 token-to-image keys/values of keys0 (may be NULL) */
     const float *qi0;        /* layer-0 image-to-token queries of keys0 + PE (may be NULL) */
+    const float *up0p, *up3p; /* upscaler weights by sub-position (convt_weight_by_position) */
     const float *dense;
     size_t dense_stride;
     const float *sparse;
@@ -281,39 +280,48 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
     mlp3(Q, md->iou_w, md->iou_b, P, md->iou_hidden, nm, io);
     if (io[sh->opt.mask_first] < sh->opt.skip_below) return;
 
-    /* upscaler: ConvT 2x2/2 as a GEMM against the (in, out*4) weight, scattered
-     * channel-last into the 2x larger grid, then LayerNorm2d + GELU */
-    cs_gemm(N, P4 * 4, P, keys, P, md->up0_w, P4 * 4, 0, 0.0f, w->kout, P4 * 4, nthr);
-    for (int y = 0; y < G; y++)
-        for (int x = 0; x < G; x++) {
-            const float *z = w->kout + ((size_t)y * G + x) * P4 * 4;
-            for (int a = 0; a < 2; a++)
-                for (int b2 = 0; b2 < 2; b2++) {
-                    float *dst = w->up1 + ((size_t)(2 * y + a) * (2 * G) + 2 * x + b2) * P4;
-                    for (int o = 0; o < P4; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up0_b[o];
-                }
-        }
-    cs_layernorm(w->up1, w->up1, 4 * N, P4, md->up1_w, md->up1_b, 1e-6f, nthr);
-    cs_gelu(w->up1, (size_t)4 * N * P4, nthr);
-    cs_gemm(4 * N, P8 * 4, P4, w->up1, P4, md->up3_w, P8 * 4, 0, 0.0f, w->z2, P8 * 4, nthr);
-    const int G2 = 2 * G;
-    for (int y = 0; y < G2; y++)
-        for (int x = 0; x < G2; x++) {
-            const float *z = w->z2 + ((size_t)y * G2 + x) * P8 * 4;
-            for (int a = 0; a < 2; a++)
-                for (int b2 = 0; b2 < 2; b2++) {
-                    float *dst = w->up2 + ((size_t)(2 * y + a) * (2 * G2) + 2 * x + b2) * P8;
-                    for (int o = 0; o < P8; o++) dst[o] = z[o * 4 + a * 2 + b2] + md->up3_b[o];
-                }
-        }
-    cs_gelu(w->up2, (size_t)16 * N * P8, nthr);
+    /* upscaler: two ConvT 2x2/2. Each output pixel depends on exactly one input pixel,
+     * so rows stay in "z-order" (source token, then sub-position) through both
+     * layers, with the weights' columns ordered (sub-position, channel): the bias,
+     * LayerNorm2d and GELU then work on contiguous channel runs, and only the final
+     * logits are placed on the 256 x 256 grid. */
+    float *z1 = w->kout; /* N x 4*P4 = 4N rows of P4 */
+    cs_gemm(N, 4 * P4, P, keys, P, sh->up0p, 4 * P4, 0, 0.0f, z1, 4 * P4, nthr);
+    for (size_t r = 0; r < (size_t)4 * N; r++) cs_add(z1 + r * P4, md->up0_b, (size_t)P4);
+    cs_layernorm(z1, z1, 4 * N, P4, md->up1_w, md->up1_b, 1e-6f, nthr);
+    cs_gelu(z1, (size_t)4 * N * P4, nthr);
+    float *z2 = w->z2; /* 4N x 4*P8 = 16N rows of P8 */
+    cs_gemm(4 * N, 4 * P8, P4, z1, P4, sh->up3p, 4 * P8, 0, 0.0f, z2, 4 * P8, nthr);
+    for (size_t r = 0; r < (size_t)16 * N; r++) cs_add(z2 + r * P8, md->up3_b, (size_t)P8);
+    cs_gelu(z2, (size_t)16 * N * P8, nthr);
 
     /* hypernetworks for the requested mask tokens; masks = hyper . upscaled */
     float hyper[16 * 128];
     const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count;
     for (int m = 0; m < mc; m++)
         mlp3(Q + (size_t)(1 + m0 + m) * P, md->hyper_w[m0 + m], md->hyper_b[m0 + m], P, P, P8, hyper + m * P8);
-    cs_gemm(mc, 16 * N, P8, hyper, P8, w->up2, P8, 1, 0.0f, logits + (size_t)bi * mc * 16 * N, 16 * N, nthr);
+    cs_gemm(mc, 16 * N, P8, hyper, P8, z2, P8, 1, 0.0f, w->lz, 16 * N, nthr);
+    /* z-order index ((t * 4 + a * 2 + b) * 4 + c * 2 + d) -> pixel (4y + 2a + c, 4x + 2b + d) */
+    const int S = 4 * G;
+    for (int m = 0; m < mc; m++) {
+        const float *src = w->lz + (size_t)m * 16 * N;
+        float *dst = logits + ((size_t)bi * mc + m) * 16 * N;
+        for (int t = 0; t < N; t++) {
+            const int y = t / G, x = t % G;
+            for (int ab = 0; ab < 4; ab++)
+                for (int cd = 0; cd < 4; cd++) {
+                    const int py = 4 * y + 2 * (ab >> 1) + (cd >> 1), px = 4 * x + 2 * (ab & 1) + (cd & 1);
+                    dst[(size_t)py * S + px] = src[((size_t)t * 4 + ab) * 4 + cd];
+                }
+        }
+    }
+}
+
+/* ConvT weight (in, out, 2, 2) with its columns reordered to (sub-position, out). */
+static void convt_weight_by_position(const float *w, int in, int out, float *dst) {
+    for (int i = 0; i < in; i++)
+        for (int o = 0; o < out; o++)
+            for (int k = 0; k < 4; k++) dst[(size_t)i * 4 * out + (size_t)k * out + o] = w[((size_t)i * out + o) * 4 + k];
 }
 
 cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
@@ -332,8 +340,9 @@ cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
 struct cs_decoder_ws {
     item_ws *items;
     int n_items, items_T;
-    float *emb_t, *pe, *keys0, *kpe0, *kp0, *vp0, *qi0, *dense_copy;
+    float *emb_t, *pe, *keys0, *kpe0, *kp0, *vp0, *qi0, *dense_copy, *up0p, *up3p;
     const float *emb_src, *pe_src; /* what emb_t and pe were transposed from */
+    const cs_mask_decoder *up_md;  /* whose upscaler weights up0p/up3p hold */
     int emb_valid, layer0_valid;
 };
 
@@ -351,6 +360,8 @@ void cs_decoder_ws_release(cs_decoder_ws *ws) {
     free(ws->vp0);
     free(ws->qi0);
     free(ws->dense_copy);
+    free(ws->up0p);
+    free(ws->up3p);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -402,11 +413,18 @@ static int ws_shared(cs_decoder_ws *ws, const cs_mask_decoder *md, const float *
         ws->kp0 = cs_alloc((size_t)N, ik * sizeof(float));
         ws->vp0 = cs_alloc((size_t)N, ik * sizeof(float));
         ws->qi0 = cs_alloc((size_t)N, iq * sizeof(float));
+        ws->up0p = cs_alloc((size_t)P, (size_t)P * sizeof(float));
+        ws->up3p = cs_alloc((size_t)P / 4, (size_t)P / 2 * sizeof(float));
         if (!ws->emb_t || !ws->pe || !ws->keys0 || !ws->kpe0 || !ws->dense_copy || !ws->kp0 || !ws->vp0 ||
-            !ws->qi0) {
+            !ws->qi0 || !ws->up0p || !ws->up3p) {
             cs_decoder_ws_release(ws);
             return CELLSAM_ERR_NOMEM;
         }
+    }
+    if (ws->up_md != md) {
+        convt_weight_by_position(md->up0_w, P, P / 4, ws->up0p);
+        convt_weight_by_position(md->up3_w, P / 4, P / 8, ws->up3p);
+        ws->up_md = md;
     }
     if (!ws->emb_valid || ws->emb_src != image_emb || ws->pe_src != dense_pe) {
         cs_transpose(image_emb, ws->emb_t, P, N);
@@ -471,6 +489,8 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     sh.opt = *opt;
     sh.emb_t = ws->emb_t;
     sh.pe = ws->pe;
+    sh.up0p = ws->up0p;
+    sh.up3p = ws->up3p;
     if (dense_stride == 0) {
         sh.keys0 = ws->keys0;
         sh.kp0 = ws->kp0;

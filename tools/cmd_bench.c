@@ -255,6 +255,7 @@ int cmd_bench(int argc, char **argv) {
     free(sparse);
     free(lgs);
     free(ious);
+    cs_decoder_ws_release(ctx->dec_ws); /* as segment does: no decoder buffers into the next encoder pass */
 
     /* end to end: a synthetic 1024 x 1024 image of bright discs */
     if (m->has_detector) {
