@@ -173,6 +173,11 @@ typedef struct {
     cellsam_cell *cells;   /* n_cells entries, by label */
     int n_boxes_detected;  /* boxes kept by the detector (or given) */
     double seconds;        /* wall time of the call */
+    /* where that time went (summed over tiles in tiled mode): pre-processing
+     * (normalisation, CLAHE, resizing), SAM image encoder, CellFinder (trunk, head,
+     * threshold, box NMS), mask decoding (prompts, decoder, composing labels), and
+     * the rest (hole filling, small objects, tile linking, cell table) */
+    double t_preprocess, t_encoder, t_detector, t_decoder, t_postprocess;
 } cellsam_result;
 
 /* Segment an image: `image` is height x width x channels float32 (interleaved), with

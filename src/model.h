@@ -175,6 +175,9 @@ struct cellsam_context {
     int has_embedding;
     float *dense_pe;  /* (P,64,64), computed once */
     cs_decoder_ws *dec_ws; /* decoder buffers and per-image shared data */
+    /* seconds by pipeline stage, accumulated by cs_segment_hw3 (CS_STAGE_*) */
+    double stage_s[4];
 };
+enum { CS_STAGE_PREPROCESS, CS_STAGE_ENCODER, CS_STAGE_DETECTOR, CS_STAGE_DECODER };
 
 #endif

@@ -161,6 +161,8 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     if (!p->boxes && !m->has_detector)
         return cs_error(CELLSAM_ERR_MODEL, "this checkpoint has no CellFinder detector: give boxes");
 
+    double t_stage = cs_now_seconds(), t_now;
+#define STAGE_DONE(k) (t_now = cs_now_seconds(), ctx->stage_s[k] += t_now - t_stage, t_stage = t_now)
     chw = cs_alloc(npix, 3 * sizeof(float));
     sam_in = cs_alloc((size_t)3 * 1024, 1024 * sizeof(float));
     if (!p->boxes) det_in = cs_alloc((size_t)3 * 1024, 1024 * sizeof(float));
@@ -180,6 +182,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     free(chw);
     chw = NULL;
     if (rc) goto done;
+    STAGE_DONE(CS_STAGE_PREPROCESS);
     if (p->embedding)
         rc = cellsam_set_embedding(ctx, p->embedding, m->pe.dim, m->pe.grid, m->pe.grid);
     else
@@ -187,6 +190,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     free(sam_in);
     sam_in = NULL;
     if (rc) goto done;
+    STAGE_DONE(CS_STAGE_ENCODER);
 
     if (p->boxes) {
         /* user boxes: scaled to the stretched 1024 frame per axis (spec §3.4) */
@@ -213,6 +217,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
         if (rc) goto done;
     }
     out->n_boxes = K;
+    STAGE_DONE(CS_STAGE_DETECTOR);
 
     if (p->mask_threshold != 0.4f) {
         rc = cs_error(CELLSAM_ERR_UNSUPPORTED, "mask threshold %g: only the official 0.4 is implemented", p->mask_threshold);
@@ -273,6 +278,8 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     /* a whole-image run keeps no decoder buffers (about 120 MB at full size) into
      * the next image's encoder pass; interactive prompting keeps them */
     cs_decoder_ws_release(ctx->dec_ws);
+    STAGE_DONE(CS_STAGE_DECODER);
+#undef STAGE_DONE
     /* holes and small objects; remember which composed label each final label came from */
     uint32_t *labels = cs_composer_take_labels(&comp);
     prefill = cs_alloc(npix, sizeof(uint32_t));
@@ -432,9 +439,11 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     if (cs_mul_size((size_t)width, (size_t)height, &npix) || npix > ((size_t)1 << 34))
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);
     double t0 = cs_now_seconds();
+    memset(ctx->stage_s, 0, sizeof ctx->stage_s);
     float *hw3;
     int rc = cs_place_channels(image, height, width, channels, &hw3);
     if (rc) return rc;
+    ctx->stage_s[CS_STAGE_PREPROCESS] = cs_now_seconds() - t0;
     cellsam_result *r = calloc(1, sizeof *r);
     if (!r) {
         free(hw3);
@@ -466,6 +475,11 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
         return rc;
     }
     r->seconds = cs_now_seconds() - t0;
+    r->t_preprocess = ctx->stage_s[CS_STAGE_PREPROCESS];
+    r->t_encoder = ctx->stage_s[CS_STAGE_ENCODER];
+    r->t_detector = ctx->stage_s[CS_STAGE_DETECTOR];
+    r->t_decoder = ctx->stage_s[CS_STAGE_DECODER];
+    r->t_postprocess = r->seconds - r->t_preprocess - r->t_encoder - r->t_detector - r->t_decoder;
     *out = r;
     return CELLSAM_OK;
 }

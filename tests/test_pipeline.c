@@ -216,6 +216,17 @@ static void run_case(const char *c) {
         cs_npy_free(&e20);
     }
     assert_int_equal(res->n_boxes_detected, K);
+    /* the stage times are each non-negative and add up to the call's wall time */
+    {
+        const double st[5] = {res->t_preprocess, res->t_encoder, res->t_detector, res->t_decoder, res->t_postprocess};
+        double sum = 0;
+        for (int i = 0; i < 5; i++) {
+            assert_true(st[i] >= 0);
+            sum += st[i];
+        }
+        assert_true(res->t_encoder > 0 && res->t_detector > 0);
+        assert_true(fabs(sum - res->seconds) < 1e-6);
+    }
     for (int i = 0; i < res->n_cells; i++) {
         assert_true(res->cells[i].area > 0);
         assert_true(res->cells[i].iou >= 0.5f);

@@ -288,6 +288,20 @@ int cmd_bench(int argc, char **argv) {
             json_object_set_new(js, "end_to_end_1024_s", json_real(seg50 + det_s));
             fprintf(out, "%-34s %8.3f s  (50 boxes: %.3f s segment + %.3f s detector)\n", "end to end 1024x1024, 50 cells",
                     seg50 + det_s, seg50, det_s);
+            /* where the time goes: the segment call's own stage timers, plus the
+             * detector stages timed above */
+            const char *names[6] = {"pre-processing", "SAM image encoder", "CellFinder trunk", "CellFinder head",
+                                    "mask decoder + labels", "post-processing"};
+            const char *keys[6] = {"preprocess", "encoder", "det_trunk", "det_head", "decoder", "postprocess"};
+            const double st[6] = {r->t_preprocess, r->t_encoder, json_real_value(json_object_get(js, "det_trunk_s")),
+                                  json_real_value(json_object_get(js, "det_head_s")), r->t_decoder,
+                                  r->t_postprocess};
+            json_t *prof = json_object();
+            for (int k = 0; k < 6; k++) {
+                json_object_set_new(prof, keys[k], json_real(st[k]));
+                fprintf(out, "  %-32s %8.3f s  %5.1f %%\n", names[k], st[k], 100.0 * st[k] / (seg50 + det_s));
+            }
+            json_object_set_new(js, "profile_1024_s", prof);
         }
         cellsam_result_free(r);
         r = NULL;

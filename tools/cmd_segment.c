@@ -230,8 +230,11 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
     else {
         *n_cells = r->n_cells;
         if (!o->quiet)
-            fprintf(stderr, "%s: %d cell%s (%d boxes) in %.1f s -> %s\n", in, r->n_cells, r->n_cells == 1 ? "" : "s",
-                    r->n_boxes_detected, r->seconds, out);
+            fprintf(stderr,
+                    "%s: %d cell%s (%d boxes) in %.1f s (pre-processing %.2f, encoder %.2f, detector %.2f, "
+                    "decoder %.2f, post-processing %.2f) -> %s\n",
+                    in, r->n_cells, r->n_cells == 1 ? "" : "s", r->n_boxes_detected, r->seconds, r->t_preprocess,
+                    r->t_encoder, r->t_detector, r->t_decoder, r->t_postprocess, out);
     }
     cellsam_result_free(r);
     cs_image_free(&img);
