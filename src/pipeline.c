@@ -183,14 +183,6 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     chw = NULL;
     if (rc) goto done;
     STAGE_DONE(CS_STAGE_PREPROCESS);
-    if (p->embedding)
-        rc = cellsam_set_embedding(ctx, p->embedding, m->pe.dim, m->pe.grid, m->pe.grid);
-    else
-        rc = cellsam_encode(ctx, sam_in, p->n_threads);
-    free(sam_in);
-    sam_in = NULL;
-    if (rc) goto done;
-    STAGE_DONE(CS_STAGE_ENCODER);
 
     if (p->boxes) {
         /* user boxes: scaled to the stretched 1024 frame per axis (spec §3.4) */
@@ -218,6 +210,18 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     }
     out->n_boxes = K;
     STAGE_DONE(CS_STAGE_DETECTOR);
+    /* the SAM branch runs after the detector, and only when there is a box to
+     * decode: empty tiles of a slide (background) cost one ViT pass, not two */
+    if (K > 0) {
+        if (p->embedding)
+            rc = cellsam_set_embedding(ctx, p->embedding, m->pe.dim, m->pe.grid, m->pe.grid);
+        else
+            rc = cellsam_encode(ctx, sam_in, p->n_threads);
+        if (rc) goto done;
+        STAGE_DONE(CS_STAGE_ENCODER);
+    }
+    free(sam_in);
+    sam_in = NULL;
 
     if (p->mask_threshold != 0.4f) {
         rc = cs_error(CELLSAM_ERR_UNSUPPORTED, "mask threshold %g: only the official 0.4 is implemented", p->mask_threshold);

@@ -299,8 +299,18 @@ static void test_degenerate_images(void **state) {
     sp.n_boxes = 0;
     assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
     assert_int_equal(r->n_cells, 0);
+    assert_true(r->t_encoder == 0.0); /* nothing to decode: the SAM encoder never ran */
     cellsam_result_free(r);
     sp.boxes = NULL;
+    /* no box passes the detector's threshold: empty labels, and no SAM encoder pass */
+    sp.bbox_threshold = 2.0f;
+    assert_int_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
+    assert_int_equal(r->n_boxes_detected, 0);
+    assert_int_equal(r->n_cells, 0);
+    for (int i = 0; i < 64 * 64; i++) assert_int_equal(r->labels[i], 0);
+    assert_true(r->t_detector > 0.0 && r->t_encoder == 0.0);
+    cellsam_result_free(r);
+    sp.bbox_threshold = 0.4f;
     /* NaN: a clear error */
     img[5] = NAN;
     assert_int_not_equal(cellsam_segment(g_ctx, img, 64, 64, 1, &sp, &r), 0);
