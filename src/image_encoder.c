@@ -107,6 +107,12 @@ static int attn_workspace_init(attn_workspace *ws, const cs_vit *v, int n_thread
     return CELLSAM_OK;
 }
 
+/* Row of grid token (y, x) in the window-major layout: windows of side x side tokens,
+ * nwin_side of them per grid row, each window row-major. */
+static inline size_t window_row(int y, int x, int side, int nwin_side) {
+    return ((size_t)((y / side) * nwin_side + x / side) * side + y % side) * side + x % side;
+}
+
 /* Attention sub-block: Y (grid*grid x D) is the LN1 output; writes the attention
  * result (before proj) into O (grid*grid x D). */
 static void block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
@@ -125,11 +131,9 @@ static void block_attention(const cs_vit *v, const cs_vit_block *b, const float 
          * so their q/k/v equal the bias and they take part in attention (reference
          * behaviour). Padding rows are zero from the calloc and never written. */
         for (int y = 0; y < G; y++)
-            for (int x = 0; x < G; x++) {
-                int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
-                size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
-                memcpy(ws->Yw + row * D, Y + ((size_t)y * G + x) * D, (size_t)D * sizeof(float));
-            }
+            for (int x = 0; x < G; x++)
+                memcpy(ws->Yw + window_row(y, x, side, nwin_side) * D, Y + ((size_t)y * G + x) * D,
+                       (size_t)D * sizeof(float));
         Yw = ws->Yw;
         Ow = ws->Ow;
     }
@@ -148,11 +152,9 @@ static void block_attention(const cs_vit *v, const cs_vit_block *b, const float 
     }
     if (partition) /* un-partition and crop the padding */
         for (int y = 0; y < G; y++)
-            for (int x = 0; x < G; x++) {
-                int wy = y / side, wx = x / side, iy = y % side, ix = x % side;
-                size_t row = ((size_t)(wy * nwin_side + wx) * side + iy) * side + ix;
-                memcpy(O + ((size_t)y * G + x) * D, ws->Ow + row * D, (size_t)D * sizeof(float));
-            }
+            for (int x = 0; x < G; x++)
+                memcpy(O + ((size_t)y * G + x) * D, ws->Ow + window_row(y, x, side, nwin_side) * D,
+                       (size_t)D * sizeof(float));
 }
 
 /* Half-precision block matrices to float32 (F16C when built for it). */

@@ -348,10 +348,16 @@ struct cs_decoder_ws {
 
 cs_decoder_ws *cs_decoder_ws_new(void) { return calloc(1, sizeof(cs_decoder_ws)); }
 
-void cs_decoder_ws_release(cs_decoder_ws *ws) {
-    if (!ws) return;
+static void ws_free_items(cs_decoder_ws *ws) {
     for (int t = 0; t < ws->n_items; t++) item_ws_free(&ws->items[t]);
     free(ws->items);
+    ws->items = NULL;
+    ws->n_items = 0;
+}
+
+void cs_decoder_ws_release(cs_decoder_ws *ws) {
+    if (!ws) return;
+    ws_free_items(ws);
     free(ws->emb_t);
     free(ws->pe);
     free(ws->keys0);
@@ -377,21 +383,16 @@ void cs_decoder_ws_invalidate(cs_decoder_ws *ws) {
 /* Per-thread prompt scratch for `outer` threads and T tokens. */
 static int ws_items(cs_decoder_ws *ws, const cs_mask_decoder *md, int T, int outer) {
     if (ws->items && ws->n_items >= outer && ws->items_T == T) return CELLSAM_OK;
-    for (int t = 0; t < ws->n_items; t++) item_ws_free(&ws->items[t]);
-    free(ws->items);
-    ws->n_items = 0;
+    ws_free_items(ws);
     ws->items = calloc((size_t)outer, sizeof *ws->items);
     if (!ws->items) return CELLSAM_ERR_NOMEM;
-    for (int t = 0; t < outer; t++) {
-        int rc = item_ws_alloc(&ws->items[t], md, T);
+    for (; ws->n_items < outer; ws->n_items++) {
+        int rc = item_ws_alloc(&ws->items[ws->n_items], md, T);
         if (rc) {
-            for (int u = 0; u < t; u++) item_ws_free(&ws->items[u]);
-            free(ws->items);
-            ws->items = NULL;
+            ws_free_items(ws); /* the ones allocated so far */
             return rc;
         }
     }
-    ws->n_items = outer;
     ws->items_T = T;
     return CELLSAM_OK;
 }

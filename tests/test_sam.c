@@ -91,6 +91,15 @@ static void test_dense_pe_and_no_mask(void **state) {
     free(crop);
 }
 
+/* Sparse embeddings of K box prompts (x0 + k dx, y0) - (x0 + k dx + w, y1), 2 tokens each. */
+static void box_prompts(float *sparse, int K, float x0, float dx, float w, float y0, float y1) {
+    const int P = g_model->pe.dim;
+    for (int k = 0; k < K; k++) {
+        float b4[4] = {x0 + dx * k, y0, x0 + dx * k + w, y1};
+        assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
+    }
+}
+
 /* Per-prompt dense embeddings (mask prompts) take the decoder's unshared path, where
  * layer 0 projects its own keys; given the shared no-mask embedding for every prompt,
  * it must agree with the shared path, which pre-projects layer 0 once per call. */
@@ -103,10 +112,7 @@ static void test_decoder_per_prompt_dense(void **state) {
     assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
     for (int k = 1; k < K; k++) memcpy(dense + (size_t)k * P * 4096, dense, (size_t)P * 4096 * sizeof(float));
     float *sparse = malloc((size_t)K * 2 * P * sizeof(float));
-    for (int k = 0; k < K; k++) {
-        float b4[4] = {100.0f + 200 * k, 150.0f, 300.0f + 200 * k, 420.0f};
-        assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
-    }
+    box_prompts(sparse, K, 100.0f, 200.0f, 200.0f, 150.0f, 420.0f);
     const size_t plane = 256 * 256;
     float *lg_shared = malloc((size_t)K * nm * plane * sizeof(float)), *lg_own = malloc((size_t)K * nm * plane * sizeof(float));
     float io_shared[64], io_own[64];
@@ -140,10 +146,7 @@ static void test_decoder_workspace_reuse(void **state) {
     assert_non_null(lg_ref);
     for (size_t i = 0; i < NP; i++) emb[i] = (float)sin(0.21 * (double)i) * 0.5f;
     assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
-    for (int k = 0; k < K; k++) {
-        float b4[4] = {80.0f + 150 * k, 120.0f, 260.0f + 150 * k, 400.0f};
-        assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
-    }
+    box_prompts(sparse, K, 80.0f, 150.0f, 180.0f, 120.0f, 400.0f);
     cs_decoder_options o = cs_decoder_default_options(&g_model->md);
     cs_decoder_ws *ws = cs_decoder_ws_new();
     assert_non_null(ws);

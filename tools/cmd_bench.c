@@ -81,6 +81,30 @@ static double sgemm_gflops(const cs_vit *v, int threads, int reps) {
     return flops / best / 1e9;
 }
 
+/* Median wall time of `reps` (at most 9) decoder calls on nb boxes. With `fresh_image`
+ * the per-image shared work is redone before each call, as when boxes are decoded one
+ * call at a time (the official loop); without it, it is reused (a labeling-tool click). */
+static double median_decode_s(cellsam_context *ctx, const float *dense, const float *sparse, int nb, int reps,
+                              int fresh_image, float *lgs, float *ious, int threads) {
+    const cellsam_model *m = ctx->model;
+    cs_decoder_options dopt = {0, 1, -INFINITY};
+    double times[9];
+    for (int r = 0; r < reps; r++) {
+        if (fresh_image) cs_decoder_ws_invalidate(ctx->dec_ws);
+        double t0 = cs_now_seconds();
+        cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, nb, 2, &dopt, lgs, ious,
+                                   ctx->dec_ws, threads);
+        times[r] = cs_now_seconds() - t0;
+    }
+    for (int i = 1; i < reps; i++) /* insertion sort: at most 9 values */
+        for (int j = i; j > 0 && times[j - 1] > times[j]; j--) {
+            double tmp = times[j];
+            times[j] = times[j - 1];
+            times[j - 1] = tmp;
+        }
+    return times[reps / 2];
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *ckpt = NULL, *config = NULL;
     int threads = cli_default_threads(), json = 0, e2e4096 = 0, weights = CELLSAM_DTYPE_F32;
@@ -198,56 +222,22 @@ int cmd_bench(int argc, char **argv) {
         b[3] = b[1] + 45;
         cs_prompt_sparse(&m->pe, b, NULL, 0, sparse + (size_t)i * 2 * P);
     }
-    cs_decoder_options dopt = {0, 1, -INFINITY};
     /* a warm-up call first (page faults of the output, caches), then the median of
      * several calls: single short calls varied by +-30 % between runs */
     const int reps[4] = {9, 5, 3, 1};
-    cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, 64, 2, &dopt, lgs, ious,
-                               ctx->dec_ws, threads);
+    median_decode_s(ctx, dense, sparse, 64, 1, 1, lgs, ious, threads);
     for (int k = 0; k < 4; k++) {
-        double times[9];
-        for (int r = 0; r < reps[k]; r++) {
-            /* each call as if on a new image: the per-image shared work is redone, as
-             * when boxes are decoded one call at a time (the official loop) */
-            cs_decoder_ws_invalidate(ctx->dec_ws);
-            t0 = cs_now_seconds();
-            cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, sizes[k], 2, &dopt,
-                                       lgs, ious, ctx->dec_ws, threads);
-            times[r] = cs_now_seconds() - t0;
-        }
-        for (int i = 1; i < reps[k]; i++) /* insertion sort: at most 9 values */
-            for (int j = i; j > 0 && times[j - 1] > times[j]; j--) {
-                double tmp = times[j];
-                times[j] = times[j - 1];
-                times[j - 1] = tmp;
-            }
-        per_box[k] = times[reps[k] / 2] / sizes[k];
+        per_box[k] = median_decode_s(ctx, dense, sparse, sizes[k], reps[k], 1, lgs, ious, threads) / sizes[k];
         char key[64];
         snprintf(key, sizeof key, "decoder_per_box_s_%d", sizes[k]);
         json_object_set_new(js, key, json_real(per_box[k]));
         fprintf(out, "%-34s %8.4f s per box (%d boxes in one call, median of %d)\n", "mask decoder", per_box[k],
                 sizes[k], reps[k]);
     }
-    /* one prompt on an image whose shared decoder data are already computed: a click
-     * in the labeling tool */
-    {
-        double times[9];
-        for (int r = 0; r < 9; r++) {
-            t0 = cs_now_seconds();
-            cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, 1, 2, &dopt, lgs,
-                                       ious, ctx->dec_ws, threads);
-            times[r] = cs_now_seconds() - t0;
-        }
-        for (int i = 1; i < 9; i++)
-            for (int j = i; j > 0 && times[j - 1] > times[j]; j--) {
-                double tmp = times[j];
-                times[j] = times[j - 1];
-                times[j - 1] = tmp;
-            }
-        json_object_set_new(js, "decoder_prompt_s", json_real(times[4]));
-        fprintf(out, "%-34s %8.4f s  (1 box, same image: shared data reused, median of 9)\n", "mask decoder, next prompt",
-                times[4]);
-    }
+    const double prompt_s = median_decode_s(ctx, dense, sparse, 1, 9, 0, lgs, ious, threads);
+    json_object_set_new(js, "decoder_prompt_s", json_real(prompt_s));
+    fprintf(out, "%-34s %8.4f s  (1 box, same image: shared data reused, median of 9)\n", "mask decoder, next prompt",
+            prompt_s);
     json_object_set_new(js, "decoder_batch_speedup", json_real(per_box[0] / per_box[2]));
     fprintf(out, "%-34s %8.2f x  (per box: 1 box alone / 64 boxes batched)\n", "decoder batch speedup",
             per_box[0] / per_box[2]);
