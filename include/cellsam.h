@@ -31,6 +31,12 @@ enum cellsam_status {
 
 const char *cellsam_last_error(void);
 const char *cellsam_status_string(int status);
+/* One line about the arithmetic this process uses: the BLAS kernels (chosen at the first
+ * model load; see the README on OpenBLAS and AVX-512) and whether the CPU has AVX512-BF16. */
+const char *cellsam_system_info(void);
+/* 1 when the CPU runs bfloat16 products natively (AVX512-BF16), so compute_dtype = BF16 is
+ * fast; 0 when that path is emulated (same results, slower than float32). */
+int cellsam_has_native_bf16(void);
 /* Free a buffer returned by the library (logits, labels, ...). */
 void cellsam_free(void *p);
 
@@ -43,6 +49,9 @@ typedef struct {
     const char *config_path; /* optional JSON overriding hyper-parameters (heads, ...) */
     int weights_dtype;       /* CELLSAM_DTYPE_F32 (default), _F16 or _BF16: compute dtype of weights */
     int load_detector;       /* 1 (default): require and load CellFinder; 0: SAM only */
+    int compute_dtype;       /* CELLSAM_DTYPE_F32 (default) or _BF16: the ViT blocks' matrix products
+                                with inputs rounded to bfloat16, sums in float32 (AVX512-BF16 when the
+                                CPU has it, else emulated and slower); see the README for its accuracy */
 } cellsam_model_params;
 
 enum { CELLSAM_DTYPE_F32 = 0, CELLSAM_DTYPE_F16 = 1, CELLSAM_DTYPE_BF16 = 2 };

@@ -2,6 +2,7 @@
 # Score a model (default: the bundled models/cellsam-small.safetensors) on every
 # folder of the shared evaluation data, as models/README.md reports it.
 # usage: scripts/eval-default-model.sh [CELLSAM_BINARY] [DATA_DIR] [MODEL]
+# Extra segment options go in $CELLSAM_SEGMENT_ARGS (e.g. "--precision bf16").
 set -e
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 CLI=${1:-$SRC/build/cellsam}
@@ -16,7 +17,8 @@ for d in "$DATA"/*/; do
     ls "$d" | grep -q '_masks\.' || continue
     mkdir -p "$TMP/$name"
     t0=$(date +%s.%N)
-    "$CLI" segment -m "$MODEL" "$d" -o "$TMP/$name" --quiet
+    # shellcheck disable=SC2086 # word splitting of the option list is intended
+    "$CLI" segment -m "$MODEL" "$d" -o "$TMP/$name" --quiet ${CELLSAM_SEGMENT_ARGS:-}
     t1=$(date +%s.%N)
     "$CLI" eval "$d" "$TMP/$name" --json >"$TMP/$name.json"
     f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/$name.json")

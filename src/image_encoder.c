@@ -23,26 +23,42 @@
 
 /* One attention head over one window (or the whole grid, for global blocks).
  * q/k/v rows are `ld` floats apart; n = side*side tokens in row-major order.
- * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd) floats. */
-static size_t attn_scratch_floats(int side, int hd) {
-    return (size_t)ATTN_QBLOCK * ((size_t)side * side + hd + 2 * (2 * side - 1) + 1);
+ * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd, bf16) floats.
+ * With bf16, the two products with n terms (q k^T and p v) take bfloat16 inputs (keys
+ * and values packed once per head); the relative-position terms and the softmax stay
+ * float32. */
+static size_t attn_scratch_floats(int side, int hd, int bf16) {
+    const size_t n = (size_t)side * side;
+    size_t floats = (size_t)ATTN_QBLOCK * (n + hd + 2 * (2 * side - 1) + 1);
+    if (bf16) floats += (cs_bf16_packed_count((int)n, hd) + cs_bf16_packed_count(hd, (int)n) + 1) / 2;
+    return floats;
 }
 
-static void attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
-                           const float *rel_h, const float *rel_w, float scale, float *out, int ldo,
-                           float *scratch) {
+static int attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
+                          const float *rel_h, const float *rel_w, float scale, float *out, int ldo, int bf16,
+                          float *scratch) {
     const int n = side * side, R = 2 * side - 1;
     float *scores = scratch;
     float *qs = scores + (size_t)ATTN_QBLOCK * n;
     float *fh = qs + (size_t)ATTN_QBLOCK * hd; /* q . Rh[j] for every table row j */
     float *fw = fh + (size_t)ATTN_QBLOCK * R;
     float *inv_sum = fw + (size_t)ATTN_QBLOCK * R;
+    cs_bf16_weights k16, vt16;
+    if (bf16) {
+        uint16_t *kbuf = (uint16_t *)(inv_sum + ATTN_QBLOCK);
+        cs_bf16_pack_strided(&k16, kbuf, k, (size_t)ld, 1, n, hd);         /* K: n x hd */
+        cs_bf16_pack_strided(&vt16, kbuf + cs_bf16_packed_count(n, hd), v, 1, (size_t)ld, hd, n); /* V^T */
+    }
     for (int q0 = 0; q0 < n; q0 += ATTN_QBLOCK) {
         int qb = n - q0 < ATTN_QBLOCK ? n - q0 : ATTN_QBLOCK;
         for (int i = 0; i < qb; i++)
             for (int c = 0; c < hd; c++) qs[(size_t)i * hd + c] = q[(size_t)(q0 + i) * ld + c] * scale;
         /* scores = (q * scale) k^T, as the reference orders it */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
+        if (bf16) {
+            if (cs_bf16_linear(qs, qb, hd, &k16, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
+        } else {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
+        }
         /* decomposed relative positions use the unscaled q: one small GEMM against each
          * whole table, then rh[ky] = fh[qy - ky + side - 1], rw[kx] = fw[qx - kx + side - 1] */
         const float *qb0 = q + (size_t)q0 * ld;
@@ -64,10 +80,15 @@ static void attention_head(const float *q, const float *k, const float *v, int l
             inv_sum[i] = 1.0f / cs_exp_row_sum(srow, n);
         }
         float *o = out + (size_t)q0 * ldo;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, hd, n, 1.0f, scores, n, v, ld, 0.0f, o, ldo);
+        if (bf16) {
+            if (cs_bf16_linear(scores, qb, n, &vt16, NULL, 0, o, ldo, 1)) return CELLSAM_ERR_NOMEM;
+        } else {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, hd, n, 1.0f, scores, n, v, ld, 0.0f, o, ldo);
+        }
         for (int i = 0; i < qb; i++)
             for (int c = 0; c < hd; c++) o[(size_t)i * ldo + c] *= inv_sum[i];
     }
+    return CELLSAM_OK;
 }
 
 /* Buffers of the attention sub-block, sized once per forward pass for the largest
@@ -90,7 +111,7 @@ static int attn_workspace_init(attn_workspace *ws, const cs_vit *v, int n_thread
     for (int bi = 0; bi < v->depth; bi++) {
         const int side = v->blocks[bi].window ? v->blocks[bi].window : G;
         const int nws = (G + side - 1) / side;
-        size_t tok = (size_t)nws * nws * side * side, sc = attn_scratch_floats(side, hd);
+        size_t tok = (size_t)nws * nws * side * side, sc = attn_scratch_floats(side, hd, v->compute_bf16);
         max_tok = tok > max_tok ? tok : max_tok;
         max_scratch = sc > max_scratch ? sc : max_scratch;
     }
@@ -113,9 +134,25 @@ static inline size_t window_row(int y, int x, int side, int nwin_side) {
     return ((size_t)((y / side) * nwin_side + x / side) * side + y % side) * side + x % side;
 }
 
+/* Y[M,N] = (accumulate ? Y : 0) + X[M,K] W^T + bias, in the model's precision for
+ * the block matrices: float32 through the BLAS, or bfloat16 (gemm_bf16.c). */
+static int block_linear(const cs_vit *v, const float *X, int M, int K, const float *W32,
+                        const cs_bf16_weights *Wbf16, const float *bias, int N, int accumulate, float *Y,
+                        int n_threads) {
+    if (v->compute_bf16) return cs_bf16_linear(X, M, K, Wbf16, bias, accumulate, Y, N, n_threads);
+    if (!accumulate) {
+        cs_linear(X, M, K, W32, bias, N, Y, n_threads);
+        return CELLSAM_OK;
+    }
+    if (bias)
+        for (int i = 0; i < M; i++) cs_add(Y + (size_t)i * N, bias, (size_t)N);
+    cs_gemm(M, N, K, X, K, W32, K, 1, 1.0f, Y, N, n_threads);
+    return CELLSAM_OK;
+}
+
 /* Attention sub-block: Y (grid*grid x D) is the LN1 output; writes the attention
  * result (before proj) into O (grid*grid x D). */
-static void block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
+static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *Y, float *O,
                             attn_workspace *ws, int n_threads) {
     const int D = v->dim, G = v->grid, H = v->heads, hd = D / H;
     const int side = b->window ? b->window : G;
@@ -137,24 +174,27 @@ static void block_attention(const cs_vit *v, const cs_vit_block *b, const float 
         Yw = ws->Yw;
         Ow = ws->Ow;
     }
-    cs_linear(Yw, (int)ntok, D, b->qkv_w, b->qkv_b, 3 * D, ws->QKV, n_threads);
+    int rc = block_linear(v, Yw, (int)ntok, D, b->qkv_w, &b->qkv_bf16, b->qkv_b, 3 * D, 0, ws->QKV, n_threads);
+    if (rc) return rc;
     const float scale = 1.0f / sqrtf((float)hd);
     const int n = side * side;
     const int items = nwin * H;
-    int nt = n_threads < items ? n_threads : items;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    int nt = n_threads < items ? n_threads : items, failed = 0;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : failed)
     for (int it = 0; it < items; it++) {
         int w = it / H, h = it % H;
         const float *base = ws->QKV + (size_t)w * n * 3 * D;
-        attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
-                       b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D,
-                       ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len);
+        failed |= attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
+                                 b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, v->compute_bf16,
+                                 ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len) != 0;
     }
+    if (failed) return CELLSAM_ERR_NOMEM;
     if (partition) /* un-partition and crop the padding */
         for (int y = 0; y < G; y++)
             for (int x = 0; x < G; x++)
                 memcpy(O + ((size_t)y * G + x) * D, ws->Ow + window_row(y, x, side, nwin_side) * D,
                        (size_t)D * sizeof(float));
+    return CELLSAM_OK;
 }
 
 /* Half-precision block matrices to float32 (F16C when built for it). */
@@ -185,14 +225,15 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
     float *M = cs_alloc(N, (size_t)v->mlp * sizeof(float));
     /* float32 copies of one block's matrices when they are stored in 16 bits */
     const size_t wq = (size_t)3 * D * D, wp = (size_t)D * D, w1 = (size_t)v->mlp * D;
-    float *W32 = v->weights16 ? cs_alloc(wq + wp + 2 * w1, sizeof(float)) : NULL;
+    const int widen = v->weights16 && !v->compute_bf16;
+    float *W32 = widen ? cs_alloc(wq + wp + 2 * w1, sizeof(float)) : NULL;
     attn_workspace ws;
     int rc = attn_workspace_init(&ws, v, n_threads);
     if (rc) {
         memset(&ws, 0, sizeof ws);
         goto done;
     }
-    if (!X || !Y || !T || !M || (v->weights16 && !W32)) {
+    if (!X || !Y || !T || !M || (widen && !W32)) {
         rc = CELLSAM_ERR_NOMEM;
         goto done;
     }
@@ -212,7 +253,7 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
 
     for (int bi = 0; bi < v->depth; bi++) {
         cs_vit_block blk = v->blocks[bi];
-        if (v->weights16) {
+        if (widen) {
             widen16(blk.qkv_w16, W32, wq, v->weights16, n_threads);
             widen16(blk.proj_w16, W32 + wq, wp, v->weights16, n_threads);
             widen16(blk.lin1_w16, W32 + wq + wp, w1, v->weights16, n_threads);
@@ -224,15 +265,16 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
         }
         const cs_vit_block *b = &blk;
         cs_layernorm(X, Y, (int)N, D, b->norm1_w, b->norm1_b, 1e-6f, n_threads);
-        block_attention(v, b, Y, T, &ws, n_threads);
-        /* X += proj(attn): accumulate straight into X through beta = 1 */
-        for (size_t i = 0; i < N; i++) cs_add(X + i * D, b->proj_b, (size_t)D);
-        cs_gemm((int)N, D, D, T, D, b->proj_w, D, 1, 1.0f, X, D, n_threads);
+        rc = block_attention(v, b, Y, T, &ws, n_threads);
+        /* X += proj(attn) and X += lin2(gelu(lin1(LN2 X))): accumulate straight into X */
+        if (!rc) rc = block_linear(v, T, (int)N, D, b->proj_w, &b->proj_bf16, b->proj_b, D, 1, X, n_threads);
+        if (rc) goto done;
         cs_layernorm(X, Y, (int)N, D, b->norm2_w, b->norm2_b, 1e-6f, n_threads);
-        cs_linear(Y, (int)N, D, b->lin1_w, b->lin1_b, v->mlp, M, n_threads);
+        rc = block_linear(v, Y, (int)N, D, b->lin1_w, &b->lin1_bf16, b->lin1_b, v->mlp, 0, M, n_threads);
+        if (rc) goto done;
         cs_gelu(M, N * v->mlp, n_threads);
-        for (size_t i = 0; i < N; i++) cs_add(X + i * D, b->lin2_b, (size_t)D);
-        cs_gemm((int)N, D, v->mlp, M, v->mlp, b->lin2_w, v->mlp, 1, 1.0f, X, D, n_threads);
+        rc = block_linear(v, M, (int)N, v->mlp, b->lin2_w, &b->lin2_bf16, b->lin2_b, D, 1, X, n_threads);
+        if (rc) goto done;
     }
 
     if (!v->has_neck) {

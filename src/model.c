@@ -14,6 +14,7 @@ cellsam_model_params cellsam_model_default_params(void) {
     cellsam_model_params p;
     memset(&p, 0, sizeof p);
     p.weights_dtype = CELLSAM_DTYPE_F32;
+    p.compute_dtype = CELLSAM_DTYPE_F32;
     p.load_detector = 1;
     return p;
 }
@@ -271,8 +272,48 @@ static int bind_prompt_decoder(cs_binder *b, const char *pfx, cellsam_model *m, 
     return CELLSAM_OK;
 }
 
+static void vit_free_bf16(cs_vit *v) {
+    for (int i = 0; v->blocks && i < v->depth; i++) {
+        cs_bf16_weights_free(&v->blocks[i].qkv_bf16);
+        cs_bf16_weights_free(&v->blocks[i].proj_bf16);
+        cs_bf16_weights_free(&v->blocks[i].lin1_bf16);
+        cs_bf16_weights_free(&v->blocks[i].lin2_bf16);
+    }
+}
+
+/* Opt-in bfloat16 compute: pack the four matrices of every block once. Their
+ * float32 (or 16-bit) pages in the memory map are not read again, so they are handed
+ * back: with bf16 the model holds half the bytes of float32 for these matrices. */
+static int vit_pack_bf16(cs_vit *v, const cs_weights *w) {
+    const int D = v->dim, F = v->mlp;
+    for (int i = 0; i < v->depth; i++) {
+        cs_vit_block *k = &v->blocks[i];
+        struct {
+            cs_bf16_weights *dst;
+            const float *f32;
+            const uint16_t *f16;
+            int n, k;
+        } mats[4] = {{&k->qkv_bf16, k->qkv_w, k->qkv_w16, 3 * D, D},
+                     {&k->proj_bf16, k->proj_w, k->proj_w16, D, D},
+                     {&k->lin1_bf16, k->lin1_w, k->lin1_w16, F, D},
+                     {&k->lin2_bf16, k->lin2_w, k->lin2_w16, D, F}};
+        for (int j = 0; j < 4; j++) {
+            int rc = cs_bf16_weights_pack(mats[j].dst, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
+                                          mats[j].k, 1);
+            if (rc) return rc;
+            const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
+            if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
+            else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
+        }
+    }
+    v->compute_bf16 = 1;
+    return CELLSAM_OK;
+}
+
 void cellsam_model_free(cellsam_model *m) {
     if (!m) return;
+    vit_free_bf16(&m->sam_vit);
+    vit_free_bf16(&m->det_vit);
     free(m->sam_vit.blocks);
     free(m->det_vit.blocks);
     free(m->md.layers);
@@ -356,6 +397,11 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         cellsam_model_free(m);
         return cs_error(CELLSAM_ERR_INVALID, "unknown weights dtype %d", params->weights_dtype);
     }
+    if (params->compute_dtype != CELLSAM_DTYPE_F32 && params->compute_dtype != CELLSAM_DTYPE_BF16) {
+        cellsam_model_free(m);
+        return cs_error(CELLSAM_ERR_INVALID, "compute dtype %d: only f32 and bf16 are supported",
+                        params->compute_dtype);
+    }
     rc = bind_vit(b, vp, &m->sam_vit, vit_heads, 1, w16);
     if (!rc) rc = bind_prompt_decoder(b, m->prefix, m, ho.dec_heads ? ho.dec_heads : 8);
     int det_present = cs_weights_find(w, "cellfinder.decode_head.backbone.body.patch_embed.proj.weight") != NULL;
@@ -393,6 +439,15 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     if (params->load_detector && !det_present && params->load_detector == 2) {
         cellsam_model_free(m);
         return cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder (cellfinder.*) tensors", path);
+    }
+    if (params->compute_dtype == CELLSAM_DTYPE_BF16) {
+        rc = vit_pack_bf16(&m->sam_vit, w);
+        if (!rc && m->has_detector) rc = vit_pack_bf16(&m->det_vit, w);
+        if (rc) {
+            cs_error_prefix(rc, "%s", path);
+            cellsam_model_free(m);
+            return rc;
+        }
     }
     cellsam_model_info *in = &m->info;
     in->image_size = m->sam_vit.img_size;

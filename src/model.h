@@ -5,6 +5,7 @@
 #define CELLSAM_MODEL_H
 
 #include "cellsam.h"
+#include "gemm_bf16.h"
 #include "weights.h"
 
 /* ---- binding named tensors with shape checks ----
@@ -48,6 +49,8 @@ typedef struct {
     /* opt-in reduced-precision storage of the four large matrices (then the float
      * pointers above are NULL and each block converts them to float32 before use) */
     const uint16_t *qkv_w16, *proj_w16, *lin1_w16, *lin2_w16;
+    /* opt-in bfloat16 compute: the four matrices packed for gemm_bf16.c (owned) */
+    cs_bf16_weights qkv_bf16, proj_bf16, lin1_bf16, lin2_bf16;
 } cs_vit_block;
 
 typedef struct {
@@ -58,6 +61,7 @@ typedef struct {
     cs_vit_block *blocks;
     int has_neck, out_chans;
     int weights16;                  /* 0, CS_DTYPE_F16 or CS_DTYPE_BF16 for the block matrices */
+    int compute_bf16;               /* the block matrices run through cs_bf16_linear */
     const float *neck0_w;           /* (P, D, 1, 1) */
     const float *neck1_w, *neck1_b; /* (P) */
     const float *neck2_w;           /* (P, P, 3, 3) */

@@ -92,6 +92,15 @@ int cs_weights_add_owned(cs_weights *w, const char *name, cs_dtype dtype, int nd
     return rc;
 }
 
+void cs_weights_drop_pages(const cs_weights *w, const void *p, size_t bytes) {
+    const uintptr_t base = (uintptr_t)w->map_addr, a = (uintptr_t)p;
+    if (!w->map_addr || a < base || bytes > w->map_len || a - base > w->map_len - bytes) return;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = (a + page - 1) / page * page, hi = (a + bytes) / page * page;
+    /* a private read-only file mapping: dropped pages are re-read from the file if touched */
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
 void cs_weights_set_mapping(cs_weights *w, void *addr, size_t len) {
     w->map_addr = addr;
     w->map_len = len;

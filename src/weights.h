@@ -40,6 +40,9 @@ int cs_weights_open_pt(const char *path, cs_weights **out);
 int cs_weights_parse_safetensors(const unsigned char *data, size_t size, cs_weights **out);
 int cs_weights_parse_pt(const unsigned char *data, size_t size, cs_weights **out);
 void cs_weights_free(cs_weights *w);
+/* Hand back to the kernel the whole pages of [p, p+bytes) when they lie in the file
+ * mapping (for tensors that were copied and will not be read again). */
+void cs_weights_drop_pages(const cs_weights *w, const void *p, size_t bytes);
 
 size_t cs_weights_count(const cs_weights *w);
 const cs_tensor_entry *cs_weights_at(const cs_weights *w, size_t i);

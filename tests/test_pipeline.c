@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 
 #include "cellfinder.h"
+#include "metrics.h"
 #include "model.h"
 #include "pipeline.h"
 #include "postprocess.h"
@@ -267,6 +268,75 @@ static void test_all_cases(void **state) {
     for (int i = 0; i < n; i++) run_case(names[i]);
 }
 
+/* Opt-in bfloat16 compute (--precision bf16) on every reference case, against the
+ * official float32 labels (50_label_final), as objects (F1 at IoU 0.5):
+ *  - with only the SAM branch in bfloat16 the labels must agree (measured: F1 1 on
+ *    all four cases, >= 99.8 % identical pixels);
+ *  - with both ViTs in bfloat16 (what --precision bf16 does) the random tiny
+ *    detector's near-tie scores flip and other boxes pass its threshold (measured
+ *    F1 0.29-1 on the four cases). That is reported, not asserted; on a trained model the bundled
+ *    model's F1 on real images is unchanged (tests/cli_default_model.sh). */
+static void test_bf16_compute_labels(void **state) {
+    (void)state;
+    cellsam_model_params p = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    p.config_path = cfg;
+    p.compute_dtype = CELLSAM_DTYPE_BF16;
+    cellsam_model *m;
+    cellsam_context *ctx;
+    assert_int_equal(cellsam_model_load(tu_path("checkpoint.pt"), &p, &m), 0);
+    assert_int_equal(cellsam_context_new(m, &ctx), 0);
+    for (int both = 0; both < 2; both++) {
+        m->det_vit.compute_bf16 = both; /* the packed matrices stay; float32 ones are still bound */
+        DIR *d = opendir(tu_testdata());
+        assert_non_null(d);
+        struct dirent *de;
+        int n_cases = 0;
+        double worst = 1;
+        while ((de = readdir(d))) {
+            if (strncmp(de->d_name, "case_", 5)) continue;
+            cs_npy in, ref;
+            tu_load(&in, "%s/00_input.npy", de->d_name);
+            tu_load(&ref, "%s/50_label_final.npy", de->d_name);
+            float *raw = cs_npy_to_f32(&in), *hw3;
+            int H, W;
+            assert_int_equal(cs_format_image_shape(raw, in.ndim, in.shape, &hw3, &H, &W), 0);
+            cellsam_segment_params sp = cellsam_segment_default_params();
+            sp.tiled = 0;
+            sp.n_threads = 2;
+            cellsam_result *res;
+            assert_int_equal(cellsam_segment(ctx, hw3, W, H, 3, &sp, &res), 0);
+            const size_t npix = (size_t)H * W;
+            uint32_t *gt = malloc(npix * sizeof(uint32_t));
+            size_t same = 0;
+            for (size_t i = 0; i < npix; i++) {
+                gt[i] = (uint32_t)cs_npy_get(&ref, i);
+                same += gt[i] == res->labels[i];
+            }
+            cs_match_stats st;
+            assert_int_equal(cs_evaluate_labels(gt, res->labels, npix, &st), 0);
+            printf("  %-28s bf16 %-13s %d cells (float32 %d), F1@0.5 %.3f, identical pixels %.4f\n", de->d_name,
+                   both ? "both ViTs:" : "SAM encoder:", st.tp + st.fp, st.tp + st.fn, st.f1, (double)same / npix);
+            assert_int_equal(st.tp + st.fp, res->n_cells);
+            for (int i = 0; i < res->n_cells; i++) assert_true(res->cells[i].iou >= 0.5f && res->cells[i].area > 0);
+            worst = st.f1 < worst ? st.f1 : worst;
+            n_cases++;
+            free(gt);
+            cellsam_result_free(res);
+            free(hw3);
+            free(raw);
+            cs_npy_free(&in);
+            cs_npy_free(&ref);
+        }
+        closedir(d);
+        assert_true(n_cases > 0);
+        if (!both) assert_true(worst >= 0.9);
+    }
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+}
+
 /* Bad and degenerate images: an error or a valid empty result, never a crash. */
 static void test_degenerate_images(void **state) {
     (void)state;
@@ -425,6 +495,7 @@ static void test_box_nms_hint(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_all_cases),
+        cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_degenerate_images),
         cmocka_unit_test(test_box_nms),
         cmocka_unit_test(test_box_nms_hint),

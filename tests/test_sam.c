@@ -394,28 +394,35 @@ static void test_other_layouts(void **state) {
     free(x);
 }
 
-/* Opt-in 16-bit storage of the ViT matrices: the deviation from float32 on the unit
- * pattern stays within the bounds documented in the README (measured: f16 1.8e-3,
- * bf16 1.6e-2 for embeddings of magnitude ~3.7). */
-static void test_half_precision_weights(void **state) {
+/* Opt-in reduced precision: 16-bit storage of the ViT matrices, bfloat16 compute,
+ * and both. The deviation from float32 on the unit pattern stays within the bounds
+ * documented in the README (measured: f16 weights 1.8e-3, bf16 weights 1.6e-2,
+ * bf16 compute 2.3e-2, for embeddings of magnitude ~3.7). */
+static void test_reduced_precision(void **state) {
     (void)state;
     float *x = pattern_input(7, 13, 29, 0);
     cs_npy ref;
     tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
-    const struct { int dtype; double tol; const char *name; } k[2] = {
-        {CELLSAM_DTYPE_F16, 5e-3, "f16 weights vs sam_encoder_output"},
-        {CELLSAM_DTYPE_BF16, 5e-2, "bf16 weights vs sam_encoder_output"}};
-    for (int i = 0; i < 2; i++) {
+    const struct { int dtype, compute; double tol; const char *name; } k[4] = {
+        {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_F32, 5e-3, "f16 weights vs sam_encoder_output"},
+        {CELLSAM_DTYPE_BF16, CELLSAM_DTYPE_F32, 5e-2, "bf16 weights vs sam_encoder_output"},
+        {CELLSAM_DTYPE_F32, CELLSAM_DTYPE_BF16, 5e-2, "bf16 compute vs sam_encoder_output"},
+        {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_BF16, 5e-2, "f16 weights, bf16 compute"}};
+    for (int i = 0; i < 4; i++) {
         cellsam_model_params p = cellsam_model_default_params();
         char cfg[1024];
         snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
         p.config_path = cfg;
         p.weights_dtype = k[i].dtype;
+        p.compute_dtype = k[i].compute;
         cellsam_model *m;
         cellsam_context *c;
         assert_int_equal(cellsam_model_load(tu_path("checkpoint.safetensors"), &p, &m), 0);
         assert_int_equal(m->sam_vit.weights16, k[i].dtype);
-        assert_null(m->sam_vit.blocks[0].qkv_w);
+        assert_int_equal(m->sam_vit.compute_bf16, k[i].compute == CELLSAM_DTYPE_BF16);
+        assert_int_equal(m->det_vit.compute_bf16, k[i].compute == CELLSAM_DTYPE_BF16);
+        if (k[i].dtype) assert_null(m->sam_vit.blocks[0].qkv_w);
+        if (k[i].compute) assert_non_null(m->sam_vit.blocks[0].lin2_bf16.data);
         assert_int_equal(cellsam_context_new(m, &c), 0);
         assert_int_equal(cellsam_encode(c, x, 2), 0);
         double err = tu_check_npy(k[i].name, c->embedding, ref.count, &ref, k[i].tol);
@@ -425,6 +432,13 @@ static void test_half_precision_weights(void **state) {
     }
     cs_npy_free(&ref);
     free(x);
+    /* an unknown compute dtype is refused with a message, not ignored */
+    cellsam_model_params p = cellsam_model_default_params();
+    p.compute_dtype = CELLSAM_DTYPE_F16;
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(tu_path("checkpoint.safetensors"), &p, &m), CELLSAM_ERR_INVALID);
+    assert_null(m);
+    assert_non_null(strstr(cellsam_last_error(), "compute dtype"));
 }
 
 int main(void) {
@@ -437,7 +451,7 @@ int main(void) {
         cmocka_unit_test(test_cases_prompt_and_decoder),
         cmocka_unit_test(test_prompt_sets),
         cmocka_unit_test(test_other_layouts),
-        cmocka_unit_test(test_half_precision_weights),
+        cmocka_unit_test(test_reduced_precision),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(argv[1], "--version")) {
-        printf("cellsam %s\n", CELLSAM_VERSION);
+        printf("cellsam %s\n%s\n", CELLSAM_VERSION, cellsam_system_info());
         return 0;
     }
     for (size_t i = 0; i < sizeof k_commands / sizeof k_commands[0]; i++)

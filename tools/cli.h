@@ -27,5 +27,8 @@ const char *cli_default_model(void);
 #define CELLSAM_DEFAULT_MODEL_NAME "cellsam-small.safetensors"
 /* "f32", "f16" or "bf16" -> CELLSAM_DTYPE_*; -1 if unknown */
 int cli_parse_weights(const char *s);
+/* --precision f32|bf16: CELLSAM_DTYPE_F32 / _BF16, or -1; a one-line note on stderr when
+ * bf16 is chosen on a CPU that can only emulate it */
+int cli_parse_precision(const char *cmd, const char *s);
 
 #endif

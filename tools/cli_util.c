@@ -56,6 +56,18 @@ int cli_parse_weights(const char *s) {
     return -1;
 }
 
+int cli_parse_precision(const char *cmd, const char *s) {
+    if (!strcmp(s, "f32")) return CELLSAM_DTYPE_F32;
+    if (strcmp(s, "bf16")) {
+        cli_error(cmd, "--precision must be f32 or bf16, not '%s'", s);
+        return -1;
+    }
+    if (!cellsam_has_native_bf16())
+        fprintf(stderr, "cellsam %s: note: this CPU has no AVX512-BF16; --precision bf16 is emulated (same "
+                        "results, slower than f32)\n", cmd);
+    return CELLSAM_DTYPE_BF16;
+}
+
 /* The bundled default model: beside the executable (installed layouts), then the
  * source tree the CLI was built from. */
 const char *cli_default_model(void) {

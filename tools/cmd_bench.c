@@ -11,6 +11,7 @@
 #include "cellfinder.h"
 #include "cli.h"
 #include "common.h"
+#include "gemm_bf16.h"
 #include "model.h"
 #include "ops.h"
 #include "pipeline.h"
@@ -49,7 +50,10 @@ static double vit_flops(const cs_vit *v) {
 }
 
 /* sgemm throughput on the shapes of one encoder block's linear layers. */
-static double sgemm_gflops(const cs_vit *v, int threads, int reps) {
+/* Throughput of the ViT block's four GEMM shapes (qkv, proj, lin1, lin2 on grid x grid
+ * tokens): OpenBLAS sgemm, or with bf16 our bfloat16 kernel (weights packed first, as
+ * at model load). Best of `reps` rounds. */
+static double gemm_gflops(const cs_vit *v, int threads, int reps, int bf16) {
     const int N = v->grid * v->grid, D = v->dim, M = v->mlp;
     const int shapes[4][2] = {{D, 3 * D}, {D, D}, {D, M}, {M, D}}; /* K, Nout */
     size_t maxk = (size_t)(M > D ? M : D), maxn = (size_t)(M > 3 * D ? M : 3 * D);
@@ -64,17 +68,22 @@ static double sgemm_gflops(const cs_vit *v, int threads, int reps) {
     }
     fill_random(A, (size_t)N * maxk, 1);
     fill_random(B, maxn * maxk, 2);
+    cs_bf16_weights packed[4] = {{0}};
+    for (int s = 0; bf16 && s < 4; s++)
+        if (cs_bf16_weights_pack(&packed[s], B, NULL, 0, shapes[s][1], shapes[s][0], threads)) bf16 = -1;
     double flops = 0, best = 1e30;
-    for (int r = 0; r < reps; r++) {
+    for (int r = 0; r < reps && bf16 >= 0; r++) {
         double t0 = cs_now_seconds();
         flops = 0;
         for (int s = 0; s < 4; s++) {
-            cs_gemm(N, shapes[s][1], shapes[s][0], A, shapes[s][0], B, shapes[s][0], 1, 0.0f, C, shapes[s][1], threads);
+            if (bf16) cs_bf16_linear(A, N, shapes[s][0], &packed[s], NULL, 0, C, shapes[s][1], threads);
+            else cs_gemm(N, shapes[s][1], shapes[s][0], A, shapes[s][0], B, shapes[s][0], 1, 0.0f, C, shapes[s][1], threads);
             flops += 2.0 * N * shapes[s][0] * shapes[s][1];
         }
         double t = cs_now_seconds() - t0;
         best = t < best ? t : best;
     }
+    for (int s = 0; s < 4; s++) cs_bf16_weights_free(&packed[s]);
     free(A);
     free(B);
     free(C);
@@ -107,10 +116,12 @@ static double median_decode_s(cellsam_context *ctx, const float *dense, const fl
 
 int cmd_bench(int argc, char **argv) {
     const char *ckpt = NULL, *config = NULL;
-    int threads = cli_default_threads(), json = 0, e2e4096 = 0, weights = CELLSAM_DTYPE_F32;
+    int threads = cli_default_threads(), json = 0, e2e4096 = 0, weights = CELLSAM_DTYPE_F32,
+        precision = CELLSAM_DTYPE_F32;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096] [--weights f16|bf16]\n\n"
+            printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096] [--weights f16|bf16]\n"
+                   "       [--precision bf16]\n\n"
                    "Times each stage on the given (full-size) model and prints GFLOP/s next to the BLAS sgemm\n"
                    "throughput on the encoder's GEMM shapes, measured in the same run. A random full-size\n"
                    "checkpoint: build/make_checkpoint ../shared/testdata/official_keys.tsv /tmp/full\n"
@@ -127,6 +138,9 @@ int cmd_bench(int argc, char **argv) {
                 cli_error("bench", "--weights must be f32, f16 or bf16");
                 return 2;
             }
+        }
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
+            if ((precision = cli_parse_precision("bench", argv[++i])) < 0) return 2;
         }
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             if (cli_parse_int(argv[++i], 1, 256, &threads)) {
@@ -146,6 +160,7 @@ int cmd_bench(int argc, char **argv) {
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = config;
     mp.weights_dtype = weights;
+    mp.compute_dtype = precision;
     cellsam_model *m;
     cellsam_context *ctx;
     double t0 = cs_now_seconds();
@@ -158,11 +173,20 @@ int cmd_bench(int argc, char **argv) {
     json_object_set_new(js, "threads", json_integer(threads));
     json_object_set_new(js, "load_s", json_real(load_s));
     fprintf(out, "model loaded in %.3f s (%s), threads %d\n", load_s, cs_weights_format(m->weights), threads);
+    fprintf(out, "%s\n", cellsam_system_info());
+    json_object_set_new(js, "system", json_string(cellsam_system_info()));
 
-    double sg = sgemm_gflops(&m->sam_vit, threads, 3);
+    double sg = gemm_gflops(&m->sam_vit, threads, 3, 0);
     json_object_set_new(js, "sgemm_gflops", json_real(sg));
     fprintf(out, "%-34s %8.1f GFLOP/s  (baseline: qkv/proj/mlp shapes, %d x %d tokens)\n", "BLAS sgemm", sg,
             m->sam_vit.grid, m->sam_vit.grid);
+    double bg = 0;
+    if (precision == CELLSAM_DTYPE_BF16) {
+        bg = gemm_gflops(&m->sam_vit, threads, 3, 1);
+        json_object_set_new(js, "bf16_gemm_gflops", json_real(bg));
+        fprintf(out, "%-34s %8.1f GFLOP/s  = %.2f x sgemm (the same shapes, our bfloat16 kernel)\n", "bf16 GEMM", bg,
+                bg / sg);
+    }
 
     float *x = cs_alloc((size_t)3 << 20, sizeof(float));
     if (!x) return 1;
@@ -184,6 +208,10 @@ int cmd_bench(int argc, char **argv) {
     json_object_set_new(js, "encoder_gflops", json_real(enc_gf));
     json_object_set_new(js, "encoder_vs_sgemm", json_real(enc_gf / sg));
     fprintf(out, "%-34s %8.3f s  %8.1f GFLOP/s  = %.2f x sgemm\n", "SAM image encoder", enc_s, enc_gf, enc_gf / sg);
+    if (bg > 0) {
+        json_object_set_new(js, "encoder_vs_bf16_gemm", json_real(enc_gf / bg));
+        fprintf(out, "%-34s %8.2f x  (encoder GFLOP/s / bf16 GEMM GFLOP/s)\n", "  against the bf16 GEMM", enc_gf / bg);
+    }
 
     if (m->has_detector) {
         const cs_vit *dv = &m->det_vit;

@@ -121,9 +121,10 @@ int cmd_convert(int argc, char **argv) {
 /* ----------------------------------------------------------------- embed */
 
 static int load_model(const char *cmd, const char *ckpt, const char *config, int need_detector,
-                      cellsam_model **m) {
+                      int precision, cellsam_model **m) {
     cellsam_model_params p = cellsam_model_default_params();
     p.config_path = config;
+    p.compute_dtype = precision;
     p.load_detector = need_detector;
     if (cellsam_model_load(ckpt, &p, m)) {
         cli_error(cmd, "%s", cellsam_last_error());
@@ -134,10 +135,11 @@ static int load_model(const char *cmd, const char *ckpt, const char *config, int
 
 int cmd_embed(int argc, char **argv) {
     const char *ckpt = NULL, *config = NULL, *tensor = NULL, *image = NULL, *out = NULL;
-    int threads = cli_default_threads();
+    int threads = cli_default_threads(), precision = CELLSAM_DTYPE_F32;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: cellsam embed -m CKPT [--config JSON] (--tensor X.npy | IMAGE) -o EMB.npy [--threads N]\n\n"
+            printf("usage: cellsam embed -m CKPT [--config JSON] (--tensor X.npy | IMAGE) -o EMB.npy [--threads N]\n"
+                   "                    [--precision bf16]\n\n"
                    "Compute the SAM image embedding (P x 64 x 64 float32 .npy).\n"
                    "  --tensor X.npy  an already pre-processed network input (3 x 1024 x 1024 float32,\n"
                    "                  or 1 x 3 x 1024 x 1024), as the reference testdata holds it\n"
@@ -147,6 +149,9 @@ int cmd_embed(int argc, char **argv) {
         } else if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) ckpt = argv[++i];
         else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = argv[++i];
         else if (!strcmp(argv[i], "--tensor") && i + 1 < argc) tensor = argv[++i];
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
+            if ((precision = cli_parse_precision("embed", argv[++i])) < 0) return 2;
+        }
         else if (!strcmp(argv[i], "-o") && i + 1 < argc) out = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             if (cli_parse_int(argv[++i], 1, 256, &threads)) {
@@ -187,7 +192,7 @@ int cmd_embed(int argc, char **argv) {
             }
     }
     cellsam_model *m;
-    if (load_model("embed", ckpt, config, 0, &m)) {
+    if (load_model("embed", ckpt, config, 0, precision, &m)) {
         free(input);
         return 1;
     }
@@ -338,7 +343,7 @@ int cmd_prompt(int argc, char **argv) {
         mask = cs_npy_to_f32(&a);
         cs_npy_free(&a);
     }
-    if (load_model("prompt", ckpt, config, 0, &m)) goto out;
+    if (load_model("prompt", ckpt, config, 0, CELLSAM_DTYPE_F32, &m)) goto out;
     if (cellsam_context_new(m, &ctx) || cellsam_set_embedding(ctx, emb, (int)ec, 64, 64)) {
         cli_error("prompt", "%s", cellsam_last_error());
         goto out;

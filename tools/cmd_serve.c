@@ -27,6 +27,7 @@ static void usage(void) {
            "  --cache N         image embeddings kept in memory (default 8; 4 MB each for the full model)\n"
            "  --max-upload MB   upload size limit (default 512)\n"
            "  --tiled           segment-all in tiled mode (default: whole image at once)\n"
+           "  --precision bf16  ViT matrix products in bfloat16 (faster embeddings with AVX512-BF16)\n"
            "  --web DIR         page files (default: %s)\n"
            "  --log             log each request on stderr\n"
            "The first line on stdout is \"cellsam serve: http://HOST:PORT/\". Stop with Ctrl+C.\n",
@@ -35,7 +36,7 @@ static void usage(void) {
 
 int cmd_serve(int argc, char **argv) {
     cs_server_options o = cs_server_default_options();
-    const char *model = NULL, *config = NULL;
+    const char *model = NULL, *config = NULL, *precision = NULL;
     o.port = 8765;
     o.web_dir = CELLSAM_WEB_DIR;
     o.threads = cli_default_threads();
@@ -49,6 +50,7 @@ int cmd_serve(int argc, char **argv) {
             return 0;
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) sv = &model;
         else if (!strcmp(a, "--config")) sv = &config;
+        else if (!strcmp(a, "--precision")) sv = &precision;
         else if (!strcmp(a, "--root")) sv = &o.root;
         else if (!strcmp(a, "--host")) sv = &o.host;
         else if (!strcmp(a, "--web")) sv = &o.web_dir;
@@ -85,6 +87,7 @@ int cmd_serve(int argc, char **argv) {
     }
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = config;
+    if (precision && (mp.compute_dtype = cli_parse_precision("serve", precision)) < 0) return 2;
     cellsam_model *m = NULL;
     if (cellsam_model_load(model, &mp, &m)) {
         cli_error("serve", "%s", cellsam_last_error());

@@ -1,0 +1,259 @@
+/* bfloat16 matrix products with float32 accumulation (opt-in precision).
+ *
+ * Why our own kernel: the BLAS offers no bfloat16 GEMM here, and VDPBF16PS
+ * (AVX512-BF16: Zen 4 and later, Cooper Lake and later Xeons) does twice the
+ * multiply-adds per instruction of a float32 FMA. Blocking, GotoBLAS style:
+ *  - W is packed once at load (cs_bf16_weights): panels of 32 columns, k in pairs;
+ *  - each thread takes MC rows of X at a time, rounds a KC-wide slice of them to
+ *    bfloat16 into micro-panels of MR rows ([pair][row] words: one broadcast each);
+ *  - the micro-kernel keeps an MR x 32 tile of float32 sums in 28 zmm registers
+ *    and streams the weight panel (16 KB per KC slice, so it stays in L1 across the
+ *    MC / MR micro-panels).
+ * The portable kernel has the same blocking, rounding and summation order (odd
+ * element of each pair first, as VDPBF16PS), so both give the same sums up to the
+ * hardware's handling of subnormals.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "cpu.h"
+#include "gemm_bf16.h"
+#include "weights.h"
+
+#define MR 14  /* rows per micro-tile: 14 x 2 accumulators + 2 weight registers */
+#define NR 32  /* columns per panel: two zmm of 16 floats */
+#define KCP 128 /* pairs per K slice: the weight slice is 128 x 128 B = 16 KB */
+#define MC (MR * 8)
+
+uint16_t cs_bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u); /* zero, subnormal */
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+size_t cs_bf16_packed_count(int n, int k) {
+    if (n <= 0 || k <= 0) return 0;
+    return (size_t)((n + NR - 1) / NR) * NR * (size_t)((k + 1) / 2) * 2;
+}
+
+/* Fill w->data: element (j, i) of W from src32[j * rs + i * cs], or from src16 (row-major). */
+static void pack_panels(cs_bf16_weights *w, const float *src32, size_t rs, size_t cs, const uint16_t *src16,
+                        int dtype16, int n_threads) {
+    const int n = w->n, k = w->k, kp = w->k_pairs, np = w->n_panels;
+#pragma omp parallel for num_threads(n_threads > 0 ? n_threads : 1) schedule(static) if (np > 1 && n_threads > 1)
+    for (int j = 0; j < np; j++) {
+        uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
+        for (int c = 0; c < NR; c++) {
+            const int col = j * NR + c;
+            for (int i = 0; i < 2 * kp; i++) {
+                uint16_t v = 0;
+                if (col < n && i < k) {
+                    if (src32) v = cs_bf16_round(src32[(size_t)col * rs + (size_t)i * cs]);
+                    else if (dtype16 == CS_DTYPE_BF16) v = src16[(size_t)col * k + i];
+                    else v = cs_bf16_round(cs_f16_to_f32(src16[(size_t)col * k + i]));
+                }
+                panel[((size_t)(i / 2) * NR + c) * 2 + (i & 1)] = v;
+            }
+        }
+    }
+}
+
+static void set_dims(cs_bf16_weights *w, int n, int k) {
+    w->n = n;
+    w->k = k;
+    w->k_pairs = (k + 1) / 2;
+    w->n_panels = (n + NR - 1) / NR;
+}
+
+int cs_bf16_weights_pack(cs_bf16_weights *w, const float *src32, const uint16_t *src16, int dtype16, int n,
+                         int k, int n_threads) {
+    memset(w, 0, sizeof *w);
+    if (n <= 0 || k <= 0 || (!src32 && !src16)) return cs_error(CELLSAM_ERR_INVALID, "bf16 pack: empty matrix");
+    if ((size_t)n * (size_t)k > ((size_t)1 << 31))
+        return cs_error(CELLSAM_ERR_LIMIT, "bf16 pack: matrix %d x %d too large", n, k);
+    w->data = cs_alloc(cs_bf16_packed_count(n, k), sizeof(uint16_t));
+    if (!w->data) return cs_error(CELLSAM_ERR_NOMEM, "out of memory packing bf16 weights");
+    set_dims(w, n, k);
+    pack_panels(w, src32, (size_t)k, 1, src16, dtype16, n_threads);
+    return CELLSAM_OK;
+}
+
+void cs_bf16_pack_strided(cs_bf16_weights *w, uint16_t *data, const float *src, size_t rs, size_t cs, int n,
+                          int k) {
+    set_dims(w, n, k);
+    w->data = data;
+    pack_panels(w, src, rs, cs, NULL, 0, 1);
+}
+
+void cs_bf16_weights_free(cs_bf16_weights *w) {
+    if (!w) return;
+    cs_free(w->data);
+    memset(w, 0, sizeof *w);
+}
+
+/* Round rows [m0, m0+mc) x pairs [p0, p0+kpl) of X into micro-panels of MR rows:
+ * word (pair p, row r) of panel t at A[(t * kpl + p) * MR + r]; rows past mc are 0. */
+static void pack_rows(const float *X, int ldx, int K, int m0, int mc, int p0, int kpl, uint32_t *A,
+                      uint16_t *row16) {
+    const int panels = (mc + MR - 1) / MR;
+    for (int t = 0; t < panels; t++)
+        for (int r = 0; r < MR; r++) {
+            const int m = t * MR + r;
+            uint32_t *dst = A + (size_t)t * kpl * MR + r;
+            if (m >= mc) {
+                for (int p = 0; p < kpl; p++) dst[(size_t)p * MR] = 0;
+                continue;
+            }
+            const float *x = X + (size_t)(m0 + m) * ldx + 2 * p0;
+            const int n = 2 * kpl, valid = K - 2 * p0 < n ? K - 2 * p0 : n;
+            for (int i = 0; i < valid; i++) row16[i] = cs_bf16_round(x[i]);
+            for (int i = valid; i < n; i++) row16[i] = 0;
+            for (int p = 0; p < kpl; p++)
+                dst[(size_t)p * MR] = (uint32_t)row16[2 * p] | (uint32_t)row16[2 * p + 1] << 16;
+        }
+}
+
+/* Write an MR x NR tile of sums: rows < mr, columns < nr; C = acc (+ C) (+ bias). */
+static inline void store_tile(const float *acc, float *C, int ldc, int mr, int nr, int load_c,
+                              const float *bias) {
+    for (int r = 0; r < mr; r++) {
+        float *c = C + (size_t)r * ldc;
+        for (int j = 0; j < nr; j++) {
+            float v = acc[r * NR + j];
+            if (load_c) v = v + c[j];
+            if (bias) v = v + bias[j];
+            c[j] = v;
+        }
+    }
+}
+
+static void kernel_portable(int kpl, const uint32_t *A, const uint16_t *B, float *C, int ldc, int mr, int nr,
+                            int load_c, const float *bias) {
+    float acc[MR * NR] = {0};
+    for (int p = 0; p < kpl; p++) {
+        const uint16_t *b = B + (size_t)p * NR * 2;
+        for (int r = 0; r < MR; r++) {
+            const uint32_t a = A[(size_t)p * MR + r];
+            const float a0 = bf16_to_f32((uint16_t)(a & 0xffff)), a1 = bf16_to_f32((uint16_t)(a >> 16));
+            for (int j = 0; j < NR; j++) {
+                float s = acc[r * NR + j] + a1 * bf16_to_f32(b[2 * j + 1]);
+                acc[r * NR + j] = s + a0 * bf16_to_f32(b[2 * j]);
+            }
+        }
+    }
+    store_tile(acc, C, ldc, mr, nr, load_c, bias);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX512BF16_KERNEL 1
+#define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+TARGET_BF16 static void kernel_avx512bf16(int kpl, const uint32_t *A, const uint16_t *B, float *C, int ldc,
+                                          int mr, int nr, int load_c, const float *bias) {
+    __m512 c0[MR], c1[MR];
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int p = 0; p < kpl; p++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + (size_t)p * NR * 2);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + (size_t)p * NR * 2 + 32);
+        const uint32_t *a = A + (size_t)p * MR;
+#pragma GCC unroll 14
+        for (int r = 0; r < MR; r++) {
+            const __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[r]);
+            c0[r] = _mm512_dpbf16_ps(c0[r], ar, b0);
+            c1[r] = _mm512_dpbf16_ps(c1[r], ar, b1);
+        }
+    }
+    const __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+    const __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1) : 0;
+    const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; r++) {
+        if (r >= mr) break;
+        float *c = C + (size_t)r * ldc;
+        __m512 v0 = c0[r], v1 = c1[r];
+        if (load_c) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+        }
+        if (bias) {
+            v0 = _mm512_add_ps(v0, bias0);
+            v1 = _mm512_add_ps(v1, bias1);
+        }
+        _mm512_mask_storeu_ps(c, m0, v0);
+        _mm512_mask_storeu_ps(c + 16, m1, v1);
+    }
+}
+#endif
+
+typedef void (*bf16_kernel)(int, const uint32_t *, const uint16_t *, float *, int, int, int, int, const float *);
+
+static int linear_with(bf16_kernel kernel, const float *X, int M, int ldx, const cs_bf16_weights *W,
+                       const float *bias, int accumulate, float *Y, int ldy, int n_threads) {
+    if (M <= 0) return CELLSAM_OK;
+    if (n_threads < 1) n_threads = 1;
+    const int K = W->k, N = W->n, kp = W->k_pairs;
+    const int chunks = (M + MC - 1) / MC;
+    const int nt = n_threads < chunks ? n_threads : chunks;
+    /* per thread: one MC x KCP slice of X as micro-panels, and one row in bf16 */
+    uint32_t *apack = cs_alloc((size_t)nt * MC, KCP * sizeof(uint32_t));
+    uint16_t *rows = cs_alloc((size_t)nt, 2 * KCP * sizeof(uint16_t));
+    if (!apack || !rows) {
+        cs_free(apack);
+        cs_free(rows);
+        return cs_error(CELLSAM_ERR_NOMEM, "out of memory in a bf16 matrix product");
+    }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int ch = 0; ch < chunks; ch++) {
+        const int tid = omp_get_thread_num();
+        uint32_t *A = apack + (size_t)tid * MC * KCP;
+        uint16_t *row16 = rows + (size_t)tid * 2 * KCP;
+        const int m0 = ch * MC, mc = M - m0 < MC ? M - m0 : MC;
+        const int panels = (mc + MR - 1) / MR;
+        for (int p0 = 0; p0 < kp; p0 += KCP) {
+            const int kpl = kp - p0 < KCP ? kp - p0 : KCP;
+            pack_rows(X, ldx, K, m0, mc, p0, kpl, A, row16);
+            const int first = p0 == 0;
+            for (int j = 0; j < W->n_panels; j++) {
+                const uint16_t *B = W->data + ((size_t)j * kp + p0) * NR * 2;
+                const int n0 = j * NR, nr = N - n0 < NR ? N - n0 : NR;
+                for (int t = 0; t < panels; t++) {
+                    const int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                    kernel(kpl, A + (size_t)t * kpl * MR, B, Y + (size_t)(m0 + t * MR) * ldy + n0, ldy, mr, nr,
+                           !first || accumulate, first && bias ? bias + n0 : NULL);
+                }
+            }
+        }
+    }
+    cs_free(apack);
+    cs_free(rows);
+    return CELLSAM_OK;
+}
+
+int cs_bf16_linear_portable(const float *X, int M, int ldx, const cs_bf16_weights *W, const float *bias,
+                            int accumulate, float *Y, int ldy, int n_threads) {
+    return linear_with(kernel_portable, X, M, ldx, W, bias, accumulate, Y, ldy, n_threads);
+}
+
+int cs_bf16_linear(const float *X, int M, int ldx, const cs_bf16_weights *W, const float *bias, int accumulate,
+                   float *Y, int ldy, int n_threads) {
+#ifdef HAVE_AVX512BF16_KERNEL
+    if (cs_cpu_has_avx512bf16())
+        return linear_with(kernel_avx512bf16, X, M, ldx, W, bias, accumulate, Y, ldy, n_threads);
+#endif
+    return linear_with(kernel_portable, X, M, ldx, W, bias, accumulate, Y, ldy, n_threads);
+}
