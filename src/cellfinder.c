@@ -20,6 +20,7 @@
 
 #include "cellfinder.h"
 #include "common.h"
+#include "gemm_bf16.h"
 #include "ops.h"
 
 #define CF_DMODEL 256         /* pos2posemb1d/2d hard-code 256 features */
@@ -68,6 +69,7 @@ struct cs_cellfinder {
     const float *pos2_w[2], *pos2_b[2]; /* adapt_pos2d.{0,2} */
     enc_layer *enc;
     dec_layer *dec;
+    int compute_bf16; /* attention products with bfloat16 inputs (opt-in, gemm_bf16.c) */
 };
 
 /* ------------------------------------------------------------------ bind */
@@ -212,6 +214,10 @@ void cs_cellfinder_free(struct cs_cellfinder *cf) {
     free(cf);
 }
 
+void cs_cellfinder_set_compute_bf16(struct cs_cellfinder *cf, int on) {
+    if (cf) cf->compute_bf16 = on != 0;
+}
+
 void cs_cellfinder_get_dims(const struct cs_cellfinder *cf, cs_cellfinder_dims *d) {
     memset(d, 0, sizeof *d);
     if (!cf) return;
@@ -269,6 +275,13 @@ static float inverse_sigmoid(float x) {
 
 /* ------------------------------------------------------------ attention */
 
+/* Opt-in bfloat16 attention: per-head operands packed for cs_bf16_linear. */
+typedef struct {
+    uint16_t *buf;         /* heads x per_head values */
+    size_t per_head;
+    cs_bf16_weights *w;    /* 2 x heads views into buf */
+} bf16_pack;
+
 /* RCDA core for Nq queries over an H x W map, all rows `C` floats apart:
  * q_r, q_c (Nq, C) projected and scaled; k_r (W, C) = row-mean keys per column,
  * k_c (H, C) = column-mean keys per row; vpack (heads, H, W*hd) values per head.
@@ -279,12 +292,17 @@ static size_t rcda_scratch(int H, int W, int hd) {
 
 static void rcda_attend(int Nq, int C, int heads, int H, int W, const float *q_r, const float *q_c,
                         const float *k_r, const float *k_c, const float *vpack, float *out,
-                        float *scratch, int nt) {
+                        float *scratch, bf16_pack *bp, int nt) {
     const int hd = C / heads;
     const int nblk = (Nq + CF_QBLOCK - 1) / CF_QBLOCK;
     const int tasks = nblk * heads;
     const size_t per = rcda_scratch(H, W, hd);
     const int WH = W * hd;
+    if (bp) /* the (H x W*hd) values of each head, transposed, for T = a_c v */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int h = 0; h < heads; h++)
+            cs_bf16_pack_strided(&bp->w[h], bp->buf + (size_t)h * bp->per_head, vpack + (size_t)h * H * WH, 1,
+                                 (size_t)WH, WH, H);
 #pragma omp parallel num_threads(nt)
     {
         /* keep OpenBLAS on this thread also in a team of one (it follows
@@ -305,7 +323,8 @@ static void rcda_attend(int Nq, int C, int heads, int H, int W, const float *q_r
                 cs_softmax_row(ac + (size_t)i * H, H);
             }
             /* inner sum over rows: T[q, j, :] = sum_i a_c[q, i] v[i, j, :] */
-            cs_gemm(nq, WH, H, ac, H, vpack + (size_t)h * H * WH, WH, 0, 0.f, T, WH, 1);
+            if (bp) cs_bf16_linear(ac, nq, H, &bp->w[h], NULL, 0, T, WH, 1);
+            else cs_gemm(nq, WH, H, ac, H, vpack + (size_t)h * H * WH, WH, 0, 0.f, T, WH, 1);
             /* then over columns: out[q, :] = sum_j a_r[q, j] T[q, j, :] */
             for (int i = 0; i < nq; i++) {
                 float *o = out + (size_t)(q0 + i) * C + h * hd;
@@ -325,11 +344,19 @@ static void rcda_attend(int Nq, int C, int heads, int H, int W, const float *q_r
 /* Standard multi-head attention (decoder self-attention): q (already scaled), k, v
  * (N, C); out (N, C). scratch: nt * CF_QBLOCK * N floats. */
 static void mha_attend(int N, int C, int heads, const float *q, const float *k, const float *v,
-                       float *out, float *scratch, int nt) {
+                       float *out, float *scratch, bf16_pack *bp, int nt) {
     const int hd = C / heads;
     const int nblk = (N + CF_QBLOCK - 1) / CF_QBLOCK;
     const int tasks = nblk * heads;
     const size_t per = (size_t)CF_QBLOCK * N;
+    if (bp) /* keys (N x hd) and transposed values (hd x N) of each head */
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int h = 0; h < heads; h++) {
+            uint16_t *kb = bp->buf + (size_t)h * bp->per_head;
+            cs_bf16_pack_strided(&bp->w[h], kb, k + h * hd, (size_t)C, 1, N, hd);
+            cs_bf16_pack_strided(&bp->w[heads + h], kb + cs_bf16_packed_count(N, hd), v + h * hd, 1, (size_t)C, hd,
+                                 N);
+        }
 #pragma omp parallel num_threads(nt)
     {
         omp_set_num_threads(1); /* single-threaded BLAS inside, see rcda_attend */
@@ -338,9 +365,11 @@ static void mha_attend(int N, int C, int heads, const float *q, const float *k, 
             const int h = task % heads, q0 = (task / heads) * CF_QBLOCK;
             const int nq = N - q0 < CF_QBLOCK ? N - q0 : CF_QBLOCK;
             float *s = scratch + (size_t)omp_get_thread_num() * per;
-            cs_gemm(nq, N, hd, q + (size_t)q0 * C + h * hd, C, k + h * hd, C, 1, 0.f, s, N, 1);
+            if (bp) cs_bf16_linear(q + (size_t)q0 * C + h * hd, nq, C, &bp->w[h], NULL, 0, s, N, 1);
+            else cs_gemm(nq, N, hd, q + (size_t)q0 * C + h * hd, C, k + h * hd, C, 1, 0.f, s, N, 1);
             for (int i = 0; i < nq; i++) cs_softmax_row(s + (size_t)i * N, N);
-            cs_gemm(nq, hd, N, s, N, v + h * hd, C, 0, 0.f, out + (size_t)q0 * C + h * hd, C, 1);
+            if (bp) cs_bf16_linear(s, nq, N, &bp->w[heads + h], NULL, 0, out + (size_t)q0 * C + h * hd, C, 1);
+            else cs_gemm(nq, hd, N, s, N, v + h * hd, C, 0, 0.f, out + (size_t)q0 * C + h * hd, C, 1);
         }
     }
 }
@@ -361,6 +390,8 @@ typedef struct {
     float *ref_is;   /* (Q, 2) inverse_sigmoid(anchors) */
     float *headbuf;  /* (Q, C) bbox MLP hidden */
     float *scratch;  /* attention scratch, nt slices */
+    bf16_pack pack;  /* bfloat16 attention operands (compute_bf16 only) */
+    bf16_pack *bp;   /* &pack or NULL */
 } cf_work;
 
 static void work_free(cf_work *w) {
@@ -371,6 +402,10 @@ static void work_free(cf_work *w) {
         cs_free(*all[i]);
         *all[i] = NULL;
     }
+    cs_free(w->pack.buf);
+    free(w->pack.w);
+    memset(&w->pack, 0, sizeof w->pack);
+    w->bp = NULL;
 }
 
 static int work_alloc(cf_work *w, const struct cs_cellfinder *cf, int nt) {
@@ -414,6 +449,19 @@ static int work_alloc(cf_work *w, const struct cs_cellfinder *cf, int nt) {
         !w->ref_is || !w->headbuf || !w->scratch) {
         work_free(w);
         return cs_error(CELLSAM_ERR_NOMEM, "cellfinder: out of memory for the workspace");
+    }
+    if (cf->compute_bf16) {
+        /* per head: the self-attention's keys and values, or RCDA's values */
+        const size_t mha = cs_bf16_packed_count(w->Q, w->hd) + cs_bf16_packed_count(w->hd, w->Q);
+        const size_t rcda = cs_bf16_packed_count(w->W * w->hd, w->H);
+        w->pack.per_head = mha > rcda ? mha : rcda;
+        w->pack.buf = cs_alloc((size_t)w->heads, w->pack.per_head * sizeof(uint16_t));
+        w->pack.w = calloc((size_t)2 * w->heads, sizeof *w->pack.w);
+        if (!w->pack.buf || !w->pack.w) {
+            work_free(w);
+            return cs_error(CELLSAM_ERR_NOMEM, "cellfinder: out of memory for the workspace");
+        }
+        w->bp = &w->pack;
     }
     return CELLSAM_OK;
 }
@@ -528,7 +576,7 @@ static void encoder_layer(const enc_layer *L, cf_work *w) {
     cs_linear(w->Xc, HW, C, L->attn.in_w + (size_t)C * C, L->attn.in_b + C, C, qc, w->nt);
     scale_inplace(qc, (size_t)HW * C, s);
     float *o = w->Xr; /* Xr/Xc are no longer needed */
-    rcda_attend(HW, C, w->heads, w->H, w->W, qr, qc, w->kr, w->kc, w->Vp, o, w->scratch, w->nt);
+    rcda_attend(HW, C, w->heads, w->H, w->W, qr, qc, w->kr, w->kc, w->Vp, o, w->scratch, w->bp, w->nt);
     cs_linear(o, HW, C, L->attn.out_w, L->attn.out_b, C, w->A, w->nt);
     add_norm(w->S, w->A, HW, C, L->norm1_w, L->norm1_b, w->nt);
     ffn_block(&L->ffn, w->S, HW, C, w->F, w->hid, w->A, w->nt);
@@ -561,7 +609,7 @@ static void decoder_layer(const dec_layer *L, cf_work *w) {
     cs_linear(w->tgt, Q, C, L->sa_in_w + (size_t)2 * C * C, L->sa_in_b + 2 * C, C, w->qv, w->nt);
     const float sq = sqrtf((float)w->hd);
     for (size_t i = 0; i < QC; i++) w->qa[i] /= sq;
-    mha_attend(Q, C, w->heads, w->qa, w->qb, w->qv, w->qo, w->scratch, w->nt);
+    mha_attend(Q, C, w->heads, w->qa, w->qb, w->qv, w->qo, w->scratch, w->bp, w->nt);
     cs_linear(w->qo, Q, C, L->sa_out_w, L->sa_out_b, C, w->qa, w->nt);
     add_norm(w->tgt, w->qa, Q, C, L->norm2_w, L->norm2_b, w->nt);
 
@@ -574,7 +622,7 @@ static void decoder_layer(const dec_layer *L, cf_work *w) {
     for (size_t i = 0; i < QC; i++) w->qo[i] = w->tgt[i] + w->qy[i];
     cs_linear(w->qo, Q, C, L->cross.in_w + (size_t)C * C, L->cross.in_b + C, C, w->qb, w->nt);
     scale_inplace(w->qb, QC, s);
-    rcda_attend(Q, C, w->heads, w->H, w->W, w->qa, w->qb, w->kr, w->kc, w->Vp, w->qo, w->scratch,
+    rcda_attend(Q, C, w->heads, w->H, w->W, w->qa, w->qb, w->kr, w->kc, w->Vp, w->qo, w->scratch, w->bp,
                 w->nt);
     cs_linear(w->qo, Q, C, L->cross.out_w, L->cross.out_b, C, w->qa, w->nt);
     add_norm(w->tgt, w->qa, Q, C, L->norm1_w, L->norm1_b, w->nt);

@@ -28,13 +28,25 @@
 #define KCP 128 /* pairs per K slice: the weight slice is 128 x 128 B = 16 KB */
 #define MC (MR * 8)
 
-uint16_t cs_bf16_round(float x) {
+/* Selects instead of branches, so that the packing loops vectorise. */
+static inline uint16_t round_bits(uint32_t u) {
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t zero = (u >> 16) & 0x8000u; /* zero and subnormals: signed zero */
+    const uint32_t qnan = (u >> 16) | 0x40u;
+    const uint32_t r = (u & 0x7f800000u) == 0 ? zero : rounded;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? qnan : r);
+}
+
+static inline uint16_t round_f32(float x) {
     uint32_t u;
     memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u); /* zero, subnormal */
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    return round_bits(u);
+}
+
+uint16_t cs_bf16_round(float x) { return round_f32(x); }
+
+static void round_row(const float *x, uint16_t *out, int n) {
+    for (int i = 0; i < n; i++) out[i] = round_f32(x[i]);
 }
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -53,17 +65,54 @@ size_t cs_bf16_packed_count(int n, int k) {
 static void pack_panels(cs_bf16_weights *w, const float *src32, size_t rs, size_t cs, const uint16_t *src16,
                         int dtype16, int n_threads) {
     const int n = w->n, k = w->k, kp = w->k_pairs, np = w->n_panels;
+    if (src32 && rs == 1 && cs > 1 && n_threads <= 1) {
+        /* a transpose (attention's values): rows 2p and 2p+1 of src give pair p */
+        for (int j = 0; j < np; j++) {
+            uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
+            const int n0 = j * NR, nc = n - n0 < NR ? n - n0 : NR;
+            for (int p = 0; p < kp; p++) {
+                const float *r0 = src32 + (size_t)(2 * p) * cs + n0, *r1 = r0 + cs;
+                uint16_t *o = panel + (size_t)p * NR * 2;
+                const int second = 2 * p + 1 < k;
+                for (int c = 0; c < nc; c++) {
+                    o[2 * c] = round_f32(r0[c]);
+                    o[2 * c + 1] = second ? round_f32(r1[c]) : 0;
+                }
+                for (int c = nc; c < NR; c++) o[2 * c] = o[2 * c + 1] = 0;
+            }
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(n_threads > 0 ? n_threads : 1) schedule(static) if (np > 1 && n_threads > 1)
     for (int j = 0; j < np; j++) {
         uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
+        if (src32 && cs == 1) {
+            /* rows contiguous in k: round a row, then place its pairs */
+            uint16_t row16[2 * 256];
+            for (int c = 0; c < NR; c++) {
+                const int col = j * NR + c;
+                for (int p0 = 0; p0 < kp; p0 += 256) {
+                    const int np2 = kp - p0 < 256 ? kp - p0 : 256;
+                    const int valid = col < n ? (k - 2 * p0 < 2 * np2 ? k - 2 * p0 : 2 * np2) : 0;
+                    if (valid > 0) round_row(src32 + (size_t)col * rs + 2 * (size_t)p0, row16, valid);
+                    for (int i = valid > 0 ? valid : 0; i < 2 * np2; i++) row16[i] = 0;
+                    for (int p = 0; p < np2; p++) {
+                        uint16_t *o = panel + ((size_t)(p0 + p) * NR + c) * 2;
+                        o[0] = row16[2 * p];
+                        o[1] = row16[2 * p + 1];
+                    }
+                }
+            }
+            continue;
+        }
         for (int c = 0; c < NR; c++) {
             const int col = j * NR + c;
             for (int i = 0; i < 2 * kp; i++) {
                 uint16_t v = 0;
                 if (col < n && i < k) {
-                    if (src32) v = cs_bf16_round(src32[(size_t)col * rs + (size_t)i * cs]);
+                    if (src32) v = round_f32(src32[(size_t)col * rs + (size_t)i * cs]);
                     else if (dtype16 == CS_DTYPE_BF16) v = src16[(size_t)col * k + i];
-                    else v = cs_bf16_round(cs_f16_to_f32(src16[(size_t)col * k + i]));
+                    else v = round_f32(cs_f16_to_f32(src16[(size_t)col * k + i]));
                 }
                 panel[((size_t)(i / 2) * NR + c) * 2 + (i & 1)] = v;
             }
@@ -119,7 +168,7 @@ static void pack_rows(const float *X, int ldx, int K, int m0, int mc, int p0, in
             }
             const float *x = X + (size_t)(m0 + m) * ldx + 2 * p0;
             const int n = 2 * kpl, valid = K - 2 * p0 < n ? K - 2 * p0 : n;
-            for (int i = 0; i < valid; i++) row16[i] = cs_bf16_round(x[i]);
+            round_row(x, row16, valid);
             for (int i = valid; i < n; i++) row16[i] = 0;
             for (int p = 0; p < kpl; p++)
                 dst[(size_t)p * MR] = (uint32_t)row16[2 * p] | (uint32_t)row16[2 * p + 1] << 16;
@@ -202,11 +251,33 @@ TARGET_BF16 static void kernel_avx512bf16(int kpl, const uint32_t *A, const uint
 
 typedef void (*bf16_kernel)(int, const uint32_t *, const uint16_t *, float *, int, int, int, int, const float *);
 
+/* Rows [ch * MC, ch * MC + MC) of the product, all columns. */
+static void linear_chunk(bf16_kernel kernel, const float *X, int M, int ldx, const cs_bf16_weights *W,
+                         const float *bias, int accumulate, float *Y, int ldy, int ch, uint32_t *A,
+                         uint16_t *row16) {
+    const int K = W->k, N = W->n, kp = W->k_pairs;
+    const int m0 = ch * MC, mc = M - m0 < MC ? M - m0 : MC;
+    const int panels = (mc + MR - 1) / MR;
+    for (int p0 = 0; p0 < kp; p0 += KCP) {
+        const int kpl = kp - p0 < KCP ? kp - p0 : KCP;
+        pack_rows(X, ldx, K, m0, mc, p0, kpl, A, row16);
+        const int first = p0 == 0;
+        for (int j = 0; j < W->n_panels; j++) {
+            const uint16_t *B = W->data + ((size_t)j * kp + p0) * NR * 2;
+            const int n0 = j * NR, nr = N - n0 < NR ? N - n0 : NR;
+            for (int t = 0; t < panels; t++) {
+                const int mr = mc - t * MR < MR ? mc - t * MR : MR;
+                kernel(kpl, A + (size_t)t * kpl * MR, B, Y + (size_t)(m0 + t * MR) * ldy + n0, ldy, mr, nr,
+                       !first || accumulate, first && bias ? bias + n0 : NULL);
+            }
+        }
+    }
+}
+
 static int linear_with(bf16_kernel kernel, const float *X, int M, int ldx, const cs_bf16_weights *W,
                        const float *bias, int accumulate, float *Y, int ldy, int n_threads) {
     if (M <= 0) return CELLSAM_OK;
     if (n_threads < 1) n_threads = 1;
-    const int K = W->k, N = W->n, kp = W->k_pairs;
     const int chunks = (M + MC - 1) / MC;
     const int nt = n_threads < chunks ? n_threads : chunks;
     /* per thread: one MC x KCP slice of X as micro-panels, and one row in bf16 */
@@ -217,26 +288,15 @@ static int linear_with(bf16_kernel kernel, const float *X, int M, int ldx, const
         cs_free(rows);
         return cs_error(CELLSAM_ERR_NOMEM, "out of memory in a bf16 matrix product");
     }
+    if (nt == 1) { /* no parallel region: attention calls this per head inside its own */
+        for (int ch = 0; ch < chunks; ch++)
+            linear_chunk(kernel, X, M, ldx, W, bias, accumulate, Y, ldy, ch, apack, rows);
+    } else {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int ch = 0; ch < chunks; ch++) {
-        const int tid = omp_get_thread_num();
-        uint32_t *A = apack + (size_t)tid * MC * KCP;
-        uint16_t *row16 = rows + (size_t)tid * 2 * KCP;
-        const int m0 = ch * MC, mc = M - m0 < MC ? M - m0 : MC;
-        const int panels = (mc + MR - 1) / MR;
-        for (int p0 = 0; p0 < kp; p0 += KCP) {
-            const int kpl = kp - p0 < KCP ? kp - p0 : KCP;
-            pack_rows(X, ldx, K, m0, mc, p0, kpl, A, row16);
-            const int first = p0 == 0;
-            for (int j = 0; j < W->n_panels; j++) {
-                const uint16_t *B = W->data + ((size_t)j * kp + p0) * NR * 2;
-                const int n0 = j * NR, nr = N - n0 < NR ? N - n0 : NR;
-                for (int t = 0; t < panels; t++) {
-                    const int mr = mc - t * MR < MR ? mc - t * MR : MR;
-                    kernel(kpl, A + (size_t)t * kpl * MR, B, Y + (size_t)(m0 + t * MR) * ldy + n0, ldy, mr, nr,
-                           !first || accumulate, first && bias ? bias + n0 : NULL);
-                }
-            }
+        for (int ch = 0; ch < chunks; ch++) {
+            const int tid = omp_get_thread_num();
+            linear_chunk(kernel, X, M, ldx, W, bias, accumulate, Y, ldy, ch, apack + (size_t)tid * MC * KCP,
+                         rows + (size_t)tid * 2 * KCP);
         }
     }
     cs_free(apack);

@@ -74,6 +74,37 @@ static void test_pack_layout(void **state) {
     assert_int_not_equal(cs_bf16_weights_pack(&q, w, NULL, 0, 0, k, 1), 0);
 }
 
+/* Packing a strided view (attention's keys, and its values transposed) gives what
+ * packing the explicit matrix gives. */
+static void test_pack_strided(void **state) {
+    (void)state;
+    const int rows = 37, cols = 23, ld = 29; /* a rows x cols block inside rows x ld storage */
+    float src[37 * 29];
+    for (int i = 0; i < rows * ld; i++) src[i] = (float)sin(i * 1.7) * 3;
+    float plain[37 * 23], trans[23 * 37];
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            plain[r * cols + c] = src[r * ld + c];
+            trans[c * rows + r] = src[r * ld + c];
+        }
+    const struct { int n, k; const float *explicit_w; size_t rs, cs; } v[2] = {
+        {rows, cols, plain, (size_t)ld, 1}, /* W = the block */
+        {cols, rows, trans, 1, (size_t)ld}}; /* W = its transpose */
+    for (int i = 0; i < 2; i++) {
+        cs_bf16_weights a, b;
+        assert_int_equal(cs_bf16_weights_pack(&a, v[i].explicit_w, NULL, 0, v[i].n, v[i].k, 1), 0);
+        size_t count = cs_bf16_packed_count(v[i].n, v[i].k);
+        uint16_t *buf = malloc(count * sizeof(uint16_t));
+        memset(buf, 0xff, count * sizeof(uint16_t)); /* padding must be written, not left */
+        cs_bf16_pack_strided(&b, buf, src, v[i].rs, v[i].cs, v[i].n, v[i].k);
+        assert_int_equal(a.n_panels, b.n_panels);
+        assert_int_equal(a.k_pairs, b.k_pairs);
+        assert_memory_equal(a.data, b.data, count * sizeof(uint16_t));
+        cs_bf16_weights_free(&a);
+        free(buf);
+    }
+}
+
 typedef int (*linear_fn)(const float *, int, int, const cs_bf16_weights *, const float *, int, float *, int,
                          int);
 
@@ -180,6 +211,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rounding),
         cmocka_unit_test(test_pack_layout),
+        cmocka_unit_test(test_pack_strided),
         cmocka_unit_test(test_portable_kernel),
         cmocka_unit_test(test_native_kernel),
     };
