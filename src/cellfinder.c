@@ -69,7 +69,13 @@ struct cs_cellfinder {
     const float *pos2_w[2], *pos2_b[2]; /* adapt_pos2d.{0,2} */
     enc_layer *enc;
     dec_layer *dec;
-    int compute_bf16; /* attention products with bfloat16 inputs (opt-in, gemm_bf16.c) */
+    int compute_bf16; /* bfloat16 inputs for the products (opt-in, gemm_bf16.c) */
+    /* with compute_bf16: every projection matrix packed, found by its float32 pointer */
+    struct packed_linear {
+        const float *w32;
+        cs_bf16_weights p;
+    } *packed;
+    int n_packed;
 };
 
 /* ------------------------------------------------------------------ bind */
@@ -207,15 +213,65 @@ int cs_cellfinder_bind(struct cs_cellfinder **out, cs_binder *b, int backbone_di
     return CELLSAM_OK;
 }
 
+static void free_packed(struct cs_cellfinder *cf) {
+    for (int i = 0; i < cf->n_packed; i++) cs_bf16_weights_free(&cf->packed[i].p);
+    free(cf->packed);
+    cf->packed = NULL;
+    cf->n_packed = 0;
+}
+
 void cs_cellfinder_free(struct cs_cellfinder *cf) {
     if (!cf) return;
+    free_packed(cf);
     free(cf->enc);
     free(cf->dec);
     free(cf);
 }
 
-void cs_cellfinder_set_compute_bf16(struct cs_cellfinder *cf, int on) {
-    if (cf) cf->compute_bf16 = on != 0;
+static int pack_linear(struct cs_cellfinder *cf, const float *w, int n, int k) {
+    struct packed_linear *e = &cf->packed[cf->n_packed];
+    int rc = cs_bf16_weights_pack(&e->p, w, NULL, 0, n, k, 1);
+    if (rc) return rc;
+    e->w32 = w;
+    cf->n_packed++;
+    return CELLSAM_OK;
+}
+
+int cs_cellfinder_set_compute_bf16(struct cs_cellfinder *cf, int on) {
+    if (!cf) return CELLSAM_OK;
+    cf->compute_bf16 = on != 0;
+    if (!on || cf->packed) return CELLSAM_OK;
+    const int C = cf->C, F = cf->ffn;
+    const int max = 4 + cf->n_enc * 8 + cf->n_dec * 14;
+    cf->packed = calloc((size_t)max, sizeof *cf->packed);
+    if (!cf->packed) return cs_error(CELLSAM_ERR_NOMEM, "cellfinder: out of memory packing bf16 weights");
+    int rc = CELLSAM_OK;
+    for (int i = 0; i < 2 && !rc; i++) {
+        rc = pack_linear(cf, cf->pos1_w[i], C, C);
+        if (!rc) rc = pack_linear(cf, cf->pos2_w[i], C, C);
+    }
+    for (int l = 0; l < cf->n_enc && !rc; l++) {
+        const enc_layer *L = &cf->enc[l];
+        for (int j = 0; j < 5 && !rc; j++) rc = pack_linear(cf, L->attn.in_w + (size_t)j * C * C, C, C);
+        if (!rc) rc = pack_linear(cf, L->attn.out_w, C, C);
+        if (!rc) rc = pack_linear(cf, L->ffn.w1, F, C);
+        if (!rc) rc = pack_linear(cf, L->ffn.w2, C, F);
+    }
+    for (int l = 0; l < cf->n_dec && !rc; l++) {
+        const dec_layer *L = &cf->dec[l];
+        for (int j = 0; j < 3 && !rc; j++) rc = pack_linear(cf, L->sa_in_w + (size_t)j * C * C, C, C);
+        if (!rc) rc = pack_linear(cf, L->sa_out_w, C, C);
+        for (int j = 0; j < 5 && !rc; j++) rc = pack_linear(cf, L->cross.in_w + (size_t)j * C * C, C, C);
+        if (!rc) rc = pack_linear(cf, L->cross.out_w, C, C);
+        if (!rc) rc = pack_linear(cf, L->ffn.w1, F, C);
+        if (!rc) rc = pack_linear(cf, L->ffn.w2, C, F);
+        for (int j = 0; j < 2 && !rc; j++) rc = pack_linear(cf, L->box_w[j], C, C);
+    }
+    if (rc) {
+        free_packed(cf);
+        cf->compute_bf16 = 0;
+    }
+    return rc;
 }
 
 void cs_cellfinder_get_dims(const struct cs_cellfinder *cf, cs_cellfinder_dims *d) {
@@ -256,13 +312,20 @@ static void posemb2d(float px, float py, float *out) {
     }
 }
 
+typedef struct cf_work cf_work;
+
+/* Y = X W^T + b: through the packed bfloat16 copy of W when the head computes in
+ * bfloat16 and has one (the small class and box outputs do not), else float32. */
+static void head_linear(const cf_work *w, const float *X, int M, int K, const float *W, const float *bias, int N,
+                        float *Y);
+
 /* Two-layer MLP with ReLU (adapt_pos1d / adapt_pos2d): Y = W2 relu(W1 X + b1) + b2.
  * tmp holds rows x C floats. */
-static void adapt_pos(const float *const w[2], const float *const bias[2], const float *X, int rows,
-                      int C, float *tmp, float *Y, int nt) {
-    cs_linear(X, rows, C, w[0], bias[0], C, tmp, nt);
+static void adapt_pos(const cf_work *cw, const float *const w[2], const float *const bias[2], const float *X,
+                      int rows, int C, float *tmp, float *Y) {
+    head_linear(cw, X, rows, C, w[0], bias[0], C, tmp);
     cs_relu(tmp, (size_t)rows * C);
-    cs_linear(tmp, rows, C, w[1], bias[1], C, Y, nt);
+    head_linear(cw, tmp, rows, C, w[1], bias[1], C, Y);
 }
 
 static float inverse_sigmoid(float x) {
@@ -376,7 +439,7 @@ static void mha_attend(int N, int C, int heads, const float *q, const float *k, 
 
 /* ------------------------------------------------------------- forward */
 
-typedef struct {
+struct cf_work {
     int HW, Q, C, F, heads, hd, H, W, nt;
     float *S;        /* (HW, C) feature map / encoder memory */
     float *Xr, *Xc;  /* (HW, C) S + row/col positional codes */
@@ -390,9 +453,21 @@ typedef struct {
     float *ref_is;   /* (Q, 2) inverse_sigmoid(anchors) */
     float *headbuf;  /* (Q, C) bbox MLP hidden */
     float *scratch;  /* attention scratch, nt slices */
+    const struct cs_cellfinder *cf;
     bf16_pack pack;  /* bfloat16 attention operands (compute_bf16 only) */
     bf16_pack *bp;   /* &pack or NULL */
-} cf_work;
+};
+
+static void head_linear(const cf_work *w, const float *X, int M, int K, const float *W, const float *bias, int N,
+                        float *Y) {
+    const struct cs_cellfinder *cf = w->cf;
+    for (int i = 0; cf->compute_bf16 && i < cf->n_packed; i++)
+        if (cf->packed[i].w32 == W) {
+            if (cs_bf16_linear(X, M, K, &cf->packed[i].p, bias, 0, Y, N, w->nt) == CELLSAM_OK) return;
+            break; /* out of memory for its small buffers: float32 still works */
+        }
+    cs_linear(X, M, K, W, bias, N, Y, w->nt);
+}
 
 static void work_free(cf_work *w) {
     float **all[] = {&w->S,   &w->Xr,  &w->Xc,   &w->A,  &w->B,  &w->Vp, &w->hid, &w->kr,
@@ -410,6 +485,7 @@ static void work_free(cf_work *w) {
 
 static int work_alloc(cf_work *w, const struct cs_cellfinder *cf, int nt) {
     memset(w, 0, sizeof *w);
+    w->cf = cf;
     w->H = w->W = cf->grid;
     w->HW = cf->grid * cf->grid;
     w->Q = cf->Q;
@@ -522,21 +598,21 @@ static void add_map_pos(cf_work *w) {
 static void rcda_keys_values(const rcda_weights *a, cf_work *w) {
     const int C = w->C, H = w->H, W = w->W, HW = w->HW, hd = w->hd;
     float *T = w->B;
-    cs_linear(w->Xr, HW, C, a->in_w + (size_t)2 * C * C, a->in_b + 2 * C, C, T, w->nt);
+    head_linear(w, w->Xr, HW, C, a->in_w + (size_t)2 * C * C, a->in_b + 2 * C, C, T);
     for (int j = 0; j < W; j++)
         for (int c = 0; c < C; c++) {
             double s = 0.0;
             for (int i = 0; i < H; i++) s += T[((size_t)i * W + j) * C + c];
             w->kr[(size_t)j * C + c] = (float)(s / H);
         }
-    cs_linear(w->Xc, HW, C, a->in_w + (size_t)3 * C * C, a->in_b + 3 * C, C, T, w->nt);
+    head_linear(w, w->Xc, HW, C, a->in_w + (size_t)3 * C * C, a->in_b + 3 * C, C, T);
     for (int i = 0; i < H; i++)
         for (int c = 0; c < C; c++) {
             double s = 0.0;
             for (int j = 0; j < W; j++) s += T[((size_t)i * W + j) * C + c];
             w->kc[(size_t)i * C + c] = (float)(s / W);
         }
-    cs_linear(w->S, HW, C, a->in_w + (size_t)4 * C * C, a->in_b + 4 * C, C, T, w->nt);
+    head_linear(w, w->S, HW, C, a->in_w + (size_t)4 * C * C, a->in_b + 4 * C, C, T);
     /* Vp[h][i][j*hd + d] = v[(i*W + j), h*hd + d] */
     for (int h = 0; h < w->heads; h++)
         for (int i = 0; i < H; i++)
@@ -556,12 +632,12 @@ static void add_norm(float *x, const float *y, int rows, int C, const float *g, 
 }
 
 /* x = LN(x + W2 relu(W1 x + b1) + b2) */
-static void ffn_block(const ffn_weights *f, float *x, int rows, int C, int F, float *hid, float *tmp,
-                      int nt) {
-    cs_linear(x, rows, C, f->w1, f->b1, F, hid, nt);
+static void ffn_block(const cf_work *w, const ffn_weights *f, float *x, int rows, int C, int F, float *hid,
+                      float *tmp) {
+    head_linear(w, x, rows, C, f->w1, f->b1, F, hid);
     cs_relu(hid, (size_t)rows * F);
-    cs_linear(hid, rows, F, f->w2, f->b2, C, tmp, nt);
-    add_norm(x, tmp, rows, C, f->norm_w, f->norm_b, nt);
+    head_linear(w, hid, rows, F, f->w2, f->b2, C, tmp);
+    add_norm(x, tmp, rows, C, f->norm_w, f->norm_b, w->nt);
 }
 
 static void encoder_layer(const enc_layer *L, cf_work *w) {
@@ -571,26 +647,26 @@ static void encoder_layer(const enc_layer *L, cf_work *w) {
     rcda_keys_values(&L->attn, w);
     /* queries: q_row from Xr, q_col from Xc, scaled before the products */
     float *qr = w->A, *qc = w->B;
-    cs_linear(w->Xr, HW, C, L->attn.in_w, L->attn.in_b, C, qr, w->nt);
+    head_linear(w, w->Xr, HW, C, L->attn.in_w, L->attn.in_b, C, qr);
     scale_inplace(qr, (size_t)HW * C, s);
-    cs_linear(w->Xc, HW, C, L->attn.in_w + (size_t)C * C, L->attn.in_b + C, C, qc, w->nt);
+    head_linear(w, w->Xc, HW, C, L->attn.in_w + (size_t)C * C, L->attn.in_b + C, C, qc);
     scale_inplace(qc, (size_t)HW * C, s);
     float *o = w->Xr; /* Xr/Xc are no longer needed */
     rcda_attend(HW, C, w->heads, w->H, w->W, qr, qc, w->kr, w->kc, w->Vp, o, w->scratch, w->bp, w->nt);
-    cs_linear(o, HW, C, L->attn.out_w, L->attn.out_b, C, w->A, w->nt);
+    head_linear(w, o, HW, C, L->attn.out_w, L->attn.out_b, C, w->A);
     add_norm(w->S, w->A, HW, C, L->norm1_w, L->norm1_b, w->nt);
-    ffn_block(&L->ffn, w->S, HW, C, w->F, w->hid, w->A, w->nt);
+    ffn_block(w, &L->ffn, w->S, HW, C, w->F, w->hid, w->A);
 }
 
 /* Class and box heads of decoder layer l on tgt. */
 static void heads_out(const dec_layer *L, cf_work *w, float *logits, float *boxes) {
     const int Q = w->Q, C = w->C;
-    cs_linear(w->tgt, Q, C, L->cls_w, L->cls_b, 2, logits, w->nt);
-    cs_linear(w->tgt, Q, C, L->box_w[0], L->box_b[0], C, w->headbuf, w->nt);
+    head_linear(w, w->tgt, Q, C, L->cls_w, L->cls_b, 2, logits);
+    head_linear(w, w->tgt, Q, C, L->box_w[0], L->box_b[0], C, w->headbuf);
     cs_relu(w->headbuf, (size_t)Q * C);
-    cs_linear(w->headbuf, Q, C, L->box_w[1], L->box_b[1], C, w->qo, w->nt);
+    head_linear(w, w->headbuf, Q, C, L->box_w[1], L->box_b[1], C, w->qo);
     cs_relu(w->qo, (size_t)Q * C);
-    cs_linear(w->qo, Q, C, L->box_w[2], L->box_b[2], 4, boxes, w->nt);
+    head_linear(w, w->qo, Q, C, L->box_w[2], L->box_b[2], 4, boxes);
     for (int q = 0; q < Q; q++) {
         float *b = boxes + (size_t)q * 4;
         b[0] += w->ref_is[2 * q];
@@ -604,31 +680,31 @@ static void decoder_layer(const dec_layer *L, cf_work *w) {
     const size_t QC = (size_t)Q * C;
     /* a. self-attention: q = k = tgt + qpos, v = tgt; q / sqrt(hd) as nn.MultiheadAttention */
     for (size_t i = 0; i < QC; i++) w->qo[i] = w->tgt[i] + w->qpos[i];
-    cs_linear(w->qo, Q, C, L->sa_in_w, L->sa_in_b, C, w->qa, w->nt);
-    cs_linear(w->qo, Q, C, L->sa_in_w + (size_t)C * C, L->sa_in_b + C, C, w->qb, w->nt);
-    cs_linear(w->tgt, Q, C, L->sa_in_w + (size_t)2 * C * C, L->sa_in_b + 2 * C, C, w->qv, w->nt);
+    head_linear(w, w->qo, Q, C, L->sa_in_w, L->sa_in_b, C, w->qa);
+    head_linear(w, w->qo, Q, C, L->sa_in_w + (size_t)C * C, L->sa_in_b + C, C, w->qb);
+    head_linear(w, w->tgt, Q, C, L->sa_in_w + (size_t)2 * C * C, L->sa_in_b + 2 * C, C, w->qv);
     const float sq = sqrtf((float)w->hd);
     for (size_t i = 0; i < QC; i++) w->qa[i] /= sq;
     mha_attend(Q, C, w->heads, w->qa, w->qb, w->qv, w->qo, w->scratch, w->bp, w->nt);
-    cs_linear(w->qo, Q, C, L->sa_out_w, L->sa_out_b, C, w->qa, w->nt);
+    head_linear(w, w->qo, Q, C, L->sa_out_w, L->sa_out_b, C, w->qa);
     add_norm(w->tgt, w->qa, Q, C, L->norm2_w, L->norm2_b, w->nt);
 
     /* b. cross RCDA: Q_row = tgt + qx, Q_col = tgt + qy over the encoder memory */
     const float s = powf((float)w->hd, -0.5f);
     rcda_keys_values(&L->cross, w);
     for (size_t i = 0; i < QC; i++) w->qo[i] = w->tgt[i] + w->qx[i];
-    cs_linear(w->qo, Q, C, L->cross.in_w, L->cross.in_b, C, w->qa, w->nt);
+    head_linear(w, w->qo, Q, C, L->cross.in_w, L->cross.in_b, C, w->qa);
     scale_inplace(w->qa, QC, s);
     for (size_t i = 0; i < QC; i++) w->qo[i] = w->tgt[i] + w->qy[i];
-    cs_linear(w->qo, Q, C, L->cross.in_w + (size_t)C * C, L->cross.in_b + C, C, w->qb, w->nt);
+    head_linear(w, w->qo, Q, C, L->cross.in_w + (size_t)C * C, L->cross.in_b + C, C, w->qb);
     scale_inplace(w->qb, QC, s);
     rcda_attend(Q, C, w->heads, w->H, w->W, w->qa, w->qb, w->kr, w->kc, w->Vp, w->qo, w->scratch, w->bp,
                 w->nt);
-    cs_linear(w->qo, Q, C, L->cross.out_w, L->cross.out_b, C, w->qa, w->nt);
+    head_linear(w, w->qo, Q, C, L->cross.out_w, L->cross.out_b, C, w->qa);
     add_norm(w->tgt, w->qa, Q, C, L->norm1_w, L->norm1_b, w->nt);
 
     /* c. FFN */
-    ffn_block(&L->ffn, w->tgt, Q, C, w->F, w->hid, w->qa, w->nt);
+    ffn_block(w, &L->ffn, w->tgt, Q, C, w->F, w->hid, w->qa);
 }
 
 /* Per-query constants shared by every decoder layer, and the initial targets. */
@@ -643,12 +719,12 @@ static void query_setup(const struct cs_cellfinder *cf, cf_work *w) {
         memcpy(w->tgt + (size_t)q * C, cf->pattern + (size_t)(q / cf->n_position) * C,
                (size_t)C * sizeof(float));
     }
-    adapt_pos(cf->pos2_w, cf->pos2_b, emb, Q, C, tmp, w->qpos, w->nt);
+    adapt_pos(w, cf->pos2_w, cf->pos2_b, emb, Q, C, tmp, w->qpos);
     for (int q = 0; q < Q; q++) posemb1d(cf->position[2 * (size_t)(q % cf->n_position)], emb + (size_t)q * C);
-    adapt_pos(cf->pos1_w, cf->pos1_b, emb, Q, C, tmp, w->qx, w->nt);
+    adapt_pos(w, cf->pos1_w, cf->pos1_b, emb, Q, C, tmp, w->qx);
     for (int q = 0; q < Q; q++)
         posemb1d(cf->position[2 * (size_t)(q % cf->n_position) + 1], emb + (size_t)q * C);
-    adapt_pos(cf->pos1_w, cf->pos1_b, emb, Q, C, tmp, w->qy, w->nt);
+    adapt_pos(w, cf->pos1_w, cf->pos1_b, emb, Q, C, tmp, w->qy);
 }
 
 static int forward_impl(const struct cs_cellfinder *cf, const float *features_chw, float *logits,
@@ -663,7 +739,7 @@ static int forward_impl(const struct cs_cellfinder *cf, const float *features_ch
 
     /* 1-D codes of the cell centres (j + 0.5)/G, shared by rows and columns (H == W) */
     for (int g = 0; g < G; g++) posemb1d(((float)(g + 1) - 0.5f) / (float)G, w.A + (size_t)g * C);
-    adapt_pos(cf->pos1_w, cf->pos1_b, w.A, G, C, w.B, w.pos1, nt);
+    adapt_pos(&w, cf->pos1_w, cf->pos1_b, w.A, G, C, w.B, w.pos1);
 
     for (int l = 0; l < cf->n_enc; l++) encoder_layer(&cf->enc[l], &w);
     if (dbg && dbg->memory_chw) cs_transpose(w.S, dbg->memory_chw, w.HW, C);

@@ -30,10 +30,12 @@ typedef struct {
     int grid;         /* 64: feature map side */
 } cs_cellfinder_dims;
 void cs_cellfinder_get_dims(const struct cs_cellfinder *cf, cs_cellfinder_dims *d);
-/* Opt-in: the attention products (self-attention q k^T and p v, RCDA's a_c v) take
- * bfloat16 inputs (gemm_bf16.c); projections, softmax and norms stay float32. Set at
- * model load, before the head is shared by threads. */
-void cs_cellfinder_set_compute_bf16(struct cs_cellfinder *cf, int on);
+/* Opt-in: the head's matrix products take bfloat16 inputs with float32 sums
+ * (gemm_bf16.c): the projections (packed here, once), the self-attention's q k^T and
+ * p v, and RCDA's a_c v. Softmax, norms, the input projection and the class/box
+ * outputs stay float32. Call at model load, before the head is shared by threads.
+ * Returns CELLSAM_OK or CELLSAM_ERR_NOMEM (the head then stays float32). */
+int cs_cellfinder_set_compute_bf16(struct cs_cellfinder *cf, int on);
 
 /* features_chw: trunk output (E, 64, 64). Outputs of the last decoder layer:
  * logits (Q,2) and boxes (Q,4) as normalised (cx,cy,w,h). aux_logits_all (L,Q,2)

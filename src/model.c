@@ -443,7 +443,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     if (params->compute_dtype == CELLSAM_DTYPE_BF16) {
         rc = vit_pack_bf16(&m->sam_vit, w);
         if (!rc && m->has_detector) rc = vit_pack_bf16(&m->det_vit, w);
-        if (!rc && m->has_detector) cs_cellfinder_set_compute_bf16(m->det, 1);
+        if (!rc && m->has_detector) rc = cs_cellfinder_set_compute_bf16(m->det, 1);
         if (rc) {
             cs_error_prefix(rc, "%s", path);
             cellsam_model_free(m);

@@ -114,6 +114,81 @@ static double median_decode_s(cellsam_context *ctx, const float *dense, const fl
     return times[reps / 2];
 }
 
+static double max_abs_diff(const float *a, const float *b, size_t n, double *max_ref) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = fabs((double)a[i] - b[i]) > d ? fabs((double)a[i] - b[i]) : d;
+        r = fabs((double)b[i]) > r ? fabs((double)b[i]) : r;
+    }
+    *max_ref = r;
+    return d;
+}
+
+/* --precision bf16: the same input through a float32 copy of the model; prints the
+ * largest deviation of each stage's output (after the peak RSS, which it would
+ * otherwise inflate by a second model). */
+static int bf16_deviation(const char *ckpt, const char *config, cellsam_context *ctx16, const float *x,
+                          int threads, FILE *out, json_t *js) {
+    const cellsam_model *m16 = ctx16->model;
+    cellsam_model_params mp = cellsam_model_default_params();
+    mp.config_path = config;
+    cellsam_model *m32 = NULL;
+    cellsam_context *ctx32 = NULL;
+    if (cellsam_model_load(ckpt, &mp, &m32) || cellsam_context_new(m32, &ctx32)) {
+        cli_error("bench", "%s", cellsam_last_error());
+        cellsam_model_free(m32);
+        return 1;
+    }
+    const size_t ne = (size_t)m32->pe.dim * 64 * 64;
+    float *e16 = cs_alloc(ne, sizeof(float));
+    int rc = e16 ? cellsam_encode(ctx16, x, threads) : CELLSAM_ERR_NOMEM;
+    if (!rc) memcpy(e16, ctx16->embedding, ne * sizeof(float));
+    if (!rc) rc = cellsam_encode(ctx32, x, threads);
+    if (!rc) {
+        double ref, d = max_abs_diff(e16, ctx32->embedding, ne, &ref);
+        json_object_set_new(js, "bf16_embedding_max_abs_dev", json_real(d));
+        fprintf(out, "bf16 against float32, the same input:\n  %-32s max abs %.2e  (values up to %.3g)\n",
+                "SAM image embedding", d, ref);
+    }
+    if (!rc && m32->has_detector && m16->has_detector) {
+        const cs_vit *dv = &m32->det_vit;
+        const size_t nf = (size_t)dv->dim * dv->grid * dv->grid;
+        cs_cellfinder_dims d;
+        cs_cellfinder_get_dims(m32->det, &d);
+        const size_t nq = (size_t)d.n_queries;
+        float *f16 = cs_alloc(nf, sizeof(float)), *f32 = cs_alloc(nf, sizeof(float));
+        float *l16 = cs_alloc(nq, 2 * sizeof(float)), *l32 = cs_alloc(nq, 2 * sizeof(float));
+        float *b16 = cs_alloc(nq, 4 * sizeof(float)), *b32 = cs_alloc(nq, 4 * sizeof(float));
+        if (!f16 || !f32 || !l16 || !l32 || !b16 || !b32) rc = CELLSAM_ERR_NOMEM;
+        if (!rc) rc = cs_vit_forward(&m16->det_vit, x, f16, threads);
+        if (!rc) rc = cs_vit_forward(dv, x, f32, threads);
+        if (!rc) rc = cs_cellfinder_forward(m16->det, f16, l16, b16, NULL, NULL, threads);
+        if (!rc) rc = cs_cellfinder_forward(m32->det, f32, l32, b32, NULL, NULL, threads);
+        if (!rc) {
+            const struct { const char *key, *name; const float *a, *b; size_t n; } rows[3] = {
+                {"bf16_trunk_max_abs_dev", "CellFinder trunk features", f16, f32, nf},
+                {"bf16_logits_max_abs_dev", "detector logits", l16, l32, nq * 2},
+                {"bf16_boxes_max_abs_dev", "detector boxes (0..1)", b16, b32, nq * 4}};
+            for (int i = 0; i < 3; i++) {
+                double ref, dv2 = max_abs_diff(rows[i].a, rows[i].b, rows[i].n, &ref);
+                json_object_set_new(js, rows[i].key, json_real(dv2));
+                fprintf(out, "  %-32s max abs %.2e  (values up to %.3g)\n", rows[i].name, dv2, ref);
+            }
+        }
+        free(f16);
+        free(f32);
+        free(l16);
+        free(l32);
+        free(b16);
+        free(b32);
+    }
+    free(e16);
+    cellsam_context_free(ctx32);
+    cellsam_model_free(m32);
+    if (rc) cli_error("bench", "bf16 deviation: %s", cellsam_last_error());
+    return rc != CELLSAM_OK;
+}
+
 int cmd_bench(int argc, char **argv) {
     const char *ckpt = NULL, *config = NULL;
     int threads = cli_default_threads(), json = 0, e2e4096 = 0, weights = CELLSAM_DTYPE_F32,
@@ -354,6 +429,7 @@ int cmd_bench(int argc, char **argv) {
     }
     json_object_set_new(js, "peak_rss_mb", json_real(peak_rss_mb()));
     fprintf(out, "%-34s %8.1f MB\n", "peak RSS", peak_rss_mb());
+    if (precision == CELLSAM_DTYPE_BF16 && bf16_deviation(ckpt, config, ctx, x, threads, out, js)) return 1;
     if (json) {
         char *s = json_dumps(js, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
         printf("%s\n", s);
