@@ -272,10 +272,11 @@ static void test_all_cases(void **state) {
  * official float32 labels (50_label_final), as objects (F1 at IoU 0.5):
  *  - with only the SAM branch in bfloat16 the labels must agree (measured: F1 1 on
  *    all four cases, >= 99.8 % identical pixels);
- *  - with the detector in bfloat16 too (what --precision bf16 does) the random tiny
- *    detector's near-tie scores flip and other boxes pass its threshold (measured
- *    F1 0.5-1 on the four cases). That is reported, not asserted; on a trained model the bundled
- *    model's F1 on real images is unchanged (tests/cli_default_model.sh). */
+ *  - with the detector in bfloat16 too (what --precision bf16 does), the random tiny
+ *    detector, ill-conditioned (test_cellfinder), moves its logits by units and other
+ *    boxes pass its threshold (measured F1 0.15-0.33 on the four cases). That is
+ *    reported, not asserted; on a trained model the bundled model's F1 on real images
+ *    is unchanged (tests/cli_default_model.sh). */
 static void test_bf16_compute_labels(void **state) {
     (void)state;
     cellsam_model_params p = cellsam_model_default_params();
