@@ -82,11 +82,16 @@ typedef struct {
     int det_dec_layers;
     int det_heads;
     float box_nms_iou;    /* box NMS the model recommends (metadata), 0 = none (official) */
+    int whole_image_max_side; /* images up to this side are best segmented whole (metadata
+                                 cellsam.whole_image_max_side), 0 = none: tiled (official) */
     const char *prefix;   /* "model_cp." or "" (plain SAM) */
     const char *format;   /* "pytorch" or "safetensors" */
 } cellsam_model_info;
 
 int cellsam_model_get_info(const cellsam_model *model, cellsam_model_info *info);
+/* Whether cellsam_segment tiles an image of this size for a `tiled` parameter value:
+ * 1 or 0 as given, or for -1 the model's recommendation (1 = tiled, 0 = whole image). */
+int cellsam_model_tiling(const cellsam_model *model, int tiled, int width, int height);
 
 /* Per-thread context. */
 int cellsam_context_new(const cellsam_model *model, cellsam_context **out);
@@ -152,7 +157,10 @@ typedef struct {
     const cellsam_box *boxes; /* optional user boxes in image pixels: skip CellFinder */
     int n_boxes;
     /* tiled (whole-slide) mode, the official default: blocks with halos, IoU linking */
-    int tiled;             /* 1 (default) tiled, 0 whole image (official segment_cellular_image) */
+    int tiled;             /* 1 tiled, 0 whole image (official segment_cellular_image); -1
+                              (default): the model's recommendation, which for the official
+                              checkpoint is tiled; cellsam-trained models recommend the whole
+                              image up to a side length (cellsam_model_info) */
     int block_size;        /* 400 */
     int overlap;           /* 56: halo on every side of a block */
     int iou_depth;         /* 56: half-width of the linking band */

@@ -385,6 +385,21 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         }
         m->box_nms_iou = (float)v;
     }
+    /* the image size up to which the model works best on the whole image (its trainer
+     * measured it on held-out images), tiled above */
+    const char *wmax = cs_weights_get_meta(w, "cellsam.whole_image_max_side");
+    if (wmax) {
+        char *end;
+        long v = strtol(wmax, &end, 10);
+        if (*end || end == wmax || v < 0 || v > 65536) {
+            int err = cs_error(CELLSAM_ERR_MODEL,
+                               "%s: metadata cellsam.whole_image_max_side=\"%s\" is not a side length in [0, 65536]",
+                               path, wmax);
+            cellsam_model_free(m);
+            return err;
+        }
+        m->whole_image_max_side = (int)v;
+    }
     cs_binder *b = &m->binder;
     b->w = w;
     char vp[64];
@@ -474,6 +489,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         in->det_heads = dd.n_heads;
     }
     in->box_nms_iou = m->box_nms_iou;
+    in->whole_image_max_side = m->whole_image_max_side;
     in->prefix = m->prefix;
     in->format = cs_weights_format(w);
     if (m->sam_vit.img_size != 1024 || m->sam_vit.grid != 64) {

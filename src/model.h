@@ -167,6 +167,7 @@ struct cellsam_model {
     cs_mask_decoder md;
     int has_detector;
     float box_nms_iou; /* recommended box NMS (metadata cellsam.box_nms_iou), 0 = none */
+    int whole_image_max_side; /* metadata cellsam.whole_image_max_side, 0 = none */
     cs_vit det_vit;
     struct cs_cellfinder *det;
     cs_binder binder; /* owns converted tensors */

@@ -24,7 +24,7 @@ cellsam_segment_params cellsam_segment_default_params(void) {
     p.box_nms_iou = -1.0f; /* the model's recommendation; none for the official checkpoint */
     p.min_size = 25;
     p.normalize = 1;
-    p.tiled = 1;
+    p.tiled = -1; /* the model's recommendation; tiled for the official checkpoint */
     /* tiling defaults have one home: the tiler's */
     const cs_tile_params t = cs_tile_default_params();
     p.block_size = t.block_size;
@@ -429,6 +429,12 @@ void cellsam_result_free(cellsam_result *r) {
     free(r);
 }
 
+int cellsam_model_tiling(const cellsam_model *m, int tiled, int width, int height) {
+    if (tiled >= 0) return tiled != 0;
+    const int side = width > height ? width : height;
+    return !(m && m->whole_image_max_side > 0 && side <= m->whole_image_max_side);
+}
+
 int cellsam_segment(cellsam_context *ctx, const float *image, int width, int height, int channels,
                     const cellsam_segment_params *params, cellsam_result **out) {
     *out = NULL;
@@ -439,6 +445,9 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     if (!(p->box_nms_iou <= 1) || (p->box_nms_iou < 0 && p->box_nms_iou != -1.0f))
         return cs_error(CELLSAM_ERR_INVALID, "box NMS IoU %g: give 0 (off), a value in (0, 1], or -1 (the model's)",
                         p->box_nms_iou);
+    if (p->tiled < -1 || p->tiled > 1)
+        return cs_error(CELLSAM_ERR_INVALID, "tiled %d: give 1 (tiled), 0 (whole image) or -1 (the model's)", p->tiled);
+    const int tiled = cellsam_model_tiling(ctx->model, p->tiled, width, height);
     size_t npix;
     if (cs_mul_size((size_t)width, (size_t)height, &npix) || npix > ((size_t)1 << 34))
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);
@@ -457,7 +466,7 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     r->height = height;
     float *score = NULL, *iou = NULL;
     int n_labels = 0;
-    if (p->tiled && !p->boxes) {
+    if (tiled && !p->boxes) {
         rc = cs_segment_tiled(ctx, hw3, height, width, p, &r->labels, &score, &iou, &n_labels, &r->n_boxes_detected);
     } else {
         cs_tile_result tr;

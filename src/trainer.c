@@ -230,6 +230,7 @@ typedef struct {
      * the fine-tuning checkpoint, and the --detector-from one for the trunk */
     cellsam_model *frozen_model, *frozen_det_model;
     char box_nms[16]; /* metadata cellsam.box_nms_iou to save ("" = none) */
+    char whole_max[16]; /* metadata cellsam.whole_image_max_side to save ("" = none) */
 } trainer;
 
 /* Box NMS recorded in models whose detector trained with one-to-many targets; chosen
@@ -298,9 +299,18 @@ static int trainer_save(trainer *t) {
     snprintf(heads[1], sizeof heads[1], "%d", t->arch.dec.heads);
     snprintf(heads[2], sizeof heads[2], "%d", t->arch.det.heads);
     /* one-to-many targets teach several boxes per cell: the model asks for box NMS */
-    const char *meta[] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
-                          "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train",
-                          t->box_nms[0] ? "cellsam.box_nms_iou" : NULL, t->box_nms, NULL};
+    const char *meta[13] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
+                            "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train"};
+    int n_meta = 8;
+    if (t->box_nms[0]) {
+        meta[n_meta++] = "cellsam.box_nms_iou";
+        meta[n_meta++] = t->box_nms;
+    }
+    if (t->whole_max[0]) {
+        meta[n_meta++] = "cellsam.whole_image_max_side";
+        meta[n_meta++] = t->whole_max;
+    }
+    meta[n_meta] = NULL;
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
     if (rc) return rc;
     char *sp = state_path(t->tp->out_path);
@@ -611,6 +621,10 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         const char *except = new_anchors && !resuming ? anchor_table : NULL;
         if (!rc) rc = cs_tparams_load_except(&t->ps, w, NULL, except, &n_loaded, &n_missing);
         if (!rc) take_box_nms_hint(t, w);
+        if (!rc) { /* a fine-tuned model keeps its starting point's preferred mode */
+            const char *v = cs_weights_get_meta(w, "cellsam.whole_image_max_side");
+            snprintf(t->whole_max, sizeof t->whole_max, "%s", v ? v : "");
+        }
         cs_weights_free(w);
         if (!rc && n_missing)
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the %zu trainable tensors", start, n_missing, t->ps.n);

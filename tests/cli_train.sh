@@ -48,13 +48,18 @@ grep -q "step 3/3 loss" "$TMP/log2" || fail "resume did not reach step 3"
 grep -q "step 1/3 loss" "$TMP/log2" && fail "resume repeated step 1"
 ok "--resume continues at the saved step"
 
-# fine-tuning from the trained file: frozen encoders, cached features
+# fine-tuning from the trained file (given a whole-image hint first): frozen encoders,
+# cached features
+"$CLI" convert "$TMP/m.safetensors" "$TMP/m.safetensors.tmp" --whole-image-max-side 1024 2>/dev/null &&
+    mv "$TMP/m.safetensors.tmp" "$TMP/m.safetensors" || fail "convert --whole-image-max-side failed"
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 2 --batch 1 --prompts 2 --val-fraction 0.34 \
     --threads 2 --out "$TMP/f.safetensors" 2>"$TMP/log3" || fail "finetune failed: $(tail -3 "$TMP/log3")"
 grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
 ok "finetune -m CKPT runs with frozen encoders"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^box NMS       0\.2 " || fail "finetuning lost the detector's box NMS hint"
 ok "finetuning keeps the detector's box NMS hint"
+"$CLI" info "$TMP/f.safetensors" | grep -q "^whole image   up to 1024 px" || fail "finetuning lost the whole-image hint"
+ok "finetuning keeps the model's whole-image hint"
 
 # more anchors: a fresh grid, every other tensor of the head kept
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \

@@ -268,6 +268,84 @@ static void test_all_cases(void **state) {
     for (int i = 0; i < n; i++) run_case(names[i]);
 }
 
+/* A model's recommendation of whole-image mode (metadata cellsam.whole_image_max_side):
+ * with tiled = -1 (the default), images up to that side are segmented whole and larger
+ * ones tiled, each exactly as the explicit mode; without the metadata (the official
+ * checkpoint) the default tiles; malformed metadata and tiled values are refused. */
+static void test_whole_image_hint(void **state) {
+    (void)state;
+    cs_weights *w = NULL;
+    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
+    const char *with_hint = tu_tmp("whole_hint.safetensors"), *bad_hint = tu_tmp("whole_bad.safetensors");
+    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "100"), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, with_hint, CS_DTYPE_F32), 0);
+    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "12x"), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, bad_hint, CS_DTYPE_F32), 0);
+    cs_weights_free(w);
+
+    cellsam_model_params mp = cellsam_model_default_params();
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    mp.config_path = cfg;
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
+    assert_non_null(strstr(cellsam_last_error(), "whole_image_max_side"));
+    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model_info info;
+    assert_int_equal(cellsam_model_get_info(m, &info), 0);
+    assert_int_equal(info.whole_image_max_side, 100);
+    assert_int_equal(cellsam_model_tiling(m, -1, 100, 64), 0);
+    assert_int_equal(cellsam_model_tiling(m, -1, 64, 101), 1);
+    assert_int_equal(cellsam_model_tiling(m, 1, 10, 10), 1);
+    assert_int_equal(cellsam_model_tiling(g_model, -1, 10, 10), 1); /* official: tiled */
+    cellsam_context *ctx = NULL;
+    assert_int_equal(cellsam_context_new(m, &ctx), 0);
+
+    /* 96 x 96 (whole under the hint) and 160 x 96 (tiled): blobs */
+    const int sizes[2][2] = {{96, 96}, {160, 96}};
+    for (int k = 0; k < 2; k++) {
+        const int W = sizes[k][0], H = sizes[k][1];
+        float *img = malloc((size_t)W * H * sizeof(float));
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++)
+                img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+        cellsam_segment_params sp = cellsam_segment_default_params();
+        assert_int_equal(sp.tiled, -1);
+        sp.n_threads = 2;
+        cellsam_result *dflt = NULL, *expl = NULL, *official = NULL, *official_tiled = NULL;
+        assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &dflt), 0);
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &official), 0);
+        sp.tiled = k; /* what the hint should have chosen */
+        assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &expl), 0);
+        sp.tiled = 1;
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &official_tiled), 0);
+        printf("  %d x %d: %s by the hint, %d cells\n", W, H, k ? "tiled" : "whole", dflt->n_cells);
+        assert_int_equal(dflt->n_cells, expl->n_cells);
+        assert_memory_equal(dflt->labels, expl->labels, (size_t)W * H * sizeof(uint32_t));
+        assert_int_equal(official->n_cells, official_tiled->n_cells);
+        assert_memory_equal(official->labels, official_tiled->labels, (size_t)W * H * sizeof(uint32_t));
+        /* the two modes differ on these images, so the equalities above say which ran */
+        cellsam_result *other = NULL;
+        sp.tiled = !k;
+        assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &other), 0);
+        assert_memory_not_equal(dflt->labels, other->labels, (size_t)W * H * sizeof(uint32_t));
+        cellsam_result_free(other);
+        cellsam_result_free(dflt);
+        cellsam_result_free(expl);
+        cellsam_result_free(official);
+        cellsam_result_free(official_tiled);
+        free(img);
+    }
+    cellsam_result *r = NULL;
+    cellsam_segment_params bad = cellsam_segment_default_params();
+    bad.tiled = 2;
+    float px[16] = {0};
+    assert_int_equal(cellsam_segment(ctx, px, 4, 4, 1, &bad, &r), CELLSAM_ERR_INVALID);
+    assert_null(r);
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+}
+
 /* Opt-in bfloat16 compute (--precision bf16) on every reference case, against the
  * official float32 labels (50_label_final), as objects (F1 at IoU 0.5):
  *  - with only the SAM branch in bfloat16 the labels must agree (measured: F1 1 on
@@ -499,6 +577,7 @@ static void test_box_nms_hint(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_all_cases),
+        cmocka_unit_test(test_whole_image_hint),
         cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_degenerate_images),
         cmocka_unit_test(test_box_nms),

@@ -28,6 +28,9 @@ static void print_info(const cellsam_model_info *in) {
         printf("cellfinder    absent\n");
     if (in->box_nms_iou > 0)
         printf("box NMS       %g (recommended by the model: a detector trained one-to-many)\n", in->box_nms_iou);
+    if (in->whole_image_max_side > 0)
+        printf("whole image   up to %d px per side, tiled above (recommended by the model)\n",
+               in->whole_image_max_side);
 }
 
 int cmd_info(int argc, char **argv) {
@@ -67,15 +70,19 @@ int cmd_info(int argc, char **argv) {
 /* --------------------------------------------------------------- convert */
 
 int cmd_convert(int argc, char **argv) {
-    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL;
+    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n\n"
+            printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n"
+                   "                      [--whole-image-max-side N]\n\n"
                    "Rewrite a checkpoint (PyTorch .pt as published, or safetensors) as safetensors,\n"
                    "keeping every tensor name and shape; --dtype converts the values (default f32).\n"
                    "safetensors loads memory-mapped and zero-copy.\n"
                    "  --box-nms IOU  record the box NMS that `cellsam segment` applies to this model by\n"
-                   "                 default (metadata cellsam.box_nms_iou; 0 = none, as the official model)\n");
+                   "                 default (metadata cellsam.box_nms_iou; 0 = none, as the official model)\n"
+                   "  --whole-image-max-side N  record that `cellsam segment` should segment images up\n"
+                   "                 to N pixels per side whole and tile larger ones (metadata\n"
+                   "                 cellsam.whole_image_max_side; 0 = always tile, as the official model)\n");
             return 0;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dt = argv[++i];
         else if (!strcmp(argv[i], "--box-nms") && i + 1 < argc) {
@@ -83,6 +90,15 @@ int cmd_convert(int argc, char **argv) {
             float v;
             if (cli_parse_floats(nms, &v, 1) || !(v >= 0 && v <= 1)) {
                 cli_error("convert", "--box-nms: expected an IoU in [0, 1], not '%s'", nms);
+                return 2;
+            }
+        }
+        else if (!strcmp(argv[i], "--whole-image-max-side") && i + 1 < argc) {
+            whole = argv[++i];
+            int v;
+            if (cli_parse_int(whole, 0, 65536, &v)) {
+                cli_error("convert", "--whole-image-max-side: expected a side length from 0 to 65536, not '%s'",
+                          whole);
                 return 2;
             }
         }
@@ -111,6 +127,7 @@ int cmd_convert(int argc, char **argv) {
         return 1;
     }
     int rc = nms ? cs_weights_set_meta(w, "cellsam.box_nms_iou", nms) : CELLSAM_OK;
+    if (!rc && whole) rc = cs_weights_set_meta(w, "cellsam.whole_image_max_side", whole);
     if (!rc) rc = cs_weights_save_safetensors(w, out, d);
     if (rc) cli_error("convert", "%s", cellsam_last_error());
     else fprintf(stderr, "cellsam convert: wrote %zu tensors to %s (%s)\n", cs_weights_count(w), out, dt);

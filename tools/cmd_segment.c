@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "common.h"
 #include "image_io.h"
+#include "model.h"
 #include "pipeline.h"
 
 typedef struct {
@@ -38,9 +39,12 @@ static void usage(void) {
         "  examples        grey image: nothing to set; DAPI in 1 + membrane in 2: --nuclear 1 --cell 2;\n"
         "                  nuclei only in channel 3 of an RGB file: --nuclear 3; H&E: --grey\n"
         "Modes:\n"
-        "  (default)       tiled whole-slide mode, as the official pipeline: blocks of --block-size\n"
+        "  --tiled         tiled whole-slide mode, as the official pipeline: blocks of --block-size\n"
         "                  (400) with --overlap (56) halo, IoU --link-iou (0.5) linking across tiles\n"
         "  --no-tiling     the whole image at once (official segment_cellular_image)\n"
+        "  (default)       what the model's metadata recommends: cellsam-trained models segment\n"
+        "                  images up to a side length whole (the bundled model: 1024) and tile\n"
+        "                  larger ones; the official checkpoint always tiles, as the official pipeline\n"
         "  --mirror-halo   mirror the image at its borders instead of the official wrap-around\n"
         "  --stream        read regions and write label rows as tiles finish (bounded memory);\n"
         "                  automatic above 4096 x 4096 pixels. The CSV then has no score/IoU columns\n"
@@ -169,6 +173,7 @@ static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const ch
     double t0 = cs_now_seconds();
     int rc = cs_label_stream_open(out, info.width, info.height, &s.out);
     cellsam_segment_params sp = o->sp;
+    sp.tiled = 1; /* streaming is tiled */
     if (!o->quiet) sp.progress = progress_cb;
     int n_boxes = 0;
     uint32_t max_label = 0;
@@ -202,7 +207,13 @@ static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const ch
 static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in, const char *out,
                         const char *csv, const char *overlay, int *n_cells) {
     int pw, ph, pc;
-    if (o->sp.tiled && (o->stream || (cs_image_probe(in, &pw, &ph, &pc) == 0 && (int64_t)pw * ph > STREAM_PIXELS))) {
+    const int probed = cs_image_probe(in, &pw, &ph, &pc) == 0;
+    const int big = probed && (int64_t)pw * ph > STREAM_PIXELS;
+    /* streaming is a tiled mode: --stream and whole-slide sizes tile unless told not to */
+    const int tiled = o->sp.tiled >= 0 ? o->sp.tiled
+                      : (o->stream || big) ? 1
+                      : cellsam_model_tiling(ctx->model, -1, probed ? pw : 1 << 30, probed ? ph : 1 << 30);
+    if (tiled && (o->stream || big)) {
         if (overlay) {
             cli_error("segment", "%s: --overlay is not available for streamed (whole-slide) images", in);
             return 1;
@@ -222,6 +233,7 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
     }
     cellsam_result *r = NULL;
     cellsam_segment_params sp = o->sp;
+    sp.tiled = tiled;
     if (!o->quiet && sp.tiled) sp.progress = progress_cb;
     int rc = cellsam_segment(ctx, hw3, img.width, img.height, 3, &sp, &r);
     free(hw3);
@@ -316,6 +328,7 @@ int cmd_segment(int argc, char **argv) {
         else if (!strcmp(a, "--overlay")) { NEED_VALUE(); o.overlay = v; }
         else if (!strcmp(a, "--boxes")) { NEED_VALUE(); o.boxes_file = v; }
         else if (!strcmp(a, "--no-tiling")) o.sp.tiled = 0;
+        else if (!strcmp(a, "--tiled")) o.sp.tiled = 1;
         else if (!strcmp(a, "--mirror-halo")) o.sp.halo_mirror = 1;
         else if (!strcmp(a, "--remove-boundaries")) o.sp.remove_boundaries = 1;
         else if (!strcmp(a, "--no-normalize")) o.sp.normalize = 0;
