@@ -243,6 +243,10 @@ typedef struct {
                                   half of a cell's box; train's default), 1 = each cell to its
                                   nearest anchor, 0 = DETR's Hungarian matching on the
                                   predictions (finetune's default) */
+    int whole_image_max_side;  /* 0 (default): samples are tiles of the official tiler, as tiled
+                                  inference sees them; N: images up to N px per side are taken
+                                  whole, without the tiler's halo, as whole-image inference sees
+                                  them, and N is recorded in the model (cellsam_model_info) */
     int n_threads;
     uint64_t seed;
     double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */

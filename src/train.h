@@ -352,6 +352,9 @@ typedef struct {
     float gamma_lo, gamma_hi; /* intensity gamma range on [0,1]-scaled data (1,1 = off) */
     float crop_lo, crop_hi; /* random crop side as a fraction of the image side (1,1 = off) */
     float scale_lo, scale_hi; /* random rescale of the crop before the network resize (1,1 = off) */
+    int whole_image_max_side; /* sample geometry, not augmentation: 0 = a tile of the tiler;
+                                 N = the whole (augmented) image without halo when its sides
+                                 are at most N, as whole-image inference sees it */
 } cs_augment;
 cs_augment cs_augment_default(void); /* training augmentation */
 cs_augment cs_augment_none(void);

@@ -660,8 +660,15 @@ typedef struct {
     int y0, x0, h, w; /* haloed tile in extended image coordinates */
 } tile_geom;
 
-/* The tile of the tiler's grid that the draw selects (middle one without rng). */
-static int pick_tile(int H, int W, double u, tile_geom *t) {
+/* The tile of the tiler's grid that the draw selects (middle one without rng), or
+ * the whole image without halo when it is at most whole_max per side. */
+static int pick_tile(int H, int W, double u, int whole_max, tile_geom *t) {
+    if (whole_max > 0 && H <= whole_max && W <= whole_max) {
+        t->y0 = t->x0 = 0;
+        t->h = H;
+        t->w = W;
+        return CELLSAM_OK;
+    }
     const cellsam_segment_params sp = cellsam_segment_default_params();
     const int block = sp.block_size, d = sp.overlap;
     const int ny = cs_chunks(H, block, d, NULL, 0), nx = cs_chunks(W, block, d, NULL, 0);
@@ -863,7 +870,7 @@ int cs_train_sample_load(const cs_dataset *ds, int index, const cs_augment *aug,
     rc = augment(&p, a, &d);
 
     tile_geom t = {0, 0, 0, 0};
-    if (!rc) rc = pick_tile(p.H, p.W, d.tile, &t);
+    if (!rc) rc = pick_tile(p.H, p.W, d.tile, a->whole_image_max_side, &t);
     const size_t tpx = rc ? 0 : (size_t)t.h * t.w;
     if (!rc) {
         tile = cs_alloc(tpx, 3 * sizeof(float));

@@ -434,6 +434,7 @@ static int train_one_image(trainer *t, int index, float scale) {
         feat = t->cache_feat[index];
     } else {
         cs_augment aug = tp->augment && !(frozen && tp->cache_embeddings) ? cs_augment_default() : cs_augment_none();
+        aug.whole_image_max_side = tp->whole_image_max_side;
         rc = cs_train_sample_load(&t->train, index, &aug, &t->rng, 4, &local);
         if (rc) return rc;
         if (tp->train_decoder) {
@@ -652,6 +653,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
     }
     if (tp->train_detector && tp->anchor_matching == 2)
         snprintf(t->box_nms, sizeof t->box_nms, "%s", DENSE_TARGETS_BOX_NMS);
+    if (tp->whole_image_max_side > 0) /* trained on whole images: segment them whole */
+        snprintf(t->whole_max, sizeof t->whole_max, "%d", tp->whole_image_max_side);
     if (!resuming && tp->reset_detector_head) {
         /* a fresh head from the same initialisers, copied over the loaded one */
         cs_tparams fresh;

@@ -299,6 +299,39 @@ static void check_boxes(const cs_train_sample *s) {
     free(b);
 }
 
+/* --whole-image-max-side: a small image is one sample without halo (its own size,
+ * one instance per label), as whole-image inference sees it; a larger limit than
+ * the image is needed, a smaller one leaves the tiler's haloed tile. */
+static void test_whole_image_sample(void **state) {
+    (void)state;
+    const int idx = find_index(&g_train, GREY_256);
+    int H, W;
+    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W);
+    uint32_t maxl = 0;
+    for (size_t i = 0; i < (size_t)H * W; i++) maxl = raw[i] > maxl ? raw[i] : maxl;
+    cs_augment a = cs_augment_none();
+    a.whole_image_max_side = H > W ? H : W;
+    cs_train_sample s;
+    assert_int_equal(cs_train_sample_load(&g_train, idx, &a, NULL, 1, &s), 0);
+    assert_int_equal(s.H, H);
+    assert_int_equal(s.W, W);
+    /* no halo copies: every label once (the image is upscaled, so every label shows) */
+    assert_int_equal(s.n_cells, (int)maxl);
+    for (int i = 0; i < NET; i += 7)
+        for (int j = 0; j < NET; j += 7) {
+            const int y = (int)floor((i + 0.5) * H / NET), x = (int)floor((j + 0.5) * W / NET);
+            assert_int_equal(raw[(size_t)y * W + x] == 0, s.labels[(size_t)i * NET + j] == 0);
+        }
+    printf("  %d x %d image, whole: %d cells (the haloed tile has more)\n", W, H, s.n_cells);
+    cs_train_sample_free(&s);
+    a.whole_image_max_side = (H < W ? H : W) - 1; /* too small: the tiler's tile */
+    assert_int_equal(cs_train_sample_load(&g_train, idx, &a, NULL, 1, &s), 0);
+    const int d = cellsam_segment_default_params().overlap;
+    assert_int_equal(s.H, H + 2 * d);
+    cs_train_sample_free(&s);
+    free(raw);
+}
+
 static void test_label_geometry(void **state) {
     (void)state;
     const int idx = find_index(&g_train, GREY_256);
@@ -746,6 +779,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_counts),      cmocka_unit_test(test_split),
         cmocka_unit_test(test_matches_inference), cmocka_unit_test(test_label_geometry),
+        cmocka_unit_test(test_whole_image_sample),
         cmocka_unit_test(test_flips_rot90),      cmocka_unit_test(test_augment_alignment),
         cmocka_unit_test(test_errors),           cmocka_unit_test(test_load_time),
         cmocka_unit_test(test_labeling_tool_corrections),

@@ -36,6 +36,9 @@ static void usage(const char *cmd) {
            "  --prompts N        boxes decoded per image (16)\n"
            "  --lr X  --weight-decay X  --clip X  --warmup N\n"
            "  --no-augment       no flips, rotations, crops or intensity changes\n"
+           "  --whole-image-max-side N  take images up to N px per side whole (no tiler halo), as\n"
+           "                     whole-image inference sees them, and record N in the model so that\n"
+           "                     `segment` works on such images whole (default 0: tiler tiles)\n"
            "  --matching M       detector targets: dense (every anchor in the central half of a cell's\n"
            "                     box; train's default), anchor (each cell to its nearest anchor)\n"
            "                     or hungarian (DETR's matching; finetune's default)\n"
@@ -167,6 +170,7 @@ static int run(const char *cmd, int argc, char **argv) {
         INT_OPT("--depth", 1, 32, p.depth)
         INT_OPT("--heads", 1, 64, p.heads)
         INT_OPT("--queries", 1, 10000, p.n_queries)
+        INT_OPT("--whole-image-max-side", 0, 65536, p.whole_image_max_side)
         FLOAT_OPT("--lr", 1e-9, 1.0, p.lr)
         FLOAT_OPT("--weight-decay", 0.0, 1.0, p.weight_decay)
         FLOAT_OPT("--clip", 0.0, 1e6, p.clip_norm)
