@@ -61,60 +61,50 @@ size_t cs_bf16_packed_count(int n, int k) {
     return (size_t)((n + NR - 1) / NR) * NR * (size_t)((k + 1) / 2) * 2;
 }
 
-/* Fill w->data: element (j, i) of W from src32[j * rs + i * cs], or from src16 (row-major). */
-static void pack_panels(cs_bf16_weights *w, const float *src32, size_t rs, size_t cs, const uint16_t *src16,
-                        int dtype16, int n_threads) {
-    const int n = w->n, k = w->k, kp = w->k_pairs, np = w->n_panels;
-    if (src32 && rs == 1 && cs > 1 && n_threads <= 1) {
-        /* a transpose (attention's values): rows 2p and 2p+1 of src give pair p */
-        for (int j = 0; j < np; j++) {
-            uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
-            const int n0 = j * NR, nc = n - n0 < NR ? n - n0 : NR;
-            for (int p = 0; p < kp; p++) {
-                const float *r0 = src32 + (size_t)(2 * p) * cs + n0, *r1 = r0 + cs;
-                uint16_t *o = panel + (size_t)p * NR * 2;
-                const int second = 2 * p + 1 < k;
-                for (int c = 0; c < nc; c++) {
-                    o[2 * c] = round_f32(r0[c]);
-                    o[2 * c + 1] = second ? round_f32(r1[c]) : 0;
-                }
-                for (int c = nc; c < NR; c++) o[2 * c] = o[2 * c + 1] = 0;
-            }
-        }
-        return;
-    }
-#pragma omp parallel for num_threads(n_threads > 0 ? n_threads : 1) schedule(static) if (np > 1 && n_threads > 1)
-    for (int j = 0; j < np; j++) {
+/* W = the transpose of a row-major source with row stride cs (attention's values):
+ * source rows 2p and 2p+1 give pair p of every panel column. */
+static void pack_transposed(cs_bf16_weights *w, const float *src, size_t cs) {
+    const int n = w->n, k = w->k, kp = w->k_pairs;
+    for (int j = 0; j < w->n_panels; j++) {
         uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
-        if (src32 && cs == 1) {
-            /* rows contiguous in k: round a row, then place its pairs */
-            uint16_t row16[2 * 256];
-            for (int c = 0; c < NR; c++) {
-                const int col = j * NR + c;
-                for (int p0 = 0; p0 < kp; p0 += 256) {
-                    const int np2 = kp - p0 < 256 ? kp - p0 : 256;
-                    const int valid = col < n ? (k - 2 * p0 < 2 * np2 ? k - 2 * p0 : 2 * np2) : 0;
-                    if (valid > 0) round_row(src32 + (size_t)col * rs + 2 * (size_t)p0, row16, valid);
-                    for (int i = valid > 0 ? valid : 0; i < 2 * np2; i++) row16[i] = 0;
-                    for (int p = 0; p < np2; p++) {
-                        uint16_t *o = panel + ((size_t)(p0 + p) * NR + c) * 2;
-                        o[0] = row16[2 * p];
-                        o[1] = row16[2 * p + 1];
-                    }
-                }
+        const int n0 = j * NR, nc = n - n0 < NR ? n - n0 : NR;
+        for (int p = 0; p < kp; p++) {
+            const float *r0 = src + (size_t)(2 * p) * cs + n0, *r1 = r0 + cs;
+            uint16_t *o = panel + (size_t)p * NR * 2;
+            const int second = 2 * p + 1 < k;
+            for (int c = 0; c < nc; c++) {
+                o[2 * c] = round_f32(r0[c]);
+                o[2 * c + 1] = second ? round_f32(r1[c]) : 0;
             }
-            continue;
+            for (int c = nc; c < NR; c++) o[2 * c] = o[2 * c + 1] = 0;
         }
-        for (int c = 0; c < NR; c++) {
-            const int col = j * NR + c;
-            for (int i = 0; i < 2 * kp; i++) {
-                uint16_t v = 0;
-                if (col < n && i < k) {
-                    if (src32) v = round_f32(src32[(size_t)col * rs + (size_t)i * cs]);
-                    else if (dtype16 == CS_DTYPE_BF16) v = src16[(size_t)col * k + i];
-                    else v = round_f32(cs_f16_to_f32(src16[(size_t)col * k + i]));
-                }
-                panel[((size_t)(i / 2) * NR + c) * 2 + (i & 1)] = v;
+    }
+}
+
+/* Panel j of W, whose rows are contiguous: row j*NR + c starts at src32 + (j*NR + c) * rs
+ * (float32), or at src16 + (j*NR + c) * k (16-bit storage of dtype16). */
+static void pack_panel(cs_bf16_weights *w, int j, const float *src32, size_t rs, const uint16_t *src16,
+                       int dtype16) {
+    const int n = w->n, k = w->k, kp = w->k_pairs;
+    uint16_t *panel = w->data + (size_t)j * kp * NR * 2;
+    uint16_t row16[2 * 256];
+    for (int c = 0; c < NR; c++) {
+        const int col = j * NR + c;
+        for (int p0 = 0; p0 < kp; p0 += 256) {
+            const int np2 = kp - p0 < 256 ? kp - p0 : 256;
+            const int valid = col < n ? (k - 2 * p0 < 2 * np2 ? k - 2 * p0 : 2 * np2) : 0;
+            if (valid > 0 && src32) {
+                round_row(src32 + (size_t)col * rs + 2 * (size_t)p0, row16, valid);
+            } else if (valid > 0) {
+                const uint16_t *h = src16 + (size_t)col * k + 2 * (size_t)p0;
+                for (int i = 0; i < valid; i++)
+                    row16[i] = dtype16 == CS_DTYPE_BF16 ? h[i] : round_f32(cs_f16_to_f32(h[i]));
+            }
+            for (int i = valid > 0 ? valid : 0; i < 2 * np2; i++) row16[i] = 0;
+            for (int p = 0; p < np2; p++) {
+                uint16_t *o = panel + ((size_t)(p0 + p) * NR + c) * 2;
+                o[0] = row16[2 * p];
+                o[1] = row16[2 * p + 1];
             }
         }
     }
@@ -136,7 +126,8 @@ int cs_bf16_weights_pack(cs_bf16_weights *w, const float *src32, const uint16_t 
     w->data = cs_alloc(cs_bf16_packed_count(n, k), sizeof(uint16_t));
     if (!w->data) return cs_error(CELLSAM_ERR_NOMEM, "out of memory packing bf16 weights");
     set_dims(w, n, k);
-    pack_panels(w, src32, (size_t)k, 1, src16, dtype16, n_threads);
+#pragma omp parallel for num_threads(n_threads > 0 ? n_threads : 1) schedule(static) if (n_threads > 1)
+    for (int j = 0; j < w->n_panels; j++) pack_panel(w, j, src32, (size_t)k, src16, dtype16);
     return CELLSAM_OK;
 }
 
@@ -144,7 +135,19 @@ void cs_bf16_pack_strided(cs_bf16_weights *w, uint16_t *data, const float *src, 
                           int k) {
     set_dims(w, n, k);
     w->data = data;
-    pack_panels(w, src, rs, cs, NULL, 0, 1);
+    if (cs == 1) {
+        for (int j = 0; j < w->n_panels; j++) pack_panel(w, j, src, rs, NULL, 0);
+    } else if (rs == 1) {
+        pack_transposed(w, src, cs);
+    } else { /* a general stride: element by element */
+        for (int j = 0; j < w->n_panels; j++)
+            for (int c = 0; c < NR; c++)
+                for (int i = 0; i < 2 * w->k_pairs; i++) {
+                    const int col = j * NR + c;
+                    w->data[(((size_t)j * w->k_pairs + i / 2) * NR + c) * 2 + (i & 1)] =
+                        col < n && i < k ? round_f32(src[(size_t)col * rs + (size_t)i * cs]) : 0;
+                }
+    }
 }
 
 void cs_bf16_weights_free(cs_bf16_weights *w) {

@@ -81,16 +81,18 @@ static void test_pack_strided(void **state) {
     const int rows = 37, cols = 23, ld = 29; /* a rows x cols block inside rows x ld storage */
     float src[37 * 29];
     for (int i = 0; i < rows * ld; i++) src[i] = (float)sin(i * 1.7) * 3;
-    float plain[37 * 23], trans[23 * 37];
+    float plain[37 * 23], trans[23 * 37], every2[37 * 12];
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
             plain[r * cols + c] = src[r * ld + c];
             trans[c * rows + r] = src[r * ld + c];
+            if (c % 2 == 0) every2[r * 12 + c / 2] = src[r * ld + c];
         }
-    const struct { int n, k; const float *explicit_w; size_t rs, cs; } v[2] = {
-        {rows, cols, plain, (size_t)ld, 1}, /* W = the block */
-        {cols, rows, trans, 1, (size_t)ld}}; /* W = its transpose */
-    for (int i = 0; i < 2; i++) {
+    const struct { int n, k; const float *explicit_w; size_t rs, cs; } v[3] = {
+        {rows, cols, plain, (size_t)ld, 1},  /* W = the block */
+        {cols, rows, trans, 1, (size_t)ld},  /* W = its transpose */
+        {rows, 12, every2, (size_t)ld, 2}};  /* a general stride: every other column */
+    for (int i = 0; i < 3; i++) {
         cs_bf16_weights a, b;
         assert_int_equal(cs_bf16_weights_pack(&a, v[i].explicit_w, NULL, 0, v[i].n, v[i].k, 1), 0);
         size_t count = cs_bf16_packed_count(v[i].n, v[i].k);
