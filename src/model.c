@@ -323,6 +323,22 @@ void cellsam_model_free(cellsam_model *m) {
     free(m);
 }
 
+/* Integer metadata `key` in [lo, hi]: 1 and *out when present and valid, 0 when
+ * absent, -1 (message set, naming `what`) when malformed. */
+static int meta_int(const cs_weights *w, const char *path, const char *key, long lo, long hi, const char *what,
+                    int *out) {
+    const char *v = cs_weights_get_meta(w, key);
+    if (!v) return 0;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || end == v || x < lo || x > hi) {
+        cs_error(CELLSAM_ERR_MODEL, "%s: metadata %s=\"%s\" is not %s", path, key, v, what);
+        return -1;
+    }
+    *out = (int)x;
+    return 1;
+}
+
 int cellsam_model_load(const char *path, const cellsam_model_params *params, cellsam_model **out) {
     *out = NULL;
     cellsam_model_params dp = cellsam_model_default_params();
@@ -358,18 +374,12 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
                       {"cellsam.decoder_heads", &ho.dec_heads},
                       {"cellsam.detector_heads", &ho.det_heads}};
     for (size_t i = 0; i < sizeof meta_heads / sizeof meta_heads[0]; i++) {
-        const char *v = cs_weights_get_meta(w, meta_heads[i].key);
-        if (!v || *meta_heads[i].dst) continue;
-        char *end;
-        long h = strtol(v, &end, 10);
-        if (*end || h < 1 || h > 256) {
-            /* the message first: v points into the model's weights */
-            int err = cs_error(CELLSAM_ERR_MODEL, "%s: metadata %s=\"%s\" is not a head count", path,
-                               meta_heads[i].key, v);
+        /* the message is set before the free: the value points into the model's weights */
+        if (!*meta_heads[i].dst &&
+            meta_int(w, path, meta_heads[i].key, 1, 256, "a head count", meta_heads[i].dst) < 0) {
             cellsam_model_free(m);
-            return err;
+            return CELLSAM_ERR_MODEL;
         }
-        *meta_heads[i].dst = (int)h;
     }
     /* a detector trained one-to-many scores several boxes per cell: its trainer records
      * the box NMS it needs, which segmentation applies unless the caller chooses */
@@ -387,18 +397,10 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     }
     /* the image size up to which the model works best on the whole image (its trainer
      * measured it on held-out images), tiled above */
-    const char *wmax = cs_weights_get_meta(w, "cellsam.whole_image_max_side");
-    if (wmax) {
-        char *end;
-        long v = strtol(wmax, &end, 10);
-        if (*end || end == wmax || v < 0 || v > 65536) {
-            int err = cs_error(CELLSAM_ERR_MODEL,
-                               "%s: metadata cellsam.whole_image_max_side=\"%s\" is not a side length in [0, 65536]",
-                               path, wmax);
-            cellsam_model_free(m);
-            return err;
-        }
-        m->whole_image_max_side = (int)v;
+    if (meta_int(w, path, "cellsam.whole_image_max_side", 0, 65536, "a side length in [0, 65536]",
+                 &m->whole_image_max_side) < 0) {
+        cellsam_model_free(m);
+        return CELLSAM_ERR_MODEL;
     }
     cs_binder *b = &m->binder;
     b->w = w;

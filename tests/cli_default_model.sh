@@ -24,24 +24,27 @@ TILED_FLOOR=0.55  # the sample with --tiled (the official mode); measured 0.607
 
 [ -f "$SRC/models/cellsam-small.safetensors" ] || fail "models/cellsam-small.safetensors is missing"
 
+# score_sample NAME FLOOR [segment options]: segment the bundled sample without -m
+# into $TMP/sample_NAME.png, score it against the ground truth, check the floor
+score_sample() {
+    name=$1
+    floor=$2
+    shift 2
+    "$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/sample_$name.png" --threads 2 --quiet "$@" \
+        2>"$TMP/err.txt" || fail "segment ($name) exited non-zero: $(cat "$TMP/err.txt")"
+    "$CLI" eval "$DATA/stardist_example/img2d_masks.png" "$TMP/sample_$name.png" --json >"$TMP/sample_$name.json" ||
+        fail "eval of the sample ($name) failed"
+    f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/sample_$name.json")
+    echo "sample, $name: F1@0.5 $f1 (floor $floor)"
+    awk -v f="$f1" -v m="$floor" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "sample ($name) F1 $f1 below $floor"
+}
+
 # 1. the sample, with no -m: the default model is found beside the source tree
-"$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/sample.png" --threads 2 --quiet 2>"$TMP/err.txt" ||
-    fail "segment without -m exited non-zero: $(cat "$TMP/err.txt")"
-"$CLI" eval "$DATA/stardist_example/img2d_masks.png" "$TMP/sample.png" --json >"$TMP/sample.json" ||
-    fail "eval of the sample failed"
-f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/sample.json")
-echo "sample: F1@0.5 $f1 (floor $SAMPLE_FLOOR)"
-awk -v f="$f1" -v m="$SAMPLE_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "sample F1 $f1 below $SAMPLE_FLOOR"
+score_sample default "$SAMPLE_FLOOR"
 
 # 1b. the same with --precision bf16 (the matrix products in bfloat16): the same
 # floor (measured: 0.655, as float32; DSB 0.581 against 0.584)
-"$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/sample_bf16.png" --threads 2 --quiet --precision bf16 \
-    2>"$TMP/err.txt" || fail "segment --precision bf16 exited non-zero: $(cat "$TMP/err.txt")"
-"$CLI" eval "$DATA/stardist_example/img2d_masks.png" "$TMP/sample_bf16.png" --json >"$TMP/sample_bf16.json" ||
-    fail "eval of the bf16 sample failed"
-f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/sample_bf16.json")
-echo "sample, --precision bf16: F1@0.5 $f1 (floor $SAMPLE_FLOOR)"
-awk -v f="$f1" -v m="$SAMPLE_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "bf16 sample F1 $f1 below $SAMPLE_FLOOR"
+score_sample bf16 "$SAMPLE_FLOOR" --precision bf16
 "$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/y.png" --precision fp8 2>"$TMP/err.txt"
 [ $? -eq 2 ] || fail "--precision fp8 did not exit with status 2"
 [ "$(wc -l <"$TMP/err.txt")" -eq 1 ] && grep -q "precision" "$TMP/err.txt" ||
@@ -49,14 +52,8 @@ awk -v f="$f1" -v m="$SAMPLE_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "
 
 # 1c. the model recommends whole-image mode up to 1024 px (its metadata); --tiled
 # overrides it: a different label image, scored against its own floor
-"$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/sample_tiled.png" --threads 2 --quiet --tiled \
-    2>"$TMP/err.txt" || fail "segment --tiled exited non-zero: $(cat "$TMP/err.txt")"
-cmp -s "$TMP/sample.png" "$TMP/sample_tiled.png" && fail "--tiled gave the same labels as the default mode"
-"$CLI" eval "$DATA/stardist_example/img2d_masks.png" "$TMP/sample_tiled.png" --json >"$TMP/sample_tiled.json" ||
-    fail "eval of the tiled sample failed"
-f1=$(sed -n 's/.*"mean_f1": \([0-9.e+-]*\).*/\1/p' "$TMP/sample_tiled.json")
-echo "sample, --tiled: F1@0.5 $f1 (floor $TILED_FLOOR)"
-awk -v f="$f1" -v m="$TILED_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "tiled sample F1 $f1 below $TILED_FLOOR"
+score_sample tiled "$TILED_FLOOR" --tiled
+cmp -s "$TMP/sample_default.png" "$TMP/sample_tiled.png" && fail "--tiled gave the same labels as the default mode"
 
 # 2. the DSB test images: a folder run, then the folder scored
 mkdir "$TMP/dsb"

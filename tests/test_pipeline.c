@@ -268,25 +268,35 @@ static void test_all_cases(void **state) {
     for (int i = 0; i < n; i++) run_case(names[i]);
 }
 
+/* The reference checkpoint saved twice with metadata `key` set: to `good` (in
+ * *good_path) and to `bad` (in *bad_path); and the tiny model's load parameters (cfg
+ * holds the config path). */
+static cellsam_model_params with_meta(const char *key, const char *good, const char *bad, const char **good_path,
+                                      const char **bad_path, char cfg[1024]) {
+    cs_weights *w = NULL;
+    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
+    *good_path = tu_tmp("%s_good.safetensors", key);
+    *bad_path = tu_tmp("%s_bad.safetensors", key);
+    assert_int_equal(cs_weights_set_meta(w, key, good), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, *good_path, CS_DTYPE_F32), 0);
+    assert_int_equal(cs_weights_set_meta(w, key, bad), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, *bad_path, CS_DTYPE_F32), 0);
+    cs_weights_free(w);
+    cellsam_model_params mp = cellsam_model_default_params();
+    snprintf(cfg, 1024, "%s/config.json", tu_testdata());
+    mp.config_path = cfg;
+    return mp;
+}
+
 /* A model's recommendation of whole-image mode (metadata cellsam.whole_image_max_side):
  * with tiled = -1 (the default), images up to that side are segmented whole and larger
  * ones tiled, each exactly as the explicit mode; without the metadata (the official
  * checkpoint) the default tiles; malformed metadata and tiled values are refused. */
 static void test_whole_image_hint(void **state) {
     (void)state;
-    cs_weights *w = NULL;
-    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
-    const char *with_hint = tu_tmp("whole_hint.safetensors"), *bad_hint = tu_tmp("whole_bad.safetensors");
-    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "100"), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, with_hint, CS_DTYPE_F32), 0);
-    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "12x"), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, bad_hint, CS_DTYPE_F32), 0);
-    cs_weights_free(w);
-
-    cellsam_model_params mp = cellsam_model_default_params();
+    const char *with_hint, *bad_hint;
     char cfg[1024];
-    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
-    mp.config_path = cfg;
+    cellsam_model_params mp = with_meta("cellsam.whole_image_max_side", "100", "12x", &with_hint, &bad_hint, cfg);
     cellsam_model *m = NULL;
     assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
     assert_non_null(strstr(cellsam_last_error(), "whole_image_max_side"));
@@ -516,19 +526,9 @@ static void test_box_nms(void **state) {
  * parameters use; 0 switches it off (the official output), and a bad value is refused. */
 static void test_box_nms_hint(void **state) {
     (void)state;
-    cs_weights *w = NULL;
-    assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
-    const char *with_hint = tu_tmp("nms_hint.safetensors"), *bad_hint = tu_tmp("nms_bad.safetensors");
-    assert_int_equal(cs_weights_set_meta(w, "cellsam.box_nms_iou", "0.3"), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, with_hint, CS_DTYPE_F32), 0);
-    assert_int_equal(cs_weights_set_meta(w, "cellsam.box_nms_iou", "1.5"), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, bad_hint, CS_DTYPE_F32), 0);
-    cs_weights_free(w);
-
-    cellsam_model_params mp = cellsam_model_default_params();
+    const char *with_hint, *bad_hint;
     char cfg[1024];
-    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
-    mp.config_path = cfg;
+    cellsam_model_params mp = with_meta("cellsam.box_nms_iou", "0.3", "1.5", &with_hint, &bad_hint, cfg);
     cellsam_model *m = NULL;
     assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
     printf("  bad hint: %s\n", cellsam_last_error());

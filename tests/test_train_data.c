@@ -258,13 +258,18 @@ static void test_matches_inference(void **state) {
 
 /* ---------------------------------------------------------- label geometry */
 
-static uint32_t *read_mask(const char *path, int *H, int *W) {
+/* A label image as uint32, its size, and its largest label. */
+static uint32_t *read_mask(const char *path, int *H, int *W, uint32_t *max_label) {
     cs_image m;
     assert_int_equal(cs_image_read(path, &m), 0);
     assert_int_equal(m.channels, 1);
     uint32_t *l = malloc((size_t)m.width * m.height * sizeof *l);
     assert_non_null(l);
-    for (size_t i = 0; i < (size_t)m.width * m.height; i++) l[i] = (uint32_t)m.data[i];
+    *max_label = 0;
+    for (size_t i = 0; i < (size_t)m.width * m.height; i++) {
+        l[i] = (uint32_t)m.data[i];
+        *max_label = l[i] > *max_label ? l[i] : *max_label;
+    }
     *H = m.height;
     *W = m.width;
     cs_image_free(&m);
@@ -306,9 +311,8 @@ static void test_whole_image_sample(void **state) {
     (void)state;
     const int idx = find_index(&g_train, GREY_256);
     int H, W;
-    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W);
-    uint32_t maxl = 0;
-    for (size_t i = 0; i < (size_t)H * W; i++) maxl = raw[i] > maxl ? raw[i] : maxl;
+    uint32_t maxl;
+    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W, &maxl);
     cs_augment a = cs_augment_none();
     a.whole_image_max_side = H > W ? H : W;
     cs_train_sample s;
@@ -336,9 +340,8 @@ static void test_label_geometry(void **state) {
     (void)state;
     const int idx = find_index(&g_train, GREY_256);
     int H, W;
-    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W);
-    uint32_t maxl = 0;
-    for (size_t i = 0; i < (size_t)H * W; i++) maxl = raw[i] > maxl ? raw[i] : maxl;
+    uint32_t maxl;
+    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W, &maxl);
     const int d = cellsam_segment_default_params().overlap;
     assert_true(H <= 400 && W <= 400 && H >= d && W >= d); /* one tile, wraps in {-1,0,1} */
 
