@@ -84,6 +84,9 @@ typedef struct {
     float box_nms_iou;    /* box NMS the model recommends (metadata), 0 = none (official) */
     int whole_image_max_side; /* images up to this side are best segmented whole (metadata
                                  cellsam.whole_image_max_side), 0 = none: tiled (official) */
+    int cell_diameter;    /* the cell diameter in network-input pixels (of 1024) that a
+                             segment `diameter` zooms cells to: metadata cellsam.cell_diameter,
+                             else CELLSAM_DEFAULT_NET_CELL_DIAMETER */
     const char *prefix;   /* "model_cp." or "" (plain SAM) */
     const char *format;   /* "pytorch" or "safetensors" */
 } cellsam_model_info;
@@ -166,6 +169,14 @@ typedef struct {
     int iou_depth;         /* 56: half-width of the linking band */
     float link_iou;        /* 0.5: IoU needed to merge labels across tiles */
     int halo_mirror;       /* 0: periodic wrap at image borders (official); 1: mirror */
+    /* cell size (like Cellpose's diameter): 0 (default) segments at the mode's own scale
+       (official). > 0: the typical cell diameter in image pixels; the image is then seen
+       at the zoom that makes it the model's cell_diameter in the network input: whole,
+       edge-padded to a square, when the image fits one network input at that zoom, else
+       tiled with block_size chosen for the zoom (overlap kept). CELLSAM_DIAMETER_AUTO:
+       estimated by a first pass (cellsam_estimate_diameter), then as above. Ignored with
+       user boxes. The zoom is clamped to [1/4, 4] */
+    float diameter;
     int n_threads;
     /* progress: called after each tile with (done, total); may be NULL */
     void (*progress)(int done, int total, void *user);
@@ -195,6 +206,8 @@ typedef struct {
      * threshold, box NMS), mask decoding (prompts, decoder, composing labels), and
      * the rest (hole filling, small objects, tile linking, cell table) */
     double t_preprocess, t_encoder, t_detector, t_decoder, t_postprocess;
+    float diameter;        /* the cell diameter used (given or estimated), 0 = none */
+    float zoom;            /* network-input pixels per image pixel it gave, 0 = none */
 } cellsam_result;
 
 /* Segment an image: `image` is height x width x channels float32 (interleaved), with
@@ -204,6 +217,16 @@ typedef struct {
 int cellsam_segment(cellsam_context *ctx, const float *image, int width, int height, int channels,
                     const cellsam_segment_params *params, cellsam_result **out);
 void cellsam_result_free(cellsam_result *result);
+
+#define CELLSAM_DIAMETER_AUTO (-1.0f)
+#define CELLSAM_DEFAULT_NET_CELL_DIAMETER 64
+/* Estimate the typical cell diameter (image pixels) of an image, as `diameter` takes
+ * it: a segmentation at the mode's own scale (params->diameter is ignored) of the
+ * central crop of at most 1024 x 1024 pixels, then the median of the cells'
+ * equivalent diameters (2 sqrt(area / pi)). *diameter = 0 when fewer than 5 cells
+ * are found (too few to size; segment then keeps its own scale). */
+int cellsam_estimate_diameter(cellsam_context *ctx, const float *image, int width, int height, int channels,
+                              const cellsam_segment_params *params, float *diameter);
 
 /* ---------------------------------------------------------------- training */
 

@@ -168,11 +168,14 @@ struct cellsam_model {
     int has_detector;
     float box_nms_iou; /* recommended box NMS (metadata cellsam.box_nms_iou), 0 = none */
     int whole_image_max_side; /* metadata cellsam.whole_image_max_side, 0 = none */
+    int cell_diameter;        /* metadata cellsam.cell_diameter (network pixels), else the default */
     cs_vit det_vit;
     struct cs_cellfinder *det;
     cs_binder binder; /* owns converted tensors */
     cellsam_model_info info;
 };
+
+enum { CS_STAGE_PREPROCESS, CS_STAGE_ENCODER, CS_STAGE_DETECTOR, CS_STAGE_DECODER, CS_STAGE_COUNT };
 
 struct cellsam_context {
     const cellsam_model *model;
@@ -181,8 +184,8 @@ struct cellsam_context {
     float *dense_pe;  /* (P,64,64), computed once */
     cs_decoder_ws *dec_ws; /* decoder buffers and per-image shared data */
     /* seconds by pipeline stage, accumulated by cs_segment_hw3 (CS_STAGE_*) */
-    double stage_s[4];
+    double stage_s[CS_STAGE_COUNT];
 };
-enum { CS_STAGE_PREPROCESS, CS_STAGE_ENCODER, CS_STAGE_DETECTOR, CS_STAGE_DECODER };
+
 
 #endif

@@ -447,16 +447,34 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
                         p->box_nms_iou);
     if (p->tiled < -1 || p->tiled > 1)
         return cs_error(CELLSAM_ERR_INVALID, "tiled %d: give 1 (tiled), 0 (whole image) or -1 (the model's)", p->tiled);
+    if (cs_diameter_check(p->diameter)) return CELLSAM_ERR_INVALID;
     const int tiled = cellsam_model_tiling(ctx->model, p->tiled, width, height);
     size_t npix;
     if (cs_mul_size((size_t)width, (size_t)height, &npix) || npix > ((size_t)1 << 34))
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);
     double t0 = cs_now_seconds();
+    /* cell size: given, or estimated by a first pass at the mode's own scale */
+    float diameter = p->boxes ? 0 : p->diameter;
+    double first_s[CS_STAGE_COUNT] = {0};
+    if (diameter < 0) {
+        cellsam_result *first = NULL;
+        int rc = cs_estimate_diameter(ctx, image, width, height, channels, p, &diameter, &first);
+        if (rc) return rc;
+        if (diameter == 0 && first) { /* too few cells to size: the first pass is the answer */
+            first->seconds = cs_now_seconds() - t0;
+            *out = first;
+            return CELLSAM_OK;
+        }
+        memcpy(first_s, ctx->stage_s, sizeof first_s);
+        cellsam_result_free(first);
+    }
+    const double zoom = diameter > 0 ? cs_diameter_zoom(ctx->model, diameter) : 0;
     memset(ctx->stage_s, 0, sizeof ctx->stage_s);
+    const double t_place = cs_now_seconds();
     float *hw3;
     int rc = cs_place_channels(image, height, width, channels, &hw3);
     if (rc) return rc;
-    ctx->stage_s[CS_STAGE_PREPROCESS] = cs_now_seconds() - t0;
+    ctx->stage_s[CS_STAGE_PREPROCESS] = cs_now_seconds() - t_place;
     cellsam_result *r = calloc(1, sizeof *r);
     if (!r) {
         free(hw3);
@@ -466,7 +484,12 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     r->height = height;
     float *score = NULL, *iou = NULL;
     int n_labels = 0;
-    if (tiled && !p->boxes) {
+    if (zoom > 0) {
+        rc = cs_segment_zoomed(ctx, hw3, height, width, p, zoom, &r->labels, &score, &iou, &n_labels,
+                               &r->n_boxes_detected);
+        r->diameter = diameter;
+        r->zoom = (float)zoom;
+    } else if (tiled && !p->boxes) {
         rc = cs_segment_tiled(ctx, hw3, height, width, p, &r->labels, &score, &iou, &n_labels, &r->n_boxes_detected);
     } else {
         cs_tile_result tr;
@@ -488,6 +511,7 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
         return rc;
     }
     r->seconds = cs_now_seconds() - t0;
+    for (int k = 0; k < CS_STAGE_COUNT; k++) ctx->stage_s[k] += first_s[k];
     r->t_preprocess = ctx->stage_s[CS_STAGE_PREPROCESS];
     r->t_encoder = ctx->stage_s[CS_STAGE_ENCODER];
     r->t_detector = ctx->stage_s[CS_STAGE_DETECTOR];

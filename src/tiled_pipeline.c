@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "model.h"
 #include "pipeline.h"
 #include "tiling.h"
 
@@ -169,6 +170,16 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
                             cs_rows_write_fn write_rows, void *write_user, const cellsam_segment_params *p,
                             int *n_boxes, uint32_t *max_label) {
     if (!ctx || !read || !write_rows || !p) return cs_error(CELLSAM_ERR_INVALID, "tiled mode: null argument");
+    if (cs_diameter_check(p->diameter)) return CELLSAM_ERR_INVALID;
+    if (p->diameter < 0)
+        return cs_error(CELLSAM_ERR_INVALID, "streamed mode takes a cell diameter, not auto: estimate it first "
+                                             "(cellsam_estimate_diameter on a region)");
+    cellsam_segment_params zp = *p;
+    if (p->diameter > 0) { /* the zoom for this cell size, through the block size */
+        zp.block_size = cs_zoom_block_size(cs_diameter_zoom(ctx->model, p->diameter), p->overlap);
+        zp.diameter = 0;
+    }
+    p = &zp;
     tiled_glue g;
     memset(&g, 0, sizeof g);
     g.ctx = ctx;

@@ -356,6 +356,129 @@ static void test_whole_image_hint(void **state) {
     cellsam_model_free(m);
 }
 
+/* Two label images describe the same objects when they are equal up to renumbering;
+ * `got` must also number its objects 1..n in first-seen (raster) order, as the
+ * padded-canvas path renumbers them (the whole-image mode numbers by score). */
+static void assert_labels_renumbered(const uint32_t *got, const uint32_t *ref, size_t n) {
+    uint32_t next = 0;
+    uint32_t *map = calloc(n + 1, sizeof *map);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(got[i] == 0, ref[i] == 0);
+        if (!ref[i]) continue;
+        if (!map[ref[i]]) map[ref[i]] = ++next;
+        assert_int_equal(got[i], map[ref[i]]);
+    }
+    free(map);
+}
+
+/* Cell size (segment `diameter`, src/diameter.c). The zoom is cell_diameter (64 for
+ * the official checkpoint, else metadata cellsam.cell_diameter) over the diameter,
+ * clamped to [1/4, 4]; each path must be exactly the explicit run it stands for:
+ *  - an image that fills one network input at that zoom: the whole-image mode;
+ *  - a smaller one: whole-image mode on its edge-padded square, cropped and renumbered;
+ *  - a larger one: tiled mode with block = 1024 / zoom - 2 overlap;
+ *  - auto: the diameter cellsam_estimate_diameter gives, then as given.
+ * Bad values are refused. */
+static void test_diameter(void **state) {
+    (void)state;
+    const char *with_hint, *bad_hint;
+    char cfg[1024];
+    cellsam_model_params mp = with_meta("cellsam.cell_diameter", "32", "2", &with_hint, &bad_hint, cfg);
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
+    assert_non_null(strstr(cellsam_last_error(), "cell_diameter"));
+    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model_info info;
+    assert_int_equal(cellsam_model_get_info(m, &info), 0);
+    assert_int_equal(info.cell_diameter, 32);
+    assert_int_equal(cellsam_model_get_info(g_model, &info), 0);
+    assert_int_equal(info.cell_diameter, CELLSAM_DEFAULT_NET_CELL_DIAMETER);
+
+    const int sizes[3][2] = {{256, 256}, {160, 96}, {600, 200}};
+    for (int k = 0; k < 3; k++) {
+        const int W = sizes[k][0], H = sizes[k][1];
+        float *img = malloc((size_t)W * H * sizeof(float));
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++)
+                img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+        cellsam_segment_params sp = cellsam_segment_default_params();
+        sp.n_threads = 2;
+        sp.diameter = 16; /* official checkpoint: zoom 64 / 16 = 4, one network input = 256 px */
+        cellsam_result *got = NULL, *ref = NULL;
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
+        assert_float_equal(got->zoom, 4.0f, 0);
+        assert_float_equal(got->diameter, 16.0f, 0);
+        assert_int_equal(got->width, W);
+        assert_int_equal(got->height, H);
+        cellsam_segment_params ep = cellsam_segment_default_params();
+        ep.n_threads = 2;
+        if (k == 0) { /* fills the input: the whole-image mode itself, renumbered */
+            ep.tiled = 0;
+            assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &ep, &ref), 0);
+            assert_labels_renumbered(got->labels, ref->labels, (size_t)W * H);
+        } else if (k == 1) { /* padded by its last row and column to 256 x 256, cropped */
+            const int S = 256;
+            float *canvas = malloc((size_t)S * S * sizeof(float));
+            for (int y = 0; y < S; y++)
+                for (int x = 0; x < S; x++) canvas[y * S + x] = img[(y < H ? y : H - 1) * W + (x < W ? x : W - 1)];
+            ep.tiled = 0;
+            assert_int_equal(cellsam_segment(g_ctx, canvas, S, S, 1, &ep, &ref), 0);
+            uint32_t *crop = malloc((size_t)W * H * sizeof(uint32_t));
+            for (int y = 0; y < H; y++) memcpy(crop + (size_t)y * W, ref->labels + (size_t)y * S, W * sizeof(uint32_t));
+            assert_labels_renumbered(got->labels, crop, (size_t)W * H);
+            free(crop);
+            free(canvas);
+        } else { /* larger than one input: tiles of 256 - 2 x 56 */
+            ep.tiled = 1;
+            ep.block_size = 144;
+            assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &ep, &ref), 0);
+            assert_memory_equal(got->labels, ref->labels, (size_t)W * H * sizeof(uint32_t));
+        }
+        printf("  %d x %d, diameter 16: %d cells (explicit run: %d)\n", W, H, got->n_cells, ref->n_cells);
+        assert_true(got->n_cells > 0);
+        /* the same objects, so the same count (the crop may cut off padded-only ones) */
+        if (k != 1) assert_int_equal(got->n_cells, ref->n_cells);
+        cellsam_result_free(ref);
+        cellsam_result_free(got);
+        /* auto = the estimated diameter, given */
+        float d = -1;
+        sp.diameter = CELLSAM_DIAMETER_AUTO;
+        sp.tiled = 0; /* the first pass in whole-image mode, which finds enough cells to size here */
+        assert_int_equal(cellsam_estimate_diameter(g_ctx, img, W, H, 1, &sp, &d), 0);
+        assert_true(d >= 0);
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
+        sp.diameter = d;
+        /* (with d = 0, too few cells to size, both are the first pass) */
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &ref), 0);
+        printf("  %d x %d, auto: diameter %.1f, zoom %.2f, %d cells\n", W, H, d, got->zoom, got->n_cells);
+        assert_float_equal(got->diameter, d, 0);
+        assert_memory_equal(got->labels, ref->labels, (size_t)W * H * sizeof(uint32_t));
+        cellsam_result_free(ref);
+        cellsam_result_free(got);
+        free(img);
+    }
+    /* the model's own cell diameter: 32 / 16 = zoom 2 */
+    cellsam_context *ctx = NULL;
+    assert_int_equal(cellsam_context_new(m, &ctx), 0);
+    float blank[64 * 64] = {0}; /* (the random tiny model finds "cells" even here) */
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.diameter = 16;
+    cellsam_result *r = NULL;
+    assert_int_equal(cellsam_segment(ctx, blank, 64, 64, 1, &sp, &r), 0);
+    assert_float_equal(r->zoom, 2.0f, 0);
+    cellsam_result_free(r);
+    const float bad[] = {NAN, INFINITY, -2.0f, -0.5f};
+    for (int i = 0; i < 4; i++) {
+        r = NULL;
+        sp.diameter = bad[i];
+        assert_int_equal(cellsam_segment(ctx, blank, 64, 64, 1, &sp, &r), CELLSAM_ERR_INVALID);
+        assert_non_null(strstr(cellsam_last_error(), "diameter"));
+        assert_null(r);
+    }
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+}
+
 /* Opt-in bfloat16 compute (--precision bf16) on every reference case, against the
  * official float32 labels (50_label_final), as objects (F1 at IoU 0.5):
  *  - with only the SAM branch in bfloat16 the labels must agree (measured: F1 1 on
@@ -578,6 +701,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_all_cases),
         cmocka_unit_test(test_whole_image_hint),
+        cmocka_unit_test(test_diameter),
         cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_degenerate_images),
         cmocka_unit_test(test_box_nms),

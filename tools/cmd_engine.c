@@ -31,6 +31,8 @@ static void print_info(const cellsam_model_info *in) {
     if (in->whole_image_max_side > 0)
         printf("whole image   up to %d px per side, tiled above (recommended by the model)\n",
                in->whole_image_max_side);
+    printf("cell diameter %d px of the 1024 px network input (segment --diameter zooms cells to it)\n",
+           in->cell_diameter);
 }
 
 int cmd_info(int argc, char **argv) {

@@ -45,6 +45,11 @@ static void usage(void) {
         "  (default)       what the model's metadata recommends: cellsam-trained models segment\n"
         "                  images up to a side length whole (the bundled model: 1024) and tile\n"
         "                  larger ones; the official checkpoint always tiles, as the official pipeline\n"
+        "  --diameter D    cells are about D pixels across (like Cellpose's --diameter): segment at\n"
+        "                  the zoom that shows them at the model's cell diameter (cellsam info), edge-\n"
+        "                  padding a small image to a square rather than stretching it; 'auto' sizes\n"
+        "                  them by a first pass (median over the central 1024 x 1024). Zoom limits 1/4..4.\n"
+        "                  Off by default (the official scale); replaces the mode chosen above\n"
         "  --mirror-halo   mirror the image at its borders instead of the official wrap-around\n"
         "  --stream        read regions and write label rows as tiles finish (bounded memory);\n"
         "                  automatic above 4096 x 4096 pixels. The CSV then has no score/IoU columns\n"
@@ -158,6 +163,28 @@ static int stream_write(void *user, int y0, int n_rows, const uint32_t *rows) {
     return cs_cell_acc_rows(&s->acc, rows, y0, n_rows, s->width);
 }
 
+/* --diameter auto on a streamed image: size the cells of the central region (what
+ * cellsam_estimate_diameter would crop), then stream at the zoom it gives. */
+static int estimate_stream_diameter(cellsam_context *ctx, stream_ctx *s, const cs_image_info *info,
+                                    cellsam_segment_params *sp) {
+    const int w = info->width < 1024 ? info->width : 1024, h = info->height < 1024 ? info->height : 1024;
+    float *hw3 = cs_alloc((size_t)w * (size_t)h, 3 * sizeof(float));
+    if (!hw3) return CELLSAM_ERR_NOMEM;
+    int rc = stream_read(s, (info->width - w) / 2, (info->height - h) / 2, w, h, hw3);
+    float d = 0;
+    cellsam_segment_params q = *sp;
+    q.tiled = s->o->sp.tiled; /* the crop in the mode the user or the model chose, as in memory */
+    q.progress = NULL;
+    if (!rc) rc = cellsam_estimate_diameter(ctx, hw3, w, h, 3, &q, &d);
+    free(hw3);
+    if (!rc && !s->o->quiet) {
+        if (d > 0) fprintf(stderr, "cell diameter: %.1f px (estimated on the central %d x %d)\n", d, w, h);
+        else fprintf(stderr, "cell diameter: too few cells in the central %d x %d to size; the mode's own scale\n", w, h);
+    }
+    sp->diameter = d;
+    return rc;
+}
+
 static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const char *in, const char *out,
                                const char *csv, int *n_cells) {
     stream_ctx s;
@@ -174,6 +201,7 @@ static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const ch
     int rc = cs_label_stream_open(out, info.width, info.height, &s.out);
     cellsam_segment_params sp = o->sp;
     sp.tiled = 1; /* streaming is tiled */
+    if (!rc && sp.diameter < 0) rc = estimate_stream_diameter(ctx, &s, &info, &sp);
     if (!o->quiet) sp.progress = progress_cb;
     int n_boxes = 0;
     uint32_t max_label = 0;
@@ -249,6 +277,8 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
                     "decoder %.2f, post-processing %.2f) -> %s\n",
                     in, r->n_cells, r->n_cells == 1 ? "" : "s", r->n_boxes_detected, r->seconds, r->t_preprocess,
                     r->t_encoder, r->t_detector, r->t_decoder, r->t_postprocess, out);
+        if (!o->quiet && r->zoom > 0)
+            fprintf(stderr, "%s: cell diameter %.1f px, zoom %.2f\n", in, r->diameter, r->zoom);
     }
     cellsam_result_free(r);
     cs_image_free(&img);
@@ -347,6 +377,14 @@ int cmd_segment(int argc, char **argv) {
             if ((o.precision = cli_parse_precision("segment", v)) < 0) return 2;
         }
         else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) o.quiet = 1;
+        else if (!strcmp(a, "--diameter")) {
+            NEED_VALUE();
+            if (!strcmp(v, "auto")) o.sp.diameter = CELLSAM_DIAMETER_AUTO;
+            else if (cli_parse_floats(v, &f, 1) || !(f >= 0 && f <= 100000)) {
+                cli_error("segment", "--diameter needs a cell diameter in pixels (0 = off) or 'auto'");
+                return 2;
+            } else o.sp.diameter = f;
+        }
         INT_OPT("--nuclear", 0, 64, &o.nuclear)
         INT_OPT("--cell", 0, 64, &o.cell)
         INT_OPT("--threads", 1, 256, &o.threads)
