@@ -231,6 +231,7 @@ typedef struct {
     cellsam_model *frozen_model, *frozen_det_model;
     char box_nms[16]; /* metadata cellsam.box_nms_iou to save ("" = none) */
     char whole_max[16]; /* metadata cellsam.whole_image_max_side to save ("" = none) */
+    char cell_diam[16]; /* metadata cellsam.cell_diameter to save ("" = none) */
 } trainer;
 
 /* Box NMS recorded in models whose detector trained with one-to-many targets; chosen
@@ -299,7 +300,7 @@ static int trainer_save(trainer *t) {
     snprintf(heads[1], sizeof heads[1], "%d", t->arch.dec.heads);
     snprintf(heads[2], sizeof heads[2], "%d", t->arch.det.heads);
     /* one-to-many targets teach several boxes per cell: the model asks for box NMS */
-    const char *meta[13] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
+    const char *meta[15] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
                             "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train"};
     int n_meta = 8;
     if (t->box_nms[0]) {
@@ -309,6 +310,10 @@ static int trainer_save(trainer *t) {
     if (t->whole_max[0]) {
         meta[n_meta++] = "cellsam.whole_image_max_side";
         meta[n_meta++] = t->whole_max;
+    }
+    if (t->cell_diam[0]) {
+        meta[n_meta++] = "cellsam.cell_diameter";
+        meta[n_meta++] = t->cell_diam;
     }
     meta[n_meta] = NULL;
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
@@ -625,6 +630,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         if (!rc) { /* a fine-tuned model keeps its starting point's preferred mode */
             const char *v = cs_weights_get_meta(w, "cellsam.whole_image_max_side");
             snprintf(t->whole_max, sizeof t->whole_max, "%s", v ? v : "");
+            v = cs_weights_get_meta(w, "cellsam.cell_diameter"); /* and its cell size */
+            snprintf(t->cell_diam, sizeof t->cell_diam, "%s", v ? v : "");
         }
         cs_weights_free(w);
         if (!rc && n_missing)

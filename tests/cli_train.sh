@@ -48,10 +48,12 @@ grep -q "step 3/3 loss" "$TMP/log2" || fail "resume did not reach step 3"
 grep -q "step 1/3 loss" "$TMP/log2" && fail "resume repeated step 1"
 ok "--resume continues at the saved step"
 
-# fine-tuning from the trained file (given a whole-image hint first): frozen encoders,
-# cached features
-"$CLI" convert "$TMP/m.safetensors" "$TMP/m.safetensors.tmp" --whole-image-max-side 1024 2>/dev/null &&
-    mv "$TMP/m.safetensors.tmp" "$TMP/m.safetensors" || fail "convert --whole-image-max-side failed"
+# fine-tuning from the trained file (given whole-image and cell-size hints first):
+# frozen encoders, cached features
+"$CLI" convert "$TMP/m.safetensors" "$TMP/m.safetensors.tmp" --whole-image-max-side 1024 --cell-diameter 48 \
+    2>/dev/null && mv "$TMP/m.safetensors.tmp" "$TMP/m.safetensors" || fail "convert with hints failed"
+"$CLI" convert "$TMP/m.safetensors" "$TMP/bad.safetensors" --cell-diameter 2 2>"$TMP/err" && fail "--cell-diameter 2 accepted"
+grep -q "cell-diameter" "$TMP/err" || fail "--cell-diameter 2: no message naming the option"
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 2 --batch 1 --prompts 2 --val-fraction 0.34 \
     --threads 2 --out "$TMP/f.safetensors" 2>"$TMP/log3" || fail "finetune failed: $(tail -3 "$TMP/log3")"
 grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
@@ -60,6 +62,8 @@ ok "finetune -m CKPT runs with frozen encoders"
 ok "finetuning keeps the detector's box NMS hint"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^whole image   up to 1024 px" || fail "finetuning lost the whole-image hint"
 ok "finetuning keeps the model's whole-image hint"
+"$CLI" info "$TMP/f.safetensors" | grep -q "^cell diameter 48 px" || fail "finetuning lost the cell-diameter hint"
+ok "finetuning keeps the model's cell diameter"
 
 # more anchors: a fresh grid, every other tensor of the head kept
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \

@@ -72,11 +72,11 @@ int cmd_info(int argc, char **argv) {
 /* --------------------------------------------------------------- convert */
 
 int cmd_convert(int argc, char **argv) {
-    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL;
+    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL, *diam = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n"
-                   "                      [--whole-image-max-side N]\n\n"
+                   "                      [--whole-image-max-side N] [--cell-diameter N]\n\n"
                    "Rewrite a checkpoint (PyTorch .pt as published, or safetensors) as safetensors,\n"
                    "keeping every tensor name and shape; --dtype converts the values (default f32).\n"
                    "safetensors loads memory-mapped and zero-copy.\n"
@@ -84,7 +84,10 @@ int cmd_convert(int argc, char **argv) {
                    "                 default (metadata cellsam.box_nms_iou; 0 = none, as the official model)\n"
                    "  --whole-image-max-side N  record that `cellsam segment` should segment images up\n"
                    "                 to N pixels per side whole and tile larger ones (metadata\n"
-                   "                 cellsam.whole_image_max_side; 0 = always tile, as the official model)\n");
+                   "                 cellsam.whole_image_max_side; 0 = always tile, as the official model)\n"
+                   "  --cell-diameter N  record the cell diameter, in pixels of the 1024 px network input,\n"
+                   "                 that `segment --diameter` zooms cells to (metadata cellsam.cell_diameter;\n"
+                   "                 default 64): the typical cell size in the model's training inputs\n");
             return 0;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dt = argv[++i];
         else if (!strcmp(argv[i], "--box-nms") && i + 1 < argc) {
@@ -101,6 +104,14 @@ int cmd_convert(int argc, char **argv) {
             if (cli_parse_int(whole, 0, 65536, &v)) {
                 cli_error("convert", "--whole-image-max-side: expected a side length from 0 to 65536, not '%s'",
                           whole);
+                return 2;
+            }
+        }
+        else if (!strcmp(argv[i], "--cell-diameter") && i + 1 < argc) {
+            diam = argv[++i];
+            int v;
+            if (cli_parse_int(diam, 4, 1024, &v)) {
+                cli_error("convert", "--cell-diameter: expected network pixels from 4 to 1024, not '%s'", diam);
                 return 2;
             }
         }
@@ -130,6 +141,7 @@ int cmd_convert(int argc, char **argv) {
     }
     int rc = nms ? cs_weights_set_meta(w, "cellsam.box_nms_iou", nms) : CELLSAM_OK;
     if (!rc && whole) rc = cs_weights_set_meta(w, "cellsam.whole_image_max_side", whole);
+    if (!rc && diam) rc = cs_weights_set_meta(w, "cellsam.cell_diameter", diam);
     if (!rc) rc = cs_weights_save_safetensors(w, out, d);
     if (rc) cli_error("convert", "%s", cellsam_last_error());
     else fprintf(stderr, "cellsam convert: wrote %zu tensors to %s (%s)\n", cs_weights_count(w), out, dt);
