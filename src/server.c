@@ -518,7 +518,7 @@ static void *worker_main(void *arg) {
             cellsam_result *r = NULL;
             /* whole-image mode reuses the embedding computed for prompting (copied under
              * the lock: the cache may evict it meanwhile) */
-            if (!sp.tiled) {
+            if (!sp.tiled && sp.diameter == 0) { /* (a zoomed image is another network input) */
                 pthread_mutex_lock(&s->mu);
                 if (im->emb_state == ST_READY && im->emb) {
                     size_t n = (size_t)im->emb_c * im->emb_h * im->emb_w;
@@ -1390,6 +1390,22 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
                                   "total_ms", (cs_now_seconds() - t0) * 1000));
 }
 
+/* "diameter": a cell diameter in pixels (0 = off) or "auto" (segment --diameter) */
+static int get_diameter(json_t *o, float *out, char *msg, size_t msz) {
+    json_t *v = json_object_get(o, "diameter");
+    if (!v || json_is_null(v)) return 0;
+    if (json_is_string(v) && !strcmp(json_string_value(v), "auto")) {
+        *out = CELLSAM_DIAMETER_AUTO;
+        return 0;
+    }
+    if (!json_is_number(v) || !(json_number_value(v) >= 0 && json_number_value(v) <= 100000)) {
+        snprintf(msg, msz, "'diameter' must be a cell diameter in pixels from 0 to 100000, or \"auto\"");
+        return -1;
+    }
+    *out = (float)json_number_value(v);
+    return 0;
+}
+
 static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, request *rq, image *im) {
     enum MHD_Result ret = MHD_NO;
     json_t *j = parse_body(rq, c, &ret, 1);
@@ -1401,7 +1417,7 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
     if (get_real(j, "bbox_threshold", 0, 1, &p.bbox_threshold, msg, sizeof msg) ||
         get_real(j, "iou_threshold", -10, 10, &p.iou_threshold, msg, sizeof msg) ||
         get_real(j, "box_nms_iou", 0, 1, &p.box_nms_iou, msg, sizeof msg) ||
-        get_int(j, "min_size", 0, 1000000, &p.min_size, msg, sizeof msg) ||
+        get_int(j, "min_size", 0, 1000000, &p.min_size, msg, sizeof msg) || get_diameter(j, &p.diameter, msg, sizeof msg) ||
         get_bool(j, "tiled", &tiled, msg, sizeof msg) || get_bool(j, "remove_boundaries", &rb, msg, sizeof msg)) {
         json_decref(j);
         return respond_error(c, 400, "%s", msg);
