@@ -21,6 +21,7 @@
 #define MIN_CELLS_TO_SIZE 5
 #define ESTIMATE_MAX_SIDE 1024
 #define MIN_BLOCK 16
+#define OFFICIAL_TILE_ZOOM 2.0
 
 double cs_diameter_zoom(const cellsam_model *m, float diameter) {
     double z = (double)m->cell_diameter / (double)diameter;
@@ -30,9 +31,15 @@ double cs_diameter_zoom(const cellsam_model *m, float diameter) {
 /* Image pixels covered by one network input at zoom z. */
 static int zoom_side(double z) { return (int)ceil(CS_SAM_INPUT_SIZE / z - 1e-9); }
 
-int cs_zoom_block_size(double z, int overlap) {
-    int b = zoom_side(z) - 2 * overlap;
-    return b < MIN_BLOCK ? MIN_BLOCK : b;
+void cs_zoom_tiling(double z, cellsam_segment_params *q) {
+    /* the halo and the linking band keep their width in network pixels: what the
+     * given values mean at the official tiles' zoom (400 + 2 x 56 px -> 1024) */
+    const double scale = OFFICIAL_TILE_ZOOM / z;
+    q->overlap = (int)lround(q->overlap * scale);
+    q->iou_depth = (int)lround(q->iou_depth * scale);
+    if (q->iou_depth > q->overlap) q->iou_depth = q->overlap;
+    const int b = zoom_side(z) - 2 * q->overlap;
+    q->block_size = b < MIN_BLOCK ? MIN_BLOCK : b;
 }
 
 int cs_diameter_check(float diameter) {
@@ -47,8 +54,8 @@ int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, cons
     q.diameter = 0;
     q.embedding = NULL; /* an embedding of the unzoomed image describes another input */
     const int S = zoom_side(zoom);
-    if (S < W || S < H) { /* more than one network input: tiles of S pixels with their halo */
-        q.block_size = cs_zoom_block_size(zoom, p->overlap);
+    if (S < W || S < H) { /* more than one network input: tiles of S pixels, halo included */
+        cs_zoom_tiling(zoom, &q);
         return cs_segment_tiled(ctx, hw3, H, W, &q, labels, score, iou, n_labels, n_boxes);
     }
     /* One network input: the image in the top-left corner of an S x S canvas, the rest

@@ -55,12 +55,14 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
 
 /* Cell size (src/diameter.c). The zoom (network pixels per image pixel) that shows
  * cells of `diameter` image pixels at the model's cell_diameter, clamped to [1/4, 4];
- * the tile block size that gives zoom z with this overlap; the parameter check. */
+ * the tiling for zoom z (overlap and iou_depth scaled by 2 / z, so that they span
+ * what they span at the official tiles' zoom, and the block that makes block + 2
+ * overlap = 1024 / z); the parameter check. */
 double cs_diameter_zoom(const cellsam_model *m, float diameter);
-int cs_zoom_block_size(double z, int overlap);
+void cs_zoom_tiling(double z, cellsam_segment_params *q);
 int cs_diameter_check(float diameter);
 /* Segment at zoom z: one edge-padded square canvas when the image fits one network
- * input at that zoom, else tiled with cs_zoom_block_size. Outputs as cs_segment_tiled. */
+ * input at that zoom, else tiled as cs_zoom_tiling says. Outputs as cs_segment_tiled. */
 int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                       double zoom, uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes);
 /* cellsam_estimate_diameter, also handing back the first pass's result when it

@@ -176,7 +176,7 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
                                              "(cellsam_estimate_diameter on a region)");
     cellsam_segment_params zp = *p;
     if (p->diameter > 0) { /* the zoom for this cell size, through the block size */
-        zp.block_size = cs_zoom_block_size(cs_diameter_zoom(ctx->model, p->diameter), p->overlap);
+        cs_zoom_tiling(cs_diameter_zoom(ctx->model, p->diameter), &zp);
         zp.diameter = 0;
     }
     p = &zp;

@@ -376,7 +376,8 @@ static void assert_labels_renumbered(const uint32_t *got, const uint32_t *ref, s
  * clamped to [1/4, 4]; each path must be exactly the explicit run it stands for:
  *  - an image that fills one network input at that zoom: the whole-image mode;
  *  - a smaller one: whole-image mode on its edge-padded square, cropped and renumbered;
- *  - a larger one: tiled mode with block = 1024 / zoom - 2 overlap;
+ *  - a larger one: tiled mode with overlap and iou_depth scaled by 2 / zoom (the
+ *    official tiles' zoom) and block = 1024 / zoom - 2 overlap;
  *  - auto: the diameter cellsam_estimate_diameter gives, then as given.
  * Bad values are refused. */
 static void test_diameter(void **state) {
@@ -403,11 +404,13 @@ static void test_diameter(void **state) {
                 img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
         cellsam_segment_params sp = cellsam_segment_default_params();
         sp.n_threads = 2;
-        sp.diameter = 16; /* official checkpoint: zoom 64 / 16 = 4, one network input = 256 px */
+        /* official checkpoint: zoom 64 / 16 = 4, one network input = 256 px; the large
+         * image at 64 / 24 = 2.67: 384 px, halo and band 56 x 2 / 2.67 = 42 */
+        sp.diameter = k == 2 ? 24 : 16;
         cellsam_result *got = NULL, *ref = NULL;
         assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
-        assert_float_equal(got->zoom, 4.0f, 0);
-        assert_float_equal(got->diameter, 16.0f, 0);
+        assert_float_equal(got->zoom, (float)(64.0 / sp.diameter), 1e-6);
+        assert_float_equal(got->diameter, sp.diameter, 0);
         assert_int_equal(got->width, W);
         assert_int_equal(got->height, H);
         cellsam_segment_params ep = cellsam_segment_default_params();
@@ -428,13 +431,22 @@ static void test_diameter(void **state) {
             assert_labels_renumbered(got->labels, crop, (size_t)W * H);
             free(crop);
             free(canvas);
-        } else { /* larger than one input: tiles of 256 - 2 x 56 */
+        } else { /* larger than one input: tiles of 384 px, halo included */
             ep.tiled = 1;
-            ep.block_size = 144;
+            ep.overlap = 42;
+            ep.iou_depth = 42;
+            ep.block_size = 384 - 2 * 42;
             assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &ep, &ref), 0);
             assert_memory_equal(got->labels, ref->labels, (size_t)W * H * sizeof(uint32_t));
+            /* and not the same tiles with the halo left at 56 px (so the check above can fail) */
+            cellsam_result *unscaled = NULL;
+            ep.overlap = ep.iou_depth = 56;
+            ep.block_size = 384 - 2 * 56;
+            assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &ep, &unscaled), 0);
+            assert_memory_not_equal(got->labels, unscaled->labels, (size_t)W * H * sizeof(uint32_t));
+            cellsam_result_free(unscaled);
         }
-        printf("  %d x %d, diameter 16: %d cells (explicit run: %d)\n", W, H, got->n_cells, ref->n_cells);
+        printf("  %d x %d, diameter %g: %d cells (explicit run: %d)\n", W, H, sp.diameter, got->n_cells, ref->n_cells);
         assert_true(got->n_cells > 0);
         /* the same objects, so the same count (the crop may cut off padded-only ones) */
         if (k != 1) assert_int_equal(got->n_cells, ref->n_cells);
