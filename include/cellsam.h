@@ -87,6 +87,8 @@ typedef struct {
     int cell_diameter;    /* the cell diameter in network-input pixels (of 1024) that a
                              segment `diameter` zooms cells to: metadata cellsam.cell_diameter,
                              else CELLSAM_DEFAULT_NET_CELL_DIAMETER */
+    int auto_diameter;    /* 1: the model recommends sizing cells per image (diameter auto) in
+                             its own mode (metadata cellsam.diameter = "auto"); 0: none */
     const char *prefix;   /* "model_cp." or "" (plain SAM) */
     const char *format;   /* "pytorch" or "safetensors" */
 } cellsam_model_info;
@@ -173,9 +175,10 @@ typedef struct {
        (official). > 0: the typical cell diameter in image pixels; the image is then seen
        at the zoom that makes it the model's cell_diameter in the network input: whole,
        edge-padded to a square, when the image fits one network input at that zoom, else
-       tiled with block_size chosen for the zoom (overlap kept). CELLSAM_DIAMETER_AUTO:
-       estimated by a first pass (cellsam_estimate_diameter), then as above. Ignored with
-       user boxes. The zoom is clamped to [1/4, 4] */
+       tiled at that zoom (overlap and iou_depth scaled by 2 / zoom). CELLSAM_DIAMETER_AUTO:
+       estimated by a first pass (cellsam_estimate_diameter), then as above.
+       CELLSAM_DIAMETER_MODEL (default): auto when the model recommends it and `tiled` is
+       -1 (the model's mode), else 0. Ignored with user boxes. Zoom clamped to [1/4, 4] */
     float diameter;
     int n_threads;
     /* progress: called after each tile with (done, total); may be NULL */
@@ -219,6 +222,10 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
 void cellsam_result_free(cellsam_result *result);
 
 #define CELLSAM_DIAMETER_AUTO (-1.0f)
+#define CELLSAM_DIAMETER_MODEL (-2.0f)
+/* The diameter cellsam_segment uses for a `diameter` and `tiled` parameter pair:
+ * CELLSAM_DIAMETER_MODEL resolved (to CELLSAM_DIAMETER_AUTO or 0), others as given. */
+float cellsam_model_diameter(const cellsam_model *model, float diameter, int tiled);
 #define CELLSAM_DEFAULT_NET_CELL_DIAMETER 64
 /* Estimate the typical cell diameter (image pixels) of an image, as `diameter` takes
  * it: a segmentation at the mode's own scale (params->diameter is ignored) of the

@@ -43,9 +43,18 @@ void cs_zoom_tiling(double z, cellsam_segment_params *q) {
 }
 
 int cs_diameter_check(float diameter) {
-    if (diameter == CELLSAM_DIAMETER_AUTO || diameter == 0 || (isfinite(diameter) && diameter > 0)) return CELLSAM_OK;
-    return cs_error(CELLSAM_ERR_INVALID, "diameter %g: give a cell diameter in pixels (> 0), 0 (off) or auto (-1)",
+    if (diameter == CELLSAM_DIAMETER_AUTO || diameter == CELLSAM_DIAMETER_MODEL || diameter == 0 ||
+        (isfinite(diameter) && diameter > 0))
+        return CELLSAM_OK;
+    return cs_error(CELLSAM_ERR_INVALID,
+                    "diameter %g: give a cell diameter in pixels (> 0), 0 (off), auto (-1) or the model's (-2)",
                     (double)diameter);
+}
+
+float cellsam_model_diameter(const cellsam_model *m, float diameter, int tiled) {
+    if (diameter != CELLSAM_DIAMETER_MODEL) return diameter;
+    /* an explicit mode is the official one, exactly: no recommendation added to it */
+    return m && m->auto_diameter && tiled == -1 ? CELLSAM_DIAMETER_AUTO : 0;
 }
 
 int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,

@@ -402,6 +402,14 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         cellsam_model_free(m);
         return CELLSAM_ERR_MODEL;
     }
+    /* whether the model recommends sizing cells per image (its trainer found it better) */
+    const char *dm = cs_weights_get_meta(w, "cellsam.diameter");
+    if (dm && strcmp(dm, "auto") && strcmp(dm, "off")) {
+        int err = cs_error(CELLSAM_ERR_MODEL, "%s: metadata cellsam.diameter=\"%s\" is not auto or off", path, dm);
+        cellsam_model_free(m);
+        return err;
+    }
+    m->auto_diameter = dm && !strcmp(dm, "auto");
     /* the cell diameter, in network-input pixels, that --diameter zooms cells to */
     m->cell_diameter = CELLSAM_DEFAULT_NET_CELL_DIAMETER;
     if (meta_int(w, path, "cellsam.cell_diameter", 4, 1024, "a diameter in [4, 1024] pixels", &m->cell_diameter) <
@@ -500,6 +508,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     in->box_nms_iou = m->box_nms_iou;
     in->whole_image_max_side = m->whole_image_max_side;
     in->cell_diameter = m->cell_diameter;
+    in->auto_diameter = m->auto_diameter;
     in->prefix = m->prefix;
     in->format = cs_weights_format(w);
     if (m->sam_vit.img_size != 1024 || m->sam_vit.grid != 64) {

@@ -169,6 +169,7 @@ struct cellsam_model {
     float box_nms_iou; /* recommended box NMS (metadata cellsam.box_nms_iou), 0 = none */
     int whole_image_max_side; /* metadata cellsam.whole_image_max_side, 0 = none */
     int cell_diameter;        /* metadata cellsam.cell_diameter (network pixels), else the default */
+    int auto_diameter;        /* metadata cellsam.diameter = "auto" */
     cs_vit det_vit;
     struct cs_cellfinder *det;
     cs_binder binder; /* owns converted tensors */

@@ -25,6 +25,7 @@ cellsam_segment_params cellsam_segment_default_params(void) {
     p.min_size = 25;
     p.normalize = 1;
     p.tiled = -1; /* the model's recommendation; tiled for the official checkpoint */
+    p.diameter = CELLSAM_DIAMETER_MODEL; /* the model's; none for the official checkpoint */
     /* tiling defaults have one home: the tiler's */
     const cs_tile_params t = cs_tile_default_params();
     p.block_size = t.block_size;
@@ -454,7 +455,7 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);
     double t0 = cs_now_seconds();
     /* cell size: given, or estimated by a first pass at the mode's own scale */
-    float diameter = p->boxes ? 0 : p->diameter;
+    float diameter = p->boxes ? 0 : cellsam_model_diameter(ctx->model, p->diameter, p->tiled);
     double first_s[CS_STAGE_COUNT] = {0};
     if (diameter < 0) {
         cellsam_result *first = NULL;

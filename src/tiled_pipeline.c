@@ -171,12 +171,13 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
                             int *n_boxes, uint32_t *max_label) {
     if (!ctx || !read || !write_rows || !p) return cs_error(CELLSAM_ERR_INVALID, "tiled mode: null argument");
     if (cs_diameter_check(p->diameter)) return CELLSAM_ERR_INVALID;
-    if (p->diameter < 0)
+    cellsam_segment_params zp = *p;
+    zp.diameter = cellsam_model_diameter(ctx->model, p->diameter, p->tiled);
+    if (zp.diameter < 0)
         return cs_error(CELLSAM_ERR_INVALID, "streamed mode takes a cell diameter, not auto: estimate it first "
                                              "(cellsam_estimate_diameter on a region)");
-    cellsam_segment_params zp = *p;
-    if (p->diameter > 0) { /* the zoom for this cell size, through the block size */
-        cs_zoom_tiling(cs_diameter_zoom(ctx->model, p->diameter), &zp);
+    if (zp.diameter > 0) { /* the zoom for this cell size, through the tiling */
+        cs_zoom_tiling(cs_diameter_zoom(ctx->model, zp.diameter), &zp);
         zp.diameter = 0;
     }
     p = &zp;

@@ -232,6 +232,7 @@ typedef struct {
     char box_nms[16]; /* metadata cellsam.box_nms_iou to save ("" = none) */
     char whole_max[16]; /* metadata cellsam.whole_image_max_side to save ("" = none) */
     char cell_diam[16]; /* metadata cellsam.cell_diameter to save ("" = none) */
+    char sizing[8];     /* metadata cellsam.diameter to save ("" = none) */
 } trainer;
 
 /* Box NMS recorded in models whose detector trained with one-to-many targets; chosen
@@ -300,7 +301,7 @@ static int trainer_save(trainer *t) {
     snprintf(heads[1], sizeof heads[1], "%d", t->arch.dec.heads);
     snprintf(heads[2], sizeof heads[2], "%d", t->arch.det.heads);
     /* one-to-many targets teach several boxes per cell: the model asks for box NMS */
-    const char *meta[15] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
+    const char *meta[17] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
                             "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train"};
     int n_meta = 8;
     if (t->box_nms[0]) {
@@ -314,6 +315,10 @@ static int trainer_save(trainer *t) {
     if (t->cell_diam[0]) {
         meta[n_meta++] = "cellsam.cell_diameter";
         meta[n_meta++] = t->cell_diam;
+    }
+    if (t->sizing[0]) {
+        meta[n_meta++] = "cellsam.diameter";
+        meta[n_meta++] = t->sizing;
     }
     meta[n_meta] = NULL;
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
@@ -632,6 +637,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             snprintf(t->whole_max, sizeof t->whole_max, "%s", v ? v : "");
             v = cs_weights_get_meta(w, "cellsam.cell_diameter"); /* and its cell size */
             snprintf(t->cell_diam, sizeof t->cell_diam, "%s", v ? v : "");
+            v = cs_weights_get_meta(w, "cellsam.diameter");
+            snprintf(t->sizing, sizeof t->sizing, "%s", v && strlen(v) < sizeof t->sizing ? v : "");
         }
         cs_weights_free(w);
         if (!rc && n_missing)

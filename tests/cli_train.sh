@@ -51,6 +51,7 @@ ok "--resume continues at the saved step"
 # fine-tuning from the trained file (given whole-image and cell-size hints first):
 # frozen encoders, cached features
 "$CLI" convert "$TMP/m.safetensors" "$TMP/m.safetensors.tmp" --whole-image-max-side 1024 --cell-diameter 48 \
+    --diameter auto \
     2>/dev/null && mv "$TMP/m.safetensors.tmp" "$TMP/m.safetensors" || fail "convert with hints failed"
 "$CLI" convert "$TMP/m.safetensors" "$TMP/bad.safetensors" --cell-diameter 2 2>"$TMP/err" && fail "--cell-diameter 2 accepted"
 grep -q "cell-diameter" "$TMP/err" || fail "--cell-diameter 2: no message naming the option"
@@ -64,6 +65,8 @@ ok "finetuning keeps the detector's box NMS hint"
 ok "finetuning keeps the model's whole-image hint"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^cell diameter 48 px" || fail "finetuning lost the cell-diameter hint"
 ok "finetuning keeps the model's cell diameter"
+"$CLI" info "$TMP/f.safetensors" | grep -q "^cell sizing   per image" || fail "finetuning lost the cell-sizing hint"
+ok "finetuning keeps the model's cell sizing"
 
 # more anchors: a fresh grid, every other tensor of the head kept
 "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --threads 2 \

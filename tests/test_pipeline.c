@@ -479,7 +479,7 @@ static void test_diameter(void **state) {
     assert_int_equal(cellsam_segment(ctx, blank, 64, 64, 1, &sp, &r), 0);
     assert_float_equal(r->zoom, 2.0f, 0);
     cellsam_result_free(r);
-    const float bad[] = {NAN, INFINITY, -2.0f, -0.5f};
+    const float bad[] = {NAN, INFINITY, -3.0f, -0.5f};
     for (int i = 0; i < 4; i++) {
         r = NULL;
         sp.diameter = bad[i];
@@ -487,6 +487,74 @@ static void test_diameter(void **state) {
         assert_non_null(strstr(cellsam_last_error(), "diameter"));
         assert_null(r);
     }
+    cellsam_context_free(ctx);
+    cellsam_model_free(m);
+}
+
+/* A model can recommend cell sizing per image (metadata cellsam.diameter = "auto"):
+ * the default diameter (CELLSAM_DIAMETER_MODEL) is then auto in the model's own mode
+ * (tiled = -1), and off when a mode is chosen (the official modes stay exact); the
+ * official checkpoint recommends nothing; other values are refused. */
+static void test_diameter_hint(void **state) {
+    (void)state;
+    const char *with_hint, *bad_hint;
+    char cfg[1024];
+    cellsam_model_params mp = with_meta("cellsam.diameter", "auto", "sometimes", &with_hint, &bad_hint, cfg);
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
+    assert_non_null(strstr(cellsam_last_error(), "cellsam.diameter"));
+    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model_info info;
+    assert_int_equal(cellsam_model_get_info(m, &info), 0);
+    assert_int_equal(info.auto_diameter, 1);
+    cellsam_model_free(m);
+    /* with whole-image mode recommended too: its first pass finds enough cells to size */
+    cs_weights *w = NULL;
+    assert_int_equal(cs_weights_open(with_hint, &w), 0);
+    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "1024"), 0);
+    const char *both = tu_tmp("sizing_and_whole.safetensors");
+    assert_int_equal(cs_weights_save_safetensors(w, both, CS_DTYPE_F32), 0);
+    cs_weights_free(w);
+    assert_int_equal(cellsam_model_load(both, &mp, &m), 0);
+    assert_int_equal(cellsam_model_get_info(g_model, &info), 0);
+    assert_int_equal(info.auto_diameter, 0);
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    assert_true(sp.diameter == CELLSAM_DIAMETER_MODEL);
+    assert_true(cellsam_model_diameter(m, CELLSAM_DIAMETER_MODEL, -1) == CELLSAM_DIAMETER_AUTO);
+    assert_true(cellsam_model_diameter(m, CELLSAM_DIAMETER_MODEL, 0) == 0);
+    assert_true(cellsam_model_diameter(m, CELLSAM_DIAMETER_MODEL, 1) == 0);
+    assert_true(cellsam_model_diameter(g_model, CELLSAM_DIAMETER_MODEL, -1) == 0);
+    assert_true(cellsam_model_diameter(m, 12.5f, -1) == 12.5f);
+    assert_true(cellsam_model_diameter(m, 0, -1) == 0);
+
+    cellsam_context *ctx = NULL;
+    assert_int_equal(cellsam_context_new(m, &ctx), 0);
+    const int W = 256, H = 256;
+    float *img = malloc((size_t)W * H * sizeof(float));
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+    sp.n_threads = 2;
+    cellsam_result *dflt = NULL, *expl = NULL, *whole = NULL, *off = NULL;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &dflt), 0);
+    sp.diameter = CELLSAM_DIAMETER_AUTO;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &expl), 0);
+    assert_memory_equal(dflt->labels, expl->labels, (size_t)W * H * sizeof(uint32_t));
+    assert_float_equal(dflt->diameter, expl->diameter, 0);
+    assert_true(dflt->zoom > 0); /* it did zoom */
+    sp.diameter = CELLSAM_DIAMETER_MODEL;
+    sp.tiled = 1; /* an explicit mode: the official one, unzoomed */
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &whole), 0);
+    sp.diameter = 0;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &off), 0);
+    assert_float_equal(whole->zoom, 0, 0);
+    assert_memory_equal(whole->labels, off->labels, (size_t)W * H * sizeof(uint32_t));
+    printf("  model-recommended sizing: diameter %.1f, zoom %.2f, %d cells; explicit tiled mode: %d cells\n",
+           dflt->diameter, dflt->zoom, dflt->n_cells, whole->n_cells);
+    cellsam_result_free(dflt);
+    cellsam_result_free(expl);
+    cellsam_result_free(whole);
+    cellsam_result_free(off);
+    free(img);
     cellsam_context_free(ctx);
     cellsam_model_free(m);
 }
@@ -714,6 +782,7 @@ int main(void) {
         cmocka_unit_test(test_all_cases),
         cmocka_unit_test(test_whole_image_hint),
         cmocka_unit_test(test_diameter),
+        cmocka_unit_test(test_diameter_hint),
         cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_degenerate_images),
         cmocka_unit_test(test_box_nms),

@@ -33,6 +33,8 @@ static void print_info(const cellsam_model_info *in) {
                in->whole_image_max_side);
     printf("cell diameter %d px of the 1024 px network input (segment --diameter zooms cells to it)\n",
            in->cell_diameter);
+    if (in->auto_diameter)
+        printf("cell sizing   per image, --diameter auto (recommended by the model)\n");
 }
 
 int cmd_info(int argc, char **argv) {
@@ -72,11 +74,11 @@ int cmd_info(int argc, char **argv) {
 /* --------------------------------------------------------------- convert */
 
 int cmd_convert(int argc, char **argv) {
-    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL, *diam = NULL;
+    const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL, *diam = NULL, *sizing = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n"
-                   "                      [--whole-image-max-side N] [--cell-diameter N]\n\n"
+                   "                      [--whole-image-max-side N] [--cell-diameter N] [--diameter auto|off]\n\n"
                    "Rewrite a checkpoint (PyTorch .pt as published, or safetensors) as safetensors,\n"
                    "keeping every tensor name and shape; --dtype converts the values (default f32).\n"
                    "safetensors loads memory-mapped and zero-copy.\n"
@@ -87,7 +89,9 @@ int cmd_convert(int argc, char **argv) {
                    "                 cellsam.whole_image_max_side; 0 = always tile, as the official model)\n"
                    "  --cell-diameter N  record the cell diameter, in pixels of the 1024 px network input,\n"
                    "                 that `segment --diameter` zooms cells to (metadata cellsam.cell_diameter;\n"
-                   "                 default 64): the typical cell size in the model's training inputs\n");
+                   "                 default 64): the typical cell size in the model's training inputs\n"
+                   "  --diameter auto|off  record whether `cellsam segment` sizes cells per image by default\n"
+                   "                 (segment --diameter auto) in the model's own mode (metadata cellsam.diameter)\n");
             return 0;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dt = argv[++i];
         else if (!strcmp(argv[i], "--box-nms") && i + 1 < argc) {
@@ -112,6 +116,13 @@ int cmd_convert(int argc, char **argv) {
             int v;
             if (cli_parse_int(diam, 4, 1024, &v)) {
                 cli_error("convert", "--cell-diameter: expected network pixels from 4 to 1024, not '%s'", diam);
+                return 2;
+            }
+        }
+        else if (!strcmp(argv[i], "--diameter") && i + 1 < argc) {
+            sizing = argv[++i];
+            if (strcmp(sizing, "auto") && strcmp(sizing, "off")) {
+                cli_error("convert", "--diameter: expected auto or off, not '%s'", sizing);
                 return 2;
             }
         }
@@ -142,6 +153,7 @@ int cmd_convert(int argc, char **argv) {
     int rc = nms ? cs_weights_set_meta(w, "cellsam.box_nms_iou", nms) : CELLSAM_OK;
     if (!rc && whole) rc = cs_weights_set_meta(w, "cellsam.whole_image_max_side", whole);
     if (!rc && diam) rc = cs_weights_set_meta(w, "cellsam.cell_diameter", diam);
+    if (!rc && sizing) rc = cs_weights_set_meta(w, "cellsam.diameter", sizing);
     if (!rc) rc = cs_weights_save_safetensors(w, out, d);
     if (rc) cli_error("convert", "%s", cellsam_last_error());
     else fprintf(stderr, "cellsam convert: wrote %zu tensors to %s (%s)\n", cs_weights_count(w), out, dt);

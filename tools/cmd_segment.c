@@ -48,8 +48,10 @@ static void usage(void) {
         "  --diameter D    cells are about D pixels across (like Cellpose's --diameter): segment at\n"
         "                  the zoom that shows them at the model's cell diameter (cellsam info), edge-\n"
         "                  padding a small image to a square rather than stretching it; 'auto' sizes\n"
-        "                  them by a first pass (median over the central 1024 x 1024). Zoom limits 1/4..4.\n"
-        "                  Off by default (the official scale); replaces the mode chosen above\n"
+        "                  them by a first pass (median over the central 1024 x 1024). Zoom limits 1/4..4;\n"
+        "                  replaces the mode chosen above. 0 = off. Default: what the model's metadata\n"
+        "                  recommends in its own mode (the bundled model: auto; the official: off);\n"
+        "                  --tiled / --no-tiling are the official modes, unzoomed\n"
         "  --mirror-halo   mirror the image at its borders instead of the official wrap-around\n"
         "  --stream        read regions and write label rows as tiles finish (bounded memory);\n"
         "                  automatic above 4096 x 4096 pixels. The CSV then has no score/IoU columns\n"
@@ -201,6 +203,7 @@ static int segment_file_stream(cellsam_context *ctx, const seg_opts *o, const ch
     int rc = cs_label_stream_open(out, info.width, info.height, &s.out);
     cellsam_segment_params sp = o->sp;
     sp.tiled = 1; /* streaming is tiled */
+    sp.diameter = cellsam_model_diameter(ctx->model, o->sp.diameter, o->sp.tiled); /* the user's mode */
     if (!rc && sp.diameter < 0) rc = estimate_stream_diameter(ctx, &s, &info, &sp);
     if (!o->quiet) sp.progress = progress_cb;
     int n_boxes = 0;
@@ -260,9 +263,9 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
         return 1;
     }
     cellsam_result *r = NULL;
-    cellsam_segment_params sp = o->sp;
-    sp.tiled = tiled;
-    if (!o->quiet && sp.tiled) sp.progress = progress_cb;
+    cellsam_segment_params sp = o->sp; /* tiled -1 stays: the library applies the model's
+                                           mode and, with it, the model's cell sizing */
+    if (!o->quiet) sp.progress = progress_cb;
     int rc = cellsam_segment(ctx, hw3, img.width, img.height, 3, &sp, &r);
     free(hw3);
     if (!rc) rc = cs_write_labels(out, r->labels, r->width, r->height);
