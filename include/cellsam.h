@@ -171,8 +171,8 @@ typedef struct {
     int iou_depth;         /* 56: half-width of the linking band */
     float link_iou;        /* 0.5: IoU needed to merge labels across tiles */
     int halo_mirror;       /* 0: periodic wrap at image borders (official); 1: mirror */
-    /* cell size (like Cellpose's diameter): 0 (default) segments at the mode's own scale
-       (official). > 0: the typical cell diameter in image pixels; the image is then seen
+    /* cell size (like Cellpose's diameter): 0 segments at the mode's own scale (official).
+       > 0: the typical cell diameter in image pixels; the image is then seen
        at the zoom that makes it the model's cell_diameter in the network input: whole,
        edge-padded to a square, when the image fits one network input at that zoom, else
        tiled at that zoom (overlap and iou_depth scaled by 2 / zoom). CELLSAM_DIAMETER_AUTO:
