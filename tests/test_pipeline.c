@@ -268,24 +268,42 @@ static void test_all_cases(void **state) {
     for (int i = 0; i < n; i++) run_case(names[i]);
 }
 
-/* The reference checkpoint saved twice with metadata `key` set: to `good` (in
- * *good_path) and to `bad` (in *bad_path); and the tiny model's load parameters (cfg
- * holds the config path). */
-static cellsam_model_params with_meta(const char *key, const char *good, const char *bad, const char **good_path,
-                                      const char **bad_path, char cfg[1024]) {
+/* The reference checkpoint with metadata `key` = `bad` must be refused with an error
+ * naming the key; with `key` = `good` (and `extra_key` = `extra_value` when given) it
+ * is loaded and returned. */
+static cellsam_model *load_with_meta(const char *key, const char *good, const char *bad, const char *extra_key,
+                                     const char *extra_value) {
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
+    cellsam_model_params mp = cellsam_model_default_params();
+    mp.config_path = cfg;
     cs_weights *w = NULL;
     assert_int_equal(cs_weights_open(tu_path("checkpoint.safetensors"), &w), 0);
-    *good_path = tu_tmp("%s_good.safetensors", key);
-    *bad_path = tu_tmp("%s_bad.safetensors", key);
-    assert_int_equal(cs_weights_set_meta(w, key, good), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, *good_path, CS_DTYPE_F32), 0);
+    const char *bad_path = tu_tmp("%s_bad.safetensors", key);
     assert_int_equal(cs_weights_set_meta(w, key, bad), 0);
-    assert_int_equal(cs_weights_save_safetensors(w, *bad_path, CS_DTYPE_F32), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, bad_path, CS_DTYPE_F32), 0);
+    cellsam_model *m = NULL;
+    assert_int_equal(cellsam_model_load(bad_path, &mp, &m), CELLSAM_ERR_MODEL);
+    printf("  bad hint: %s\n", cellsam_last_error());
+    char named[256]; /* the message, not just the file name, must name the key */
+    snprintf(named, sizeof named, "metadata %s=", key);
+    assert_non_null(strstr(cellsam_last_error(), named));
+    const char *good_path = tu_tmp("%s_good.safetensors", key);
+    assert_int_equal(cs_weights_set_meta(w, key, good), 0);
+    if (extra_key) assert_int_equal(cs_weights_set_meta(w, extra_key, extra_value), 0);
+    assert_int_equal(cs_weights_save_safetensors(w, good_path, CS_DTYPE_F32), 0);
     cs_weights_free(w);
-    cellsam_model_params mp = cellsam_model_default_params();
-    snprintf(cfg, 1024, "%s/config.json", tu_testdata());
-    mp.config_path = cfg;
-    return mp;
+    assert_int_equal(cellsam_model_load(good_path, &mp, &m), 0);
+    return m;
+}
+
+/* The blob image the hint tests segment: 24 px checkerboard squares plus texture. */
+static float *checker_image(int W, int H) {
+    float *img = malloc((size_t)W * H * sizeof(float));
+    assert_non_null(img);
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+    return img;
 }
 
 /* A model's recommendation of whole-image mode (metadata cellsam.whole_image_max_side):
@@ -294,13 +312,7 @@ static cellsam_model_params with_meta(const char *key, const char *good, const c
  * checkpoint) the default tiles; malformed metadata and tiled values are refused. */
 static void test_whole_image_hint(void **state) {
     (void)state;
-    const char *with_hint, *bad_hint;
-    char cfg[1024];
-    cellsam_model_params mp = with_meta("cellsam.whole_image_max_side", "100", "12x", &with_hint, &bad_hint, cfg);
-    cellsam_model *m = NULL;
-    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
-    assert_non_null(strstr(cellsam_last_error(), "whole_image_max_side"));
-    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model *m = load_with_meta("cellsam.whole_image_max_side", "100", "12x", NULL, NULL);
     cellsam_model_info info;
     assert_int_equal(cellsam_model_get_info(m, &info), 0);
     assert_int_equal(info.whole_image_max_side, 100);
@@ -315,10 +327,7 @@ static void test_whole_image_hint(void **state) {
     const int sizes[2][2] = {{96, 96}, {160, 96}};
     for (int k = 0; k < 2; k++) {
         const int W = sizes[k][0], H = sizes[k][1];
-        float *img = malloc((size_t)W * H * sizeof(float));
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++)
-                img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+        float *img = checker_image(W, H);
         cellsam_segment_params sp = cellsam_segment_default_params();
         assert_int_equal(sp.tiled, -1);
         sp.n_threads = 2;
@@ -382,13 +391,7 @@ static void assert_labels_renumbered(const uint32_t *got, const uint32_t *ref, s
  * Bad values are refused. */
 static void test_diameter(void **state) {
     (void)state;
-    const char *with_hint, *bad_hint;
-    char cfg[1024];
-    cellsam_model_params mp = with_meta("cellsam.cell_diameter", "32", "2", &with_hint, &bad_hint, cfg);
-    cellsam_model *m = NULL;
-    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
-    assert_non_null(strstr(cellsam_last_error(), "cell_diameter"));
-    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model *m = load_with_meta("cellsam.cell_diameter", "32", "2", NULL, NULL);
     cellsam_model_info info;
     assert_int_equal(cellsam_model_get_info(m, &info), 0);
     assert_int_equal(info.cell_diameter, 32);
@@ -398,10 +401,7 @@ static void test_diameter(void **state) {
     const int sizes[3][2] = {{256, 256}, {160, 96}, {600, 200}};
     for (int k = 0; k < 3; k++) {
         const int W = sizes[k][0], H = sizes[k][1];
-        float *img = malloc((size_t)W * H * sizeof(float));
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++)
-                img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+        float *img = checker_image(W, H);
         cellsam_segment_params sp = cellsam_segment_default_params();
         sp.n_threads = 2;
         /* official checkpoint: zoom 64 / 16 = 4, one network input = 256 px; the large
@@ -497,25 +497,11 @@ static void test_diameter(void **state) {
  * official checkpoint recommends nothing; other values are refused. */
 static void test_diameter_hint(void **state) {
     (void)state;
-    const char *with_hint, *bad_hint;
-    char cfg[1024];
-    cellsam_model_params mp = with_meta("cellsam.diameter", "auto", "sometimes", &with_hint, &bad_hint, cfg);
-    cellsam_model *m = NULL;
-    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
-    assert_non_null(strstr(cellsam_last_error(), "cellsam.diameter"));
-    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    /* with whole-image mode recommended too: its first pass finds enough cells to size */
+    cellsam_model *m = load_with_meta("cellsam.diameter", "auto", "sometimes", "cellsam.whole_image_max_side", "1024");
     cellsam_model_info info;
     assert_int_equal(cellsam_model_get_info(m, &info), 0);
     assert_int_equal(info.auto_diameter, 1);
-    cellsam_model_free(m);
-    /* with whole-image mode recommended too: its first pass finds enough cells to size */
-    cs_weights *w = NULL;
-    assert_int_equal(cs_weights_open(with_hint, &w), 0);
-    assert_int_equal(cs_weights_set_meta(w, "cellsam.whole_image_max_side", "1024"), 0);
-    const char *both = tu_tmp("sizing_and_whole.safetensors");
-    assert_int_equal(cs_weights_save_safetensors(w, both, CS_DTYPE_F32), 0);
-    cs_weights_free(w);
-    assert_int_equal(cellsam_model_load(both, &mp, &m), 0);
     assert_int_equal(cellsam_model_get_info(g_model, &info), 0);
     assert_int_equal(info.auto_diameter, 0);
     cellsam_segment_params sp = cellsam_segment_default_params();
@@ -530,9 +516,7 @@ static void test_diameter_hint(void **state) {
     cellsam_context *ctx = NULL;
     assert_int_equal(cellsam_context_new(m, &ctx), 0);
     const int W = 256, H = 256;
-    float *img = malloc((size_t)W * H * sizeof(float));
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+    float *img = checker_image(W, H);
     sp.n_threads = 2;
     cellsam_result *dflt = NULL, *expl = NULL, *whole = NULL, *off = NULL;
     assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &sp, &dflt), 0);
@@ -729,21 +713,13 @@ static void test_box_nms(void **state) {
  * parameters use; 0 switches it off (the official output), and a bad value is refused. */
 static void test_box_nms_hint(void **state) {
     (void)state;
-    const char *with_hint, *bad_hint;
-    char cfg[1024];
-    cellsam_model_params mp = with_meta("cellsam.box_nms_iou", "0.3", "1.5", &with_hint, &bad_hint, cfg);
-    cellsam_model *m = NULL;
-    assert_int_equal(cellsam_model_load(bad_hint, &mp, &m), CELLSAM_ERR_MODEL);
-    printf("  bad hint: %s\n", cellsam_last_error());
-    assert_int_equal(cellsam_model_load(with_hint, &mp, &m), 0);
+    cellsam_model *m = load_with_meta("cellsam.box_nms_iou", "0.3", "1.5", NULL, NULL);
     cellsam_context *ctx = NULL;
     assert_int_equal(cellsam_context_new(m, &ctx), 0);
 
     /* a blob image on which the reference model keeps overlapping boxes */
     const int W = 96, H = 96;
-    float *img = malloc((size_t)W * H * sizeof(float));
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) img[y * W + x] = (float)(((x / 24 + y / 24) % 2) * 200 + (x * 31 + y * 17) % 23);
+    float *img = checker_image(W, H);
     cellsam_segment_params sp = cellsam_segment_default_params();
     sp.tiled = 0;
     sp.n_threads = 2;
