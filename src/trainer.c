@@ -204,6 +204,11 @@ static float clip_group(cs_tparams *ps, const char *prefix, float max_norm) {
 
 /* ------------------------------------------------------------ the trainer */
 
+/* The recommendations a model carries in its metadata, saved with every checkpoint. */
+enum { HINT_BOX_NMS, HINT_WHOLE_MAX, HINT_CELL_DIAMETER, HINT_SIZING, N_HINTS };
+static const char *const HINT_KEYS[N_HINTS] = {"cellsam.box_nms_iou", "cellsam.whole_image_max_side",
+                                               "cellsam.cell_diameter", "cellsam.diameter"};
+
 typedef struct {
     const cellsam_train_params *tp;
     arch_config arch;
@@ -229,20 +234,18 @@ typedef struct {
     /* frozen encoders run through the inference engine (no activation buffers):
      * the fine-tuning checkpoint, and the --detector-from one for the trunk */
     cellsam_model *frozen_model, *frozen_det_model;
-    char box_nms[16]; /* metadata cellsam.box_nms_iou to save ("" = none) */
-    char whole_max[16]; /* metadata cellsam.whole_image_max_side to save ("" = none) */
-    char cell_diam[16]; /* metadata cellsam.cell_diameter to save ("" = none) */
-    char sizing[8];     /* metadata cellsam.diameter to save ("" = none) */
+    char hint[N_HINTS][32]; /* recommendations to save in the metadata (HINT_KEYS; "" = none) */
 } trainer;
 
 /* Box NMS recorded in models whose detector trained with one-to-many targets; chosen
  * on the held-out split of ../shared/train (models/README.md). */
 #define DENSE_TARGETS_BOX_NMS "0.2"
 
-/* The detector's NMS hint travels with the detector's weights. */
-static void take_box_nms_hint(trainer *t, const cs_weights *w) {
-    const char *v = cs_weights_get_meta(w, "cellsam.box_nms_iou");
-    snprintf(t->box_nms, sizeof t->box_nms, "%s", v ? v : "");
+/* Take hint h from a checkpoint's metadata; a value that does not fit is dropped, not
+ * cut (a cut number would be another recommendation). */
+static void take_hint(trainer *t, const cs_weights *w, int h) {
+    const char *v = cs_weights_get_meta(w, HINT_KEYS[h]);
+    snprintf(t->hint[h], sizeof t->hint[h], "%s", v && strlen(v) < sizeof t->hint[h] ? v : "");
 }
 
 static void tlog(const trainer *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -301,25 +304,14 @@ static int trainer_save(trainer *t) {
     snprintf(heads[1], sizeof heads[1], "%d", t->arch.dec.heads);
     snprintf(heads[2], sizeof heads[2], "%d", t->arch.det.heads);
     /* one-to-many targets teach several boxes per cell: the model asks for box NMS */
-    const char *meta[17] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
-                            "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train"};
+    const char *meta[9 + 2 * N_HINTS] = {"cellsam.vit_heads", heads[0], "cellsam.decoder_heads", heads[1],
+                                         "cellsam.detector_heads", heads[2], "cellsam.trained_by", "cellsam train"};
     int n_meta = 8;
-    if (t->box_nms[0]) {
-        meta[n_meta++] = "cellsam.box_nms_iou";
-        meta[n_meta++] = t->box_nms;
-    }
-    if (t->whole_max[0]) {
-        meta[n_meta++] = "cellsam.whole_image_max_side";
-        meta[n_meta++] = t->whole_max;
-    }
-    if (t->cell_diam[0]) {
-        meta[n_meta++] = "cellsam.cell_diameter";
-        meta[n_meta++] = t->cell_diam;
-    }
-    if (t->sizing[0]) {
-        meta[n_meta++] = "cellsam.diameter";
-        meta[n_meta++] = t->sizing;
-    }
+    for (int h = 0; h < N_HINTS; h++)
+        if (t->hint[h][0]) {
+            meta[n_meta++] = HINT_KEYS[h];
+            meta[n_meta++] = t->hint[h];
+        }
     meta[n_meta] = NULL;
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
     if (rc) return rc;
@@ -631,15 +623,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         /* a resumed run already has the new table */
         const char *except = new_anchors && !resuming ? anchor_table : NULL;
         if (!rc) rc = cs_tparams_load_except(&t->ps, w, NULL, except, &n_loaded, &n_missing);
-        if (!rc) take_box_nms_hint(t, w);
-        if (!rc) { /* a fine-tuned model keeps its starting point's preferred mode */
-            const char *v = cs_weights_get_meta(w, "cellsam.whole_image_max_side");
-            snprintf(t->whole_max, sizeof t->whole_max, "%s", v ? v : "");
-            v = cs_weights_get_meta(w, "cellsam.cell_diameter"); /* and its cell size */
-            snprintf(t->cell_diam, sizeof t->cell_diam, "%s", v ? v : "");
-            v = cs_weights_get_meta(w, "cellsam.diameter");
-            snprintf(t->sizing, sizeof t->sizing, "%s", v && strlen(v) < sizeof t->sizing ? v : "");
-        }
+        /* a fine-tuned model keeps its starting point's recommendations */
+        for (int h = 0; !rc && h < N_HINTS; h++) take_hint(t, w, h);
         cs_weights_free(w);
         if (!rc && n_missing)
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the %zu trainable tensors", start, n_missing, t->ps.n);
@@ -654,7 +639,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         if (!rc)
             rc = cs_tparams_load_except(&t->ps, w, "cellfinder.", new_anchors ? anchor_table : NULL, &n_loaded,
                                         &n_missing);
-        if (!rc) take_box_nms_hint(t, w);
+        if (!rc) take_hint(t, w, HINT_BOX_NMS); /* the NMS hint travels with the detector */
         cs_weights_free(w);
         if (!rc && (n_missing || !n_loaded))
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the CellFinder's trainable tensors", tp->detector_from,
@@ -666,9 +651,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         tlog(t, "CellFinder taken from %s (%zu tensors)", tp->detector_from, n_loaded);
     }
     if (tp->train_detector && tp->anchor_matching == 2)
-        snprintf(t->box_nms, sizeof t->box_nms, "%s", DENSE_TARGETS_BOX_NMS);
+        snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
     if (tp->whole_image_max_side > 0) /* trained on whole images: segment them whole */
-        snprintf(t->whole_max, sizeof t->whole_max, "%d", tp->whole_image_max_side);
+        snprintf(t->hint[HINT_WHOLE_MAX], sizeof t->hint[HINT_WHOLE_MAX], "%d", tp->whole_image_max_side);
     if (!resuming && tp->reset_detector_head) {
         /* a fresh head from the same initialisers, copied over the loaded one */
         cs_tparams fresh;
