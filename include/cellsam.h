@@ -227,10 +227,12 @@ void cellsam_result_free(cellsam_result *result);
  * CELLSAM_DIAMETER_MODEL resolved (to CELLSAM_DIAMETER_AUTO or 0), others as given. */
 float cellsam_model_diameter(const cellsam_model *model, float diameter, int tiled);
 #define CELLSAM_DEFAULT_NET_CELL_DIAMETER 64
+#define CELLSAM_DIAMETER_ESTIMATE_SIDE 1024
 /* Estimate the typical cell diameter (image pixels) of an image, as `diameter` takes
  * it: a segmentation at the mode's own scale (params->diameter is ignored) of the
- * central crop of at most 1024 x 1024 pixels, then the median of the cells'
- * equivalent diameters (2 sqrt(area / pi)). *diameter = 0 when fewer than 5 cells
+ * central crop of at most CELLSAM_DIAMETER_ESTIMATE_SIDE pixels per side (origin
+ * ((width - crop width) / 2, (height - crop height) / 2)), then the median of the
+ * cells' equivalent diameters (2 sqrt(area / pi)). *diameter = 0 when fewer than 5 cells
  * are found (too few to size; segment then keeps its own scale). */
 int cellsam_estimate_diameter(cellsam_context *ctx, const float *image, int width, int height, int channels,
                               const cellsam_segment_params *params, float *diameter);

@@ -19,7 +19,6 @@
 #define ZOOM_MIN 0.25
 #define ZOOM_MAX 4.0
 #define MIN_CELLS_TO_SIZE 5
-#define ESTIMATE_MAX_SIDE 1024
 #define MIN_BLOCK 16
 #define OFFICIAL_TILE_ZOOM 2.0
 
@@ -132,8 +131,8 @@ int cs_estimate_diameter(cellsam_context *ctx, const float *image, int width, in
     q.boxes = NULL;
     q.n_boxes = 0;
     /* the central crop: cells there are as representative as anywhere, at bounded cost */
-    const int cw = width < ESTIMATE_MAX_SIDE ? width : ESTIMATE_MAX_SIDE;
-    const int ch = height < ESTIMATE_MAX_SIDE ? height : ESTIMATE_MAX_SIDE;
+    const int side = CELLSAM_DIAMETER_ESTIMATE_SIDE;
+    const int cw = width < side ? width : side, ch = height < side ? height : side;
     const int x0 = (width - cw) / 2, y0 = (height - ch) / 2;
     const int is_whole = cw == width && ch == height;
     float *crop = NULL;

@@ -1398,11 +1398,10 @@ static int get_diameter(json_t *o, float *out, char *msg, size_t msz) {
         *out = CELLSAM_DIAMETER_AUTO;
         return 0;
     }
-    if (!json_is_number(v) || !(json_number_value(v) >= 0 && json_number_value(v) <= 100000)) {
+    if (get_real(o, "diameter", 0, 100000, out, msg, msz)) {
         snprintf(msg, msz, "'diameter' must be a cell diameter in pixels from 0 to 100000, or \"auto\"");
         return -1;
     }
-    *out = (float)json_number_value(v);
     return 0;
 }
 

@@ -165,11 +165,13 @@ static int stream_write(void *user, int y0, int n_rows, const uint32_t *rows) {
     return cs_cell_acc_rows(&s->acc, rows, y0, n_rows, s->width);
 }
 
-/* --diameter auto on a streamed image: size the cells of the central region (what
- * cellsam_estimate_diameter would crop), then stream at the zoom it gives. */
+/* --diameter auto on a streamed image: read only the central region that
+ * cellsam_estimate_diameter crops (so it crops nothing more), size its cells, then
+ * stream at the zoom they give. */
 static int estimate_stream_diameter(cellsam_context *ctx, stream_ctx *s, const cs_image_info *info,
                                     cellsam_segment_params *sp) {
-    const int w = info->width < 1024 ? info->width : 1024, h = info->height < 1024 ? info->height : 1024;
+    const int side = CELLSAM_DIAMETER_ESTIMATE_SIDE;
+    const int w = info->width < side ? info->width : side, h = info->height < side ? info->height : side;
     float *hw3 = cs_alloc((size_t)w * (size_t)h, 3 * sizeof(float));
     if (!hw3) return CELLSAM_ERR_NOMEM;
     int rc = stream_read(s, (info->width - w) / 2, (info->height - h) / 2, w, h, hw3);
