@@ -279,6 +279,10 @@ typedef struct {
                                   inference sees them; N: images up to N px per side are taken
                                   whole, without the tiler's halo, as whole-image inference sees
                                   them, and N is recorded in the model (cellsam_model_info) */
+    int cell_diameter;         /* 0 (default): off; N (4..1024): samples at cell size, as
+                                  segment's `diameter` shows images: each zoomed so that the median
+                                  cell of its masks spans N network pixels (x the random scale),
+                                  isotropically; N and diameter "auto" are recorded in the model */
     int n_threads;
     uint64_t seed;
     double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */

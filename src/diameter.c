@@ -22,13 +22,13 @@
 #define MIN_BLOCK 16
 #define OFFICIAL_TILE_ZOOM 2.0
 
+double cs_zoom_clamp(double z) { return z < ZOOM_MIN ? ZOOM_MIN : z > ZOOM_MAX ? ZOOM_MAX : z; }
+
 double cs_diameter_zoom(const cellsam_model *m, float diameter) {
-    double z = (double)m->cell_diameter / (double)diameter;
-    return z < ZOOM_MIN ? ZOOM_MIN : z > ZOOM_MAX ? ZOOM_MAX : z;
+    return cs_zoom_clamp((double)m->cell_diameter / (double)diameter);
 }
 
-/* Image pixels covered by one network input at zoom z. */
-static int zoom_side(double z) { return (int)ceil(CS_SAM_INPUT_SIZE / z - 1e-9); }
+int cs_zoom_side(double z) { return (int)ceil(CS_SAM_INPUT_SIZE / z - 1e-9); }
 
 void cs_zoom_tiling(double z, cellsam_segment_params *q) {
     /* the halo and the linking band keep their width in network pixels: what the
@@ -37,7 +37,7 @@ void cs_zoom_tiling(double z, cellsam_segment_params *q) {
     q->overlap = (int)lround(q->overlap * scale);
     q->iou_depth = (int)lround(q->iou_depth * scale);
     if (q->iou_depth > q->overlap) q->iou_depth = q->overlap;
-    const int b = zoom_side(z) - 2 * q->overlap;
+    const int b = cs_zoom_side(z) - 2 * q->overlap;
     q->block_size = b < MIN_BLOCK ? MIN_BLOCK : b;
 }
 
@@ -61,7 +61,7 @@ int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, cons
     cellsam_segment_params q = *p;
     q.diameter = 0;
     q.embedding = NULL; /* an embedding of the unzoomed image describes another input */
-    const int S = zoom_side(zoom);
+    const int S = cs_zoom_side(zoom);
     if (S < W || S < H) { /* more than one network input: tiles of S pixels, halo included */
         cs_zoom_tiling(zoom, &q);
         return cs_segment_tiled(ctx, hw3, H, W, &q, labels, score, iou, n_labels, n_boxes);

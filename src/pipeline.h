@@ -59,6 +59,8 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
  * what they span at the official tiles' zoom, and the block that makes block + 2
  * overlap = 1024 / z); the parameter check. */
 double cs_diameter_zoom(const cellsam_model *m, float diameter);
+double cs_zoom_clamp(double z);
+int cs_zoom_side(double z); /* image pixels one network input spans at zoom z */
 void cs_zoom_tiling(double z, cellsam_segment_params *q);
 int cs_diameter_check(float diameter);
 /* Segment at zoom z: one edge-padded square canvas when the image fits one network

@@ -355,6 +355,11 @@ typedef struct {
     int whole_image_max_side; /* sample geometry, not augmentation: 0 = a tile of the tiler;
                                  N = the whole (augmented) image without halo when its sides
                                  are at most N, as whole-image inference sees it */
+    float cell_diameter;      /* sample geometry: > 0 = at cell size, as `segment --diameter`
+                                 sees the image: zoom = cell_diameter / (median cell diameter of
+                                 the masks) x a draw from the scale range, an S x S window
+                                 (S = 1024 / zoom) at a random place, edge-padded to S x S when
+                                 the image is smaller (crop range and whole_image_max_side unused) */
 } cs_augment;
 cs_augment cs_augment_default(void); /* training augmentation */
 cs_augment cs_augment_none(void);

@@ -392,6 +392,9 @@ static int check_range(const char *what, float lo, float hi, float min_excl, flo
 }
 
 static int check_augment(const cs_augment *a) {
+    if (!(a->cell_diameter >= 0 && a->cell_diameter <= TD_NET))
+        return cs_error(CELLSAM_ERR_INVALID, "training cell diameter %g is not within [0, %d] network pixels",
+                        (double)a->cell_diameter, TD_NET);
     int rc = check_range("crop", a->crop_lo, a->crop_hi, 0.0f, 1.0f);
     if (!rc) rc = check_range("scale", a->scale_lo, a->scale_hi, 0.0f, 8.0f);
     if (!rc) rc = check_range("gain", a->gain_lo, a->gain_hi, 0.0f, 100.0f);
@@ -830,6 +833,78 @@ done:
     return rc;
 }
 
+static int cmp_u32(const void *a, const void *b) {
+    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Median equivalent diameter 2 sqrt(area / pi) of the labelled cells (the upper
+ * median of the areas, as cs_estimate_diameter takes it); 0 when there is none. */
+static int median_cell_diameter(const raw_pair *p, double *diameter) {
+    *diameter = 0;
+    const size_t n = (size_t)p->H * p->W;
+    id_map m = {0};
+    uint32_t *count = cs_calloc(n + 1, sizeof *count); /* at most one cell per pixel */
+    int rc = count ? CELLSAM_OK : CELLSAM_ERR_NOMEM;
+    for (size_t i = 0; !rc && i < n; i++) {
+        if (!p->lab[i]) continue;
+        const int32_t id = id_map_get(&m, p->lab[i]);
+        if (id) count[id]++;
+        else rc = CELLSAM_ERR_NOMEM;
+    }
+    if (!rc && m.n) {
+        uint32_t *area = count + 1;
+        qsort(area, m.n, sizeof *area, cmp_u32);
+        *diameter = 2.0 * sqrt((double)area[m.n / 2] / M_PI);
+    }
+    free(count);
+    free(m.keys);
+    free(m.ids);
+    return rc ? cs_error(rc, "out of memory measuring the cells") : CELLSAM_OK;
+}
+
+/* The sample at cell size (cs_augment.cell_diameter): the window of the image that
+ * one network input spans at the zoom `segment --diameter` would use, then flips,
+ * turns and intensity, then inference's canvas: the window top-left in an S x S
+ * square, its last row and column repeated (labels 0 there). */
+static int size_pair(raw_pair *p, const cs_augment *a, const aug_draws *d, tile_geom *t) {
+    double diameter;
+    int rc = median_cell_diameter(p, &diameter);
+    if (rc) return rc;
+    const double z = cs_zoom_clamp((diameter > 0 ? a->cell_diameter / diameter : 1.0) *
+                                   lerp(a->scale_lo, a->scale_hi, d->scale));
+    const int S = cs_zoom_side(z);
+    const int h = p->H < S ? p->H : S, w = p->W < S ? p->W : S;
+    const double uy = d->tile < 0 ? 0.5 : d->crop_y, ux = d->tile < 0 ? 0.5 : d->crop_x; /* no rng: centre */
+    int y0 = (int)(uy * (p->H - h + 1)), x0 = (int)(ux * (p->W - w + 1));
+    y0 = y0 > p->H - h ? p->H - h : y0;
+    x0 = x0 > p->W - w ? p->W - w : x0;
+    if (h != p->H || w != p->W) rc = crop_pair(p, y0, x0, h, w);
+    if (!rc) rc = dihedral_pair(p, a->flips && d->hflip < 0.5, a->flips && d->vflip < 0.5,
+                                a->rot90 ? (d->rot * 4 > 3 ? 3 : (int)(d->rot * 4)) : 0);
+    if (!rc && (a->gain_lo != 1 || a->gain_hi != 1 || a->gamma_lo != 1 || a->gamma_hi != 1))
+        intensity(p, lerp(a->gain_lo, a->gain_hi, d->gain), lerp(a->gamma_lo, a->gamma_hi, d->gamma));
+    if (!rc && (p->H < S || p->W < S)) {
+        raw_pair o;
+        if (raw_alloc(&o, S, S)) return CELLSAM_ERR_NOMEM;
+        for (int y = 0; y < S; y++) {
+            const size_t sy = (size_t)(y < p->H ? y : p->H - 1);
+            float *dst = o.img + (size_t)y * S * 3;
+            memcpy(dst, p->img + sy * p->W * 3, (size_t)p->W * 3 * sizeof(float));
+            for (int x = p->W; x < S; x++) memcpy(dst + (size_t)x * 3, p->img + (sy * p->W + p->W - 1) * 3, 3 * sizeof(float));
+            uint32_t *lrow = o.lab + (size_t)y * S;
+            memset(lrow, 0, (size_t)S * sizeof *lrow);
+            if (y < p->H) memcpy(lrow, p->lab + (size_t)y * p->W, (size_t)p->W * sizeof *lrow);
+        }
+        raw_free(p);
+        *p = o;
+    }
+    t->y0 = t->x0 = 0;
+    t->h = p->H;
+    t->w = p->W;
+    return rc;
+}
+
 /* ------------------------------------------------------------------ samples */
 
 void cs_train_sample_free(cs_train_sample *s) {
@@ -867,10 +942,13 @@ int cs_train_sample_load(const cs_dataset *ds, int index, const cs_augment *aug,
     int32_t *cid = NULL;
     rc = read_pair(ds, index, &p);
     if (rc) return rc;
-    rc = augment(&p, a, &d);
-
     tile_geom t = {0, 0, 0, 0};
-    if (!rc) rc = pick_tile(p.H, p.W, d.tile, a->whole_image_max_side, &t);
+    if (a->cell_diameter > 0) {
+        rc = size_pair(&p, a, &d, &t);
+    } else {
+        rc = augment(&p, a, &d);
+        if (!rc) rc = pick_tile(p.H, p.W, d.tile, a->whole_image_max_side, &t);
+    }
     const size_t tpx = rc ? 0 : (size_t)t.h * t.w;
     if (!rc) {
         tile = cs_alloc(tpx, 3 * sizeof(float));

@@ -437,6 +437,7 @@ static int train_one_image(trainer *t, int index, float scale) {
     } else {
         cs_augment aug = tp->augment && !(frozen && tp->cache_embeddings) ? cs_augment_default() : cs_augment_none();
         aug.whole_image_max_side = tp->whole_image_max_side;
+        aug.cell_diameter = (float)tp->cell_diameter;
         rc = cs_train_sample_load(&t->train, index, &aug, &t->rng, 4, &local);
         if (rc) return rc;
         if (tp->train_decoder) {
@@ -583,6 +584,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         tp->images_per_step > 1024 || tp->epochs < 0 || tp->n_threads < 1 || !(tp->lr > 0) ||
         (!tp->train_decoder && !tp->train_detector))
         return cs_error(CELLSAM_ERR_INVALID, "invalid training parameters");
+    if (tp->cell_diameter && (tp->cell_diameter < 4 || tp->cell_diameter > 1024)) /* the metadata's range */
+        return cs_error(CELLSAM_ERR_INVALID, "training cell diameter %d is not within 4..1024 network pixels",
+                        tp->cell_diameter);
     double t0 = cs_now_seconds();
     trainer T;
     char *sp = NULL; /* optimiser state path, freed at done */
@@ -654,6 +658,10 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
     if (tp->whole_image_max_side > 0) /* trained on whole images: segment them whole */
         snprintf(t->hint[HINT_WHOLE_MAX], sizeof t->hint[HINT_WHOLE_MAX], "%d", tp->whole_image_max_side);
+    if (tp->cell_diameter > 0) { /* trained at cell size: segment at cell size */
+        snprintf(t->hint[HINT_CELL_DIAMETER], sizeof t->hint[HINT_CELL_DIAMETER], "%d", tp->cell_diameter);
+        snprintf(t->hint[HINT_SIZING], sizeof t->hint[HINT_SIZING], "auto");
+    }
     if (!resuming && tp->reset_detector_head) {
         /* a fresh head from the same initialisers, copied over the loaded one */
         cs_tparams fresh;

@@ -48,6 +48,18 @@ grep -q "step 3/3 loss" "$TMP/log2" || fail "resume did not reach step 3"
 grep -q "step 1/3 loss" "$TMP/log2" && fail "resume repeated step 1"
 ok "--resume continues at the saved step"
 
+# samples at cell size: the model then records that cell diameter and sizing per image
+"$CLI" info "$TMP/m.safetensors" | grep -q "^cell sizing   per image" && fail "the tiny model already sizes cells"
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
+    --cell-diameter 80 --threads 2 --out "$TMP/z.safetensors" 2>"$TMP/logz" ||
+    fail "finetune --cell-diameter failed: $(tail -3 "$TMP/logz")"
+"$CLI" info "$TMP/z.safetensors" | grep -q "^cell diameter 80 px" || fail "--cell-diameter 80 not recorded"
+"$CLI" info "$TMP/z.safetensors" | grep -q "^cell sizing   per image" || fail "--cell-diameter did not record sizing"
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/data" --steps 1 --cell-diameter 3 \
+    --out "$TMP/y.safetensors" 2>"$TMP/e"
+[ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "cell-diameter" "$TMP/e" || fail "--cell-diameter 3: $(cat "$TMP/e")"
+ok "finetune --cell-diameter records the cell size and sizing; 3 px is refused in one line"
+
 # fine-tuning from the trained file (given whole-image and cell-size hints first):
 # frozen encoders, cached features
 "$CLI" convert "$TMP/m.safetensors" "$TMP/m.safetensors.tmp" --whole-image-max-side 1024 --cell-diameter 48 \

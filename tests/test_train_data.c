@@ -336,6 +336,77 @@ static void test_whole_image_sample(void **state) {
     free(raw);
 }
 
+/* Upper median of the equivalent diameters 2 sqrt(area / pi) of labels 1..max. */
+static int cmp_u32(const void *a, const void *b) {
+    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+static double median_diameter(const void *labels, int is_i32, size_t n, uint32_t max_label) {
+    uint32_t *area = calloc((size_t)max_label + 1, sizeof *area);
+    assert_non_null(area);
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t l = is_i32 ? (uint32_t)((const int32_t *)labels)[i] : ((const uint32_t *)labels)[i];
+        assert_true(l <= max_label);
+        area[l]++;
+    }
+    size_t k = 0;
+    for (uint32_t l = 1; l <= max_label; l++)
+        if (area[l]) area[k++] = area[l];
+    assert_true(k > 0);
+    qsort(area, k, sizeof *area, cmp_u32);
+    const double d = 2.0 * sqrt(area[k / 2] / M_PI);
+    free(area);
+    return d;
+}
+
+/* Samples at cell size (--cell-diameter): the frame is the S x S square that one
+ * network input spans at zoom cell_diameter / (the mask's median diameter), computed
+ * here from the mask; the cells then measure cell_diameter network pixels; a small
+ * image sits top-left with label-free padding; the scale range multiplies the zoom. */
+static void check_cell_size(const char *name, float cell_diameter, float scale) {
+    const int idx = find_index(&g_train, name);
+    int H, W;
+    uint32_t maxl;
+    uint32_t *raw = read_mask(g_train.mask_paths[idx], &H, &W, &maxl);
+    const double gt = median_diameter(raw, 0, (size_t)H * W, maxl);
+    const double z = cell_diameter / gt * scale;
+    const int S = (int)ceil(NET / z - 1e-9);
+    cs_augment a = cs_augment_none();
+    a.cell_diameter = cell_diameter;
+    a.scale_lo = a.scale_hi = scale;
+    a.whole_image_max_side = 100000; /* unused at cell size */
+    cs_train_sample s;
+    assert_int_equal(cs_train_sample_load(&g_train, idx, &a, NULL, 1, &s), 0);
+    assert_int_equal(s.H, S);
+    assert_int_equal(s.W, S);
+    check_boxes(&s);
+    const double got = median_diameter(s.labels, 1, NN, (uint32_t)s.n_cells);
+    printf("  %s: %d x %d, mask median %.1f px; zoom %.2f, frame %d; cells %d, median %.1f network px (want %.1f)\n",
+           name, W, H, gt, z, S, s.n_cells, got, cell_diameter * scale);
+    /* windows cut border cells, and nearest resampling rounds: 12 % */
+    assert_true(fabs(got - cell_diameter * scale) < 0.12 * cell_diameter * scale);
+    if (S > H) { /* padded below the image: no labels there */
+        const int y_pad = (int)ceil((double)H * NET / S) + 1;
+        for (int y = y_pad; y < NET; y++)
+            for (int x = 0; x < NET; x++) assert_int_equal(s.labels[(size_t)y * NET + x], 0);
+    }
+    cs_train_sample_free(&s);
+    free(raw);
+}
+
+static void test_cell_size_sample(void **state) {
+    (void)state;
+    check_cell_size(GREY_256, 64, 1.0f);     /* a small image: padded */
+    check_cell_size(GREY_256, 64, 0.5f);     /* the scale range applies */
+    check_cell_size(GREY_520x696, 64, 1.0f); /* a window of a larger one */
+    cs_augment a = cs_augment_none();
+    a.cell_diameter = 2000;
+    cs_train_sample s;
+    assert_int_equal(cs_train_sample_load(&g_train, find_index(&g_train, GREY_256), &a, NULL, 1, &s),
+                     CELLSAM_ERR_INVALID);
+    assert_non_null(strstr(cellsam_last_error(), "cell diameter"));
+}
+
 static void test_label_geometry(void **state) {
     (void)state;
     const int idx = find_index(&g_train, GREY_256);
@@ -782,7 +853,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_counts),      cmocka_unit_test(test_split),
         cmocka_unit_test(test_matches_inference), cmocka_unit_test(test_label_geometry),
-        cmocka_unit_test(test_whole_image_sample),
+        cmocka_unit_test(test_whole_image_sample), cmocka_unit_test(test_cell_size_sample),
         cmocka_unit_test(test_flips_rot90),      cmocka_unit_test(test_augment_alignment),
         cmocka_unit_test(test_errors),           cmocka_unit_test(test_load_time),
         cmocka_unit_test(test_labeling_tool_corrections),

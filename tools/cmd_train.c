@@ -39,6 +39,9 @@ static void usage(const char *cmd) {
            "  --whole-image-max-side N  take images up to N px per side whole (no tiler halo), as\n"
            "                     whole-image inference sees them, and record N in the model so that\n"
            "                     `segment` works on such images whole (default 0: tiler tiles)\n"
+           "  --cell-diameter N  samples at cell size: each image zoomed (isotropically) so that the\n"
+           "                     median cell of its masks spans N of the 1024 network pixels, times\n"
+           "                     the random scale; records N and `--diameter auto` in the model\n"
            "  --matching M       detector targets: dense (every anchor in the central half of a cell's\n"
            "                     box; train's default), anchor (each cell to its nearest anchor)\n"
            "                     or hungarian (DETR's matching; finetune's default)\n"
@@ -171,6 +174,7 @@ static int run(const char *cmd, int argc, char **argv) {
         INT_OPT("--heads", 1, 64, p.heads)
         INT_OPT("--queries", 1, 10000, p.n_queries)
         INT_OPT("--whole-image-max-side", 0, 65536, p.whole_image_max_side)
+        INT_OPT("--cell-diameter", 4, 1024, p.cell_diameter)
         FLOAT_OPT("--lr", 1e-9, 1.0, p.lr)
         FLOAT_OPT("--weight-decay", 0.0, 1.0, p.weight_decay)
         FLOAT_OPT("--clip", 0.0, 1e6, p.clip_norm)
