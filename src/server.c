@@ -753,8 +753,9 @@ static enum MHD_Result h_info(cs_server *s, struct MHD_Connection *c) {
     cellsam_model_info mi;
     json_t *model = NULL;
     if (!cellsam_model_get_info(s->o.model, &mi))
-        model = json_pack("{s:i,s:i,s:i,s:i,s:b}", "embed_dim", mi.embed_dim, "depth", mi.depth, "prompt_dim",
-                          mi.prompt_dim, "image_size", mi.image_size, "has_detector", mi.has_detector);
+        model = json_pack("{s:i,s:i,s:i,s:i,s:b,s:i,s:b}", "embed_dim", mi.embed_dim, "depth", mi.depth, "prompt_dim",
+                          mi.prompt_dim, "image_size", mi.image_size, "has_detector", mi.has_detector,
+                          "cell_diameter", mi.cell_diameter, "auto_diameter", mi.auto_diameter);
     if (!model) model = json_object();
     return respond_json(c, 200, json_pack("{s:s,s:o,s:i,s:i,s:I,s:I,s:I,s:b}", "version", CELLSAM_VERSION, "model",
                                           model, "cache", s->o.cache, "threads", s->o.threads, "max_upload",

@@ -130,6 +130,8 @@ expect "POST to a static path" 405 "$(req POST /index.html -d x)"
 # ---------------------------------------------------------------- info, files
 expect "GET /api/info" 200 "$(req GET /api/info)"
 body_has '"has_detector":true' && ok "info describes the model" || bad "info: $(cat "$TMP/body")"
+body_has '"cell_diameter":64' && body_has '"auto_diameter":false' && ok "info gives the model's cell size hints" ||
+    bad "info without cell size hints: $(cat "$TMP/body")"
 expect "POST /api/info" 405 "$(req POST /api/info -d '{}')"
 expect "unknown endpoint" 404 "$(req GET /api/nope)"
 expect "GET /api/files" 200 "$(req GET /api/files)"

@@ -325,6 +325,8 @@ async function loadInfo() {
   try {
     const j = await (await api('/api/info')).json();
     $('seg-tiled').checked = !!j.tiled;
+    // the model's recommendation: sizing cells per image, or none
+    $('seg-diameter').value = j.model && j.model.auto_diameter ? 'auto' : '0';
   } catch (e) { /* the file list reports connection problems */ }
 }
 
@@ -477,9 +479,15 @@ async function uploadFile(file) {
 
 async function segmentAll() {
   if (!S.image) return;
+  const d = $('seg-diameter').value.trim().toLowerCase();
+  const diameter = d === 'auto' ? 'auto' : d === '' || d === 'off' ? 0 : Number(d);
+  if (diameter !== 'auto' && !(Number.isFinite(diameter) && diameter >= 0)) {
+    message('cell diameter: give pixels, 0 (off) or auto', 6000);
+    return;
+  }
   try {
     S.awaitSegment = true;
-    const body = JSON.stringify({ tiled: $('seg-tiled').checked });
+    const body = JSON.stringify({ tiled: $('seg-tiled').checked, diameter });
     const st = await (await api(`/api/images/${S.image.id}/segment`, { method: 'POST', body })).json();
     S.image.segment = st.segment;
     showSegment(S.image);

@@ -232,8 +232,14 @@ try {
   const dims = await page.evaluate(() => [cellsamApp.image.width, cellsamApp.image.height, cellsamApp.image.channels]);
   check('image opened with its size and channels', dims.join('x') === '1024x1022x1', dims.join('x'));
 
-  // segment all
+  // segment all, with the cell diameter field sent as typed (the test model recommends no sizing)
+  const shownDiameter = await page.inputValue('#seg-diameter');
+  check('cell diameter field shows the model recommendation (off)', shownDiameter === '0', shownDiameter);
+  await page.fill('#seg-diameter', '64'); // zoom 1: the image as a padded 1024 canvas
+  const segRequest = page.waitForRequest((r) => r.method() === 'POST' && /\/segment$/.test(r.url()));
   await page.click('#segment-btn');
+  const segBody = JSON.parse((await segRequest).postData() || '{}');
+  check('segment all sends the cell diameter', segBody.diameter === 64, JSON.stringify(segBody));
   await page.waitForFunction(() => +document.getElementById('label-count').textContent > 0, null, { timeout: 240000 });
   const nSeg = await page.evaluate(() => +document.getElementById('label-count').textContent);
   check('segment all adds labels', nSeg > 0, `${nSeg} cells`);
