@@ -1,3 +1,5 @@
+#define _XOPEN_SOURCE 700 /* nftw */
+#include <ftw.h>
 #include <math.h>
 #include <sys/wait.h>
 #include "cellsam.h"
@@ -70,13 +72,30 @@ double tu_check_npy(const char *what, const float *got, size_t n, const cs_npy *
 
 const char *tu_cli(void) { return CELLSAM_CLI_PATH; }
 
+static char tmp_dir[256];
+
+static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st;
+    (void)type;
+    (void)ftw;
+    return remove(path) ? -1 : 0;
+}
+
+/* The scratch folder goes when the test program ends (CELLSAM_KEEP_TEST_TMP=1 keeps it
+ * for a look at a failure). */
+static void remove_tmpdir(void) {
+    const char *keep = getenv("CELLSAM_KEEP_TEST_TMP");
+    if (tmp_dir[0] && !(keep && *keep && strcmp(keep, "0")))
+        nftw(tmp_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
 const char *tu_tmpdir(void) {
-    static char dir[256];
-    if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/cellsam-test-XXXXXX");
-        if (!mkdtemp(dir)) fail_msg("mkdtemp failed");
+    if (!tmp_dir[0]) {
+        snprintf(tmp_dir, sizeof tmp_dir, "%s/cellsam-test-XXXXXX", getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+        if (!mkdtemp(tmp_dir)) fail_msg("mkdtemp failed");
+        atexit(remove_tmpdir);
     }
-    return dir;
+    return tmp_dir;
 }
 
 int tu_run(char *out, size_t cap, const char *fmt, ...) {
