@@ -51,10 +51,13 @@ typedef struct {
     int load_detector;       /* 1 (default): require and load CellFinder; 0: SAM only */
     int compute_dtype;       /* CELLSAM_DTYPE_F32 (default) or _BF16: the ViT blocks' matrix products
                                 with inputs rounded to bfloat16, sums in float32 (AVX512-BF16 when the
-                                CPU has it, else emulated and slower); see the README for its accuracy */
+                                CPU has it, else emulated and slower); see the README for its accuracy.
+                                _INT8: the ViT blocks' four weight matrices quantised to 7 bits per
+                                output column, their inputs to 8 bits per token, exact integer sums
+                                (AVX512-VNNI or AVX2); attention, norms and the heads stay float32 */
 } cellsam_model_params;
 
-enum { CELLSAM_DTYPE_F32 = 0, CELLSAM_DTYPE_F16 = 1, CELLSAM_DTYPE_BF16 = 2 };
+enum { CELLSAM_DTYPE_F32 = 0, CELLSAM_DTYPE_F16 = 1, CELLSAM_DTYPE_BF16 = 2, CELLSAM_DTYPE_INT8 = 3 };
 
 cellsam_model_params cellsam_model_default_params(void);
 /* Load a checkpoint: PyTorch .pt (zip + pickle, as published) or .safetensors.

@@ -14,7 +14,7 @@
 #include "cpu.h"
 
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
-static int has_avx512, has_avx512bf16;
+static int has_avx2, has_avx512, has_avx512bf16, has_avx512vnni;
 static char system_info[256];
 
 static void cpu_detect(void) {
@@ -24,6 +24,8 @@ static void cpu_detect(void) {
                  __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vl");
     has_avx512bf16 = has_avx512 && __builtin_cpu_supports("avx512bf16");
+    has_avx512vnni = has_avx512 && __builtin_cpu_supports("avx512vnni");
+    has_avx2 = __builtin_cpu_supports("avx2");
 #endif
     const char *core = openblas_get_corename();
     const char *forced = getenv("OPENBLAS_CORETYPE");
@@ -44,6 +46,16 @@ int cs_cpu_has_avx512(void) {
 int cs_cpu_has_avx512bf16(void) {
     cs_cpu_init();
     return has_avx512bf16;
+}
+
+int cs_cpu_has_avx2(void) {
+    cs_cpu_init();
+    return has_avx2;
+}
+
+int cs_cpu_has_avx512vnni(void) {
+    cs_cpu_init();
+    return has_avx512vnni;
 }
 
 int cellsam_has_native_bf16(void) { return cs_cpu_has_avx512bf16(); }

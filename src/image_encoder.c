@@ -135,11 +135,13 @@ static inline size_t window_row(int y, int x, int side, int nwin_side) {
 }
 
 /* Y[M,N] = (accumulate ? Y : 0) + X[M,K] W^T + bias, in the model's precision for
- * the block matrices: float32 through the BLAS, or bfloat16 (gemm_bf16.c). */
+ * the block matrices: float32 through the BLAS, bfloat16 (gemm_bf16.c) or int8
+ * (gemm_int8.c). */
 static int block_linear(const cs_vit *v, const float *X, int M, int K, const float *W32,
-                        const cs_bf16_weights *Wbf16, const float *bias, int N, int accumulate, float *Y,
-                        int n_threads) {
+                        const cs_bf16_weights *Wbf16, const cs_int8_weights *Wi8, const float *bias, int N,
+                        int accumulate, float *Y, int n_threads) {
     if (v->compute_bf16) return cs_bf16_linear(X, M, K, Wbf16, bias, accumulate, Y, N, n_threads);
+    if (v->compute_int8) return cs_int8_linear(X, M, K, Wi8, bias, accumulate, Y, N, n_threads);
     if (!accumulate) {
         cs_linear(X, M, K, W32, bias, N, Y, n_threads);
         return CELLSAM_OK;
@@ -174,7 +176,7 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
         Yw = ws->Yw;
         Ow = ws->Ow;
     }
-    int rc = block_linear(v, Yw, (int)ntok, D, b->qkv_w, &b->qkv_bf16, b->qkv_b, 3 * D, 0, ws->QKV, n_threads);
+    int rc = block_linear(v, Yw, (int)ntok, D, b->qkv_w, &b->qkv_bf16, &b->qkv_i8, b->qkv_b, 3 * D, 0, ws->QKV, n_threads);
     if (rc) return rc;
     const float scale = 1.0f / sqrtf((float)hd);
     const int n = side * side;
@@ -225,7 +227,7 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
     float *M = cs_alloc(N, (size_t)v->mlp * sizeof(float));
     /* float32 copies of one block's matrices when they are stored in 16 bits */
     const size_t wq = (size_t)3 * D * D, wp = (size_t)D * D, w1 = (size_t)v->mlp * D;
-    const int widen = v->weights16 && !v->compute_bf16;
+    const int widen = v->weights16 && !v->compute_bf16 && !v->compute_int8;
     float *W32 = widen ? cs_alloc(wq + wp + 2 * w1, sizeof(float)) : NULL;
     attn_workspace ws;
     int rc = attn_workspace_init(&ws, v, n_threads);
@@ -267,13 +269,13 @@ int cs_vit_forward(const cs_vit *v, const float *input_chw, float *out, int n_th
         cs_layernorm(X, Y, (int)N, D, b->norm1_w, b->norm1_b, 1e-6f, n_threads);
         rc = block_attention(v, b, Y, T, &ws, n_threads);
         /* X += proj(attn) and X += lin2(gelu(lin1(LN2 X))): accumulate straight into X */
-        if (!rc) rc = block_linear(v, T, (int)N, D, b->proj_w, &b->proj_bf16, b->proj_b, D, 1, X, n_threads);
+        if (!rc) rc = block_linear(v, T, (int)N, D, b->proj_w, &b->proj_bf16, &b->proj_i8, b->proj_b, D, 1, X, n_threads);
         if (rc) goto done;
         cs_layernorm(X, Y, (int)N, D, b->norm2_w, b->norm2_b, 1e-6f, n_threads);
-        rc = block_linear(v, Y, (int)N, D, b->lin1_w, &b->lin1_bf16, b->lin1_b, v->mlp, 0, M, n_threads);
+        rc = block_linear(v, Y, (int)N, D, b->lin1_w, &b->lin1_bf16, &b->lin1_i8, b->lin1_b, v->mlp, 0, M, n_threads);
         if (rc) goto done;
         cs_gelu(M, N * v->mlp, n_threads);
-        rc = block_linear(v, M, (int)N, v->mlp, b->lin2_w, &b->lin2_bf16, b->lin2_b, D, 1, X, n_threads);
+        rc = block_linear(v, M, (int)N, v->mlp, b->lin2_w, &b->lin2_bf16, &b->lin2_i8, b->lin2_b, D, 1, X, n_threads);
         if (rc) goto done;
     }
 

@@ -272,48 +272,59 @@ static int bind_prompt_decoder(cs_binder *b, const char *pfx, cellsam_model *m, 
     return CELLSAM_OK;
 }
 
-static void vit_free_bf16(cs_vit *v) {
+static void vit_free_packed(cs_vit *v) {
     for (int i = 0; v->blocks && i < v->depth; i++) {
-        cs_bf16_weights_free(&v->blocks[i].qkv_bf16);
-        cs_bf16_weights_free(&v->blocks[i].proj_bf16);
-        cs_bf16_weights_free(&v->blocks[i].lin1_bf16);
-        cs_bf16_weights_free(&v->blocks[i].lin2_bf16);
+        cs_vit_block *k = &v->blocks[i];
+        cs_bf16_weights_free(&k->qkv_bf16);
+        cs_bf16_weights_free(&k->proj_bf16);
+        cs_bf16_weights_free(&k->lin1_bf16);
+        cs_bf16_weights_free(&k->lin2_bf16);
+        cs_int8_weights_free(&k->qkv_i8);
+        cs_int8_weights_free(&k->proj_i8);
+        cs_int8_weights_free(&k->lin1_i8);
+        cs_int8_weights_free(&k->lin2_i8);
     }
 }
 
-/* Opt-in bfloat16 compute: pack the four matrices of every block once. Their
+/* Opt-in bfloat16 or int8 compute: pack the four matrices of every block once. Their
  * float32 (or 16-bit) pages in the memory map are not read again, so they are handed
- * back: with bf16 the model holds half the bytes of float32 for these matrices. */
-static int vit_pack_bf16(cs_vit *v, const cs_weights *w) {
+ * back: the model then holds a half (bf16) or a quarter (int8) of float32's bytes for
+ * these matrices. */
+static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype) {
     const int D = v->dim, F = v->mlp;
     for (int i = 0; i < v->depth; i++) {
         cs_vit_block *k = &v->blocks[i];
         struct {
-            cs_bf16_weights *dst;
+            cs_bf16_weights *bf16;
+            cs_int8_weights *i8;
             const float *f32;
             const uint16_t *f16;
             int n, k;
-        } mats[4] = {{&k->qkv_bf16, k->qkv_w, k->qkv_w16, 3 * D, D},
-                     {&k->proj_bf16, k->proj_w, k->proj_w16, D, D},
-                     {&k->lin1_bf16, k->lin1_w, k->lin1_w16, F, D},
-                     {&k->lin2_bf16, k->lin2_w, k->lin2_w16, D, F}};
+        } mats[4] = {{&k->qkv_bf16, &k->qkv_i8, k->qkv_w, k->qkv_w16, 3 * D, D},
+                     {&k->proj_bf16, &k->proj_i8, k->proj_w, k->proj_w16, D, D},
+                     {&k->lin1_bf16, &k->lin1_i8, k->lin1_w, k->lin1_w16, F, D},
+                     {&k->lin2_bf16, &k->lin2_i8, k->lin2_w, k->lin2_w16, D, F}};
         for (int j = 0; j < 4; j++) {
-            int rc = cs_bf16_weights_pack(mats[j].dst, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
-                                          mats[j].k, 1);
+            int rc = compute_dtype == CELLSAM_DTYPE_INT8
+                         ? cs_int8_weights_pack(mats[j].i8, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
+                                                mats[j].k, 1)
+                         : cs_bf16_weights_pack(mats[j].bf16, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
+                                                mats[j].k, 1);
             if (rc) return rc;
             const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
             if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
             else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
         }
     }
-    v->compute_bf16 = 1;
+    v->compute_bf16 = compute_dtype == CELLSAM_DTYPE_BF16;
+    v->compute_int8 = compute_dtype == CELLSAM_DTYPE_INT8;
     return CELLSAM_OK;
 }
 
 void cellsam_model_free(cellsam_model *m) {
     if (!m) return;
-    vit_free_bf16(&m->sam_vit);
-    vit_free_bf16(&m->det_vit);
+    vit_free_packed(&m->sam_vit);
+    vit_free_packed(&m->det_vit);
     free(m->sam_vit.blocks);
     free(m->det_vit.blocks);
     free(m->md.layers);
@@ -429,9 +440,10 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         cellsam_model_free(m);
         return cs_error(CELLSAM_ERR_INVALID, "unknown weights dtype %d", params->weights_dtype);
     }
-    if (params->compute_dtype != CELLSAM_DTYPE_F32 && params->compute_dtype != CELLSAM_DTYPE_BF16) {
+    if (params->compute_dtype != CELLSAM_DTYPE_F32 && params->compute_dtype != CELLSAM_DTYPE_BF16 &&
+        params->compute_dtype != CELLSAM_DTYPE_INT8) {
         cellsam_model_free(m);
-        return cs_error(CELLSAM_ERR_INVALID, "compute dtype %d: only f32 and bf16 are supported",
+        return cs_error(CELLSAM_ERR_INVALID, "compute dtype %d: only f32, bf16 and int8 are supported",
                         params->compute_dtype);
     }
     rc = bind_vit(b, vp, &m->sam_vit, vit_heads, 1, w16);
@@ -472,10 +484,12 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         cellsam_model_free(m);
         return cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder (cellfinder.*) tensors", path);
     }
-    if (params->compute_dtype == CELLSAM_DTYPE_BF16) {
-        rc = vit_pack_bf16(&m->sam_vit, w);
-        if (!rc && m->has_detector) rc = vit_pack_bf16(&m->det_vit, w);
-        if (!rc && m->has_detector) rc = cs_cellfinder_set_compute_bf16(m->det, 1);
+    if (params->compute_dtype != CELLSAM_DTYPE_F32) {
+        rc = vit_pack(&m->sam_vit, w, params->compute_dtype);
+        if (!rc && m->has_detector) rc = vit_pack(&m->det_vit, w, params->compute_dtype);
+        /* the head has no int8 path: it stays float32 there */
+        if (!rc && m->has_detector && params->compute_dtype == CELLSAM_DTYPE_BF16)
+            rc = cs_cellfinder_set_compute_bf16(m->det, 1);
         if (rc) {
             cs_error_prefix(rc, "%s", path);
             cellsam_model_free(m);

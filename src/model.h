@@ -6,6 +6,7 @@
 
 #include "cellsam.h"
 #include "gemm_bf16.h"
+#include "gemm_int8.h"
 #include "weights.h"
 
 /* ---- binding named tensors with shape checks ----
@@ -51,6 +52,8 @@ typedef struct {
     const uint16_t *qkv_w16, *proj_w16, *lin1_w16, *lin2_w16;
     /* opt-in bfloat16 compute: the four matrices packed for gemm_bf16.c (owned) */
     cs_bf16_weights qkv_bf16, proj_bf16, lin1_bf16, lin2_bf16;
+    /* opt-in int8 compute: the same four quantised for gemm_int8.c (owned) */
+    cs_int8_weights qkv_i8, proj_i8, lin1_i8, lin2_i8;
 } cs_vit_block;
 
 typedef struct {
@@ -62,6 +65,7 @@ typedef struct {
     int has_neck, out_chans;
     int weights16;                  /* 0, CS_DTYPE_F16 or CS_DTYPE_BF16 for the block matrices */
     int compute_bf16;               /* the block matrices run through cs_bf16_linear */
+    int compute_int8;               /* ... or through cs_int8_linear */
     const float *neck0_w;           /* (P, D, 1, 1) */
     const float *neck1_w, *neck1_b; /* (P) */
     const float *neck2_w;           /* (P, P, 3, 3) */

@@ -48,6 +48,11 @@ score_sample default "$SAMPLE_FLOOR"
 # 1b. the same with --precision bf16 (the matrix products in bfloat16): the same
 # floor (measured: 0.763 against 0.744 in float32)
 score_sample bf16 "$SAMPLE_FLOOR" --precision bf16
+# 1b'. and with --precision int8 (the ViT block matrices in 8-bit integers), with the
+# AVX2 kernel the reference CPU type would use: the same floor (measured: 0.744, as float32)
+export CELLSAM_INT8_KERNEL=avx2
+score_sample int8 "$SAMPLE_FLOOR" --precision int8
+unset CELLSAM_INT8_KERNEL
 "$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/y.png" --precision fp8 2>"$TMP/err.txt"
 [ $? -eq 2 ] || fail "--precision fp8 did not exit with status 2"
 [ "$(wc -l <"$TMP/err.txt")" -eq 1 ] && grep -q "precision" "$TMP/err.txt" ||

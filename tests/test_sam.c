@@ -397,18 +397,19 @@ static void test_other_layouts(void **state) {
 /* Opt-in reduced precision: 16-bit storage of the ViT matrices, bfloat16 compute,
  * and both. The deviation from float32 on the unit pattern stays within the bounds
  * documented in the README (measured: f16 weights 1.8e-3, bf16 weights 1.6e-2,
- * bf16 compute 2.3e-2, for embeddings of magnitude ~3.7). */
+ * bf16 compute 2.3e-2, int8 compute 0.12, for embeddings of magnitude ~3.7). */
 static void test_reduced_precision(void **state) {
     (void)state;
     float *x = pattern_input(7, 13, 29, 0);
     cs_npy ref;
     tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
-    const struct { int dtype, compute; double tol; const char *name; } k[4] = {
+    const struct { int dtype, compute; double tol; const char *name; } k[5] = {
         {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_F32, 5e-3, "f16 weights vs sam_encoder_output"},
         {CELLSAM_DTYPE_BF16, CELLSAM_DTYPE_F32, 5e-2, "bf16 weights vs sam_encoder_output"},
         {CELLSAM_DTYPE_F32, CELLSAM_DTYPE_BF16, 5e-2, "bf16 compute vs sam_encoder_output"},
-        {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_BF16, 5e-2, "f16 weights, bf16 compute"}};
-    for (int i = 0; i < 4; i++) {
+        {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_BF16, 5e-2, "f16 weights, bf16 compute"},
+        {CELLSAM_DTYPE_F16, CELLSAM_DTYPE_INT8, 0.25, "f16 weights, int8 compute"}};
+    for (int i = 0; i < 5; i++) {
         cellsam_model_params p = cellsam_model_default_params();
         char cfg[1024];
         snprintf(cfg, sizeof cfg, "%s/config.json", tu_testdata());
@@ -421,8 +422,11 @@ static void test_reduced_precision(void **state) {
         assert_int_equal(m->sam_vit.weights16, k[i].dtype);
         assert_int_equal(m->sam_vit.compute_bf16, k[i].compute == CELLSAM_DTYPE_BF16);
         assert_int_equal(m->det_vit.compute_bf16, k[i].compute == CELLSAM_DTYPE_BF16);
+        assert_int_equal(m->sam_vit.compute_int8, k[i].compute == CELLSAM_DTYPE_INT8);
+        assert_int_equal(m->det_vit.compute_int8, k[i].compute == CELLSAM_DTYPE_INT8);
         if (k[i].dtype) assert_null(m->sam_vit.blocks[0].qkv_w);
-        if (k[i].compute) assert_non_null(m->sam_vit.blocks[0].lin2_bf16.data);
+        if (k[i].compute == CELLSAM_DTYPE_BF16) assert_non_null(m->sam_vit.blocks[0].lin2_bf16.data);
+        if (k[i].compute == CELLSAM_DTYPE_INT8) assert_non_null(m->sam_vit.blocks[0].lin2_i8.data);
         assert_int_equal(cellsam_context_new(m, &c), 0);
         assert_int_equal(cellsam_encode(c, x, 2), 0);
         double err = tu_check_npy(k[i].name, c->embedding, ref.count, &ref, k[i].tol);

@@ -58,8 +58,9 @@ int cli_parse_weights(const char *s) {
 
 int cli_parse_precision(const char *cmd, const char *s) {
     if (!strcmp(s, "f32")) return CELLSAM_DTYPE_F32;
+    if (!strcmp(s, "int8")) return CELLSAM_DTYPE_INT8;
     if (strcmp(s, "bf16")) {
-        cli_error(cmd, "--precision must be f32 or bf16, not '%s'", s);
+        cli_error(cmd, "--precision must be f32, bf16 or int8, not '%s'", s);
         return -1;
     }
     if (!cellsam_has_native_bf16())

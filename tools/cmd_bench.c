@@ -12,6 +12,7 @@
 #include "cli.h"
 #include "common.h"
 #include "gemm_bf16.h"
+#include "gemm_int8.h"
 #include "model.h"
 #include "ops.h"
 #include "pipeline.h"
@@ -49,11 +50,10 @@ static double vit_flops(const cs_vit *v) {
     return f;
 }
 
-/* sgemm throughput on the shapes of one encoder block's linear layers. */
 /* Throughput of the ViT block's four GEMM shapes (qkv, proj, lin1, lin2 on grid x grid
- * tokens): OpenBLAS sgemm, or with bf16 our bfloat16 kernel (weights packed first, as
- * at model load). Best of `reps` rounds. */
-static double gemm_gflops(const cs_vit *v, int threads, int reps, int bf16) {
+ * tokens): OpenBLAS sgemm, or our bfloat16 or int8 kernel (weights packed first, as at
+ * model load; int8 counts the activations' quantisation too). Best of `reps` rounds. */
+static double gemm_gflops(const cs_vit *v, int threads, int reps, int precision) {
     const int N = v->grid * v->grid, D = v->dim, M = v->mlp;
     const int shapes[4][2] = {{D, 3 * D}, {D, D}, {D, M}, {M, D}}; /* K, Nout */
     size_t maxk = (size_t)(M > D ? M : D), maxn = (size_t)(M > 3 * D ? M : 3 * D);
@@ -69,21 +69,31 @@ static double gemm_gflops(const cs_vit *v, int threads, int reps, int bf16) {
     fill_random(A, (size_t)N * maxk, 1);
     fill_random(B, maxn * maxk, 2);
     cs_bf16_weights packed[4] = {{0}};
-    for (int s = 0; bf16 && s < 4; s++)
-        if (cs_bf16_weights_pack(&packed[s], B, NULL, 0, shapes[s][1], shapes[s][0], threads)) bf16 = -1;
+    cs_int8_weights packed8[4] = {{0}};
+    int ok = 1;
+    for (int s = 0; s < 4; s++) {
+        if (precision == CELLSAM_DTYPE_BF16 && cs_bf16_weights_pack(&packed[s], B, NULL, 0, shapes[s][1], shapes[s][0], threads))
+            ok = 0;
+        if (precision == CELLSAM_DTYPE_INT8 && cs_int8_weights_pack(&packed8[s], B, NULL, 0, shapes[s][1], shapes[s][0], threads))
+            ok = 0;
+    }
     double flops = 0, best = 1e30;
-    for (int r = 0; r < reps && bf16 >= 0; r++) {
+    for (int r = 0; r < reps && ok; r++) {
         double t0 = cs_now_seconds();
         flops = 0;
         for (int s = 0; s < 4; s++) {
-            if (bf16) cs_bf16_linear(A, N, shapes[s][0], &packed[s], NULL, 0, C, shapes[s][1], threads);
+            if (precision == CELLSAM_DTYPE_BF16) cs_bf16_linear(A, N, shapes[s][0], &packed[s], NULL, 0, C, shapes[s][1], threads);
+            else if (precision == CELLSAM_DTYPE_INT8) cs_int8_linear(A, N, shapes[s][0], &packed8[s], NULL, 0, C, shapes[s][1], threads);
             else cs_gemm(N, shapes[s][1], shapes[s][0], A, shapes[s][0], B, shapes[s][0], 1, 0.0f, C, shapes[s][1], threads);
             flops += 2.0 * N * shapes[s][0] * shapes[s][1];
         }
         double t = cs_now_seconds() - t0;
         best = t < best ? t : best;
     }
-    for (int s = 0; s < 4; s++) cs_bf16_weights_free(&packed[s]);
+    for (int s = 0; s < 4; s++) {
+        cs_bf16_weights_free(&packed[s]);
+        cs_int8_weights_free(&packed8[s]);
+    }
     free(A);
     free(B);
     free(C);
@@ -124,11 +134,12 @@ static double max_abs_diff(const float *a, const float *b, size_t n, double *max
     return d;
 }
 
-/* --precision bf16: the same input through a float32 copy of the model; prints the
- * largest deviation of each stage's output (after the peak RSS, which it would
- * otherwise inflate by a second model). */
-static int bf16_deviation(const char *ckpt, const char *config, cellsam_context *ctx16, const float *x,
-                          int threads, FILE *out, json_t *js) {
+/* --precision bf16 / int8: the same input through a float32 copy of the model; prints
+ * the largest deviation of each stage's output (after the peak RSS, which it would
+ * otherwise inflate by a second model). JSON keys start with `tag` (bf16_, int8_). */
+static int precision_deviation(const char *tag, const char *ckpt, const char *config, cellsam_context *ctx16,
+                               const float *x, int threads, FILE *out, json_t *js) {
+    char key[64];
     const cellsam_model *m16 = ctx16->model;
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = config;
@@ -146,8 +157,9 @@ static int bf16_deviation(const char *ckpt, const char *config, cellsam_context 
     if (!rc) rc = cellsam_encode(ctx32, x, threads);
     if (!rc) {
         double ref, d = max_abs_diff(e16, ctx32->embedding, ne, &ref);
-        json_object_set_new(js, "bf16_embedding_max_abs_dev", json_real(d));
-        fprintf(out, "bf16 against float32, the same input:\n  %-32s max abs %.2e  (values up to %.3g)\n",
+        snprintf(key, sizeof key, "%s_embedding_max_abs_dev", tag);
+        json_object_set_new(js, key, json_real(d));
+        fprintf(out, "%s against float32, the same input:\n  %-32s max abs %.2e  (values up to %.3g)\n", tag,
                 "SAM image embedding", d, ref);
     }
     if (!rc && m32->has_detector && m16->has_detector) {
@@ -166,12 +178,13 @@ static int bf16_deviation(const char *ckpt, const char *config, cellsam_context 
         if (!rc) rc = cs_cellfinder_forward(m32->det, f32, l32, b32, NULL, NULL, threads);
         if (!rc) {
             const struct { const char *key, *name; const float *a, *b; size_t n; } rows[3] = {
-                {"bf16_trunk_max_abs_dev", "CellFinder trunk features", f16, f32, nf},
-                {"bf16_logits_max_abs_dev", "detector logits", l16, l32, nq * 2},
-                {"bf16_boxes_max_abs_dev", "detector boxes (0..1)", b16, b32, nq * 4}};
+                {"trunk_max_abs_dev", "CellFinder trunk features", f16, f32, nf},
+                {"logits_max_abs_dev", "detector logits", l16, l32, nq * 2},
+                {"boxes_max_abs_dev", "detector boxes (0..1)", b16, b32, nq * 4}};
             for (int i = 0; i < 3; i++) {
                 double ref, dv2 = max_abs_diff(rows[i].a, rows[i].b, rows[i].n, &ref);
-                json_object_set_new(js, rows[i].key, json_real(dv2));
+                snprintf(key, sizeof key, "%s_%s", tag, rows[i].key);
+                json_object_set_new(js, key, json_real(dv2));
                 fprintf(out, "  %-32s max abs %.2e  (values up to %.3g)\n", rows[i].name, dv2, ref);
             }
         }
@@ -185,7 +198,7 @@ static int bf16_deviation(const char *ckpt, const char *config, cellsam_context 
     free(e16);
     cellsam_context_free(ctx32);
     cellsam_model_free(m32);
-    if (rc) cli_error("bench", "bf16 deviation: %s", cellsam_last_error());
+    if (rc) cli_error("bench", "%s deviation: %s", tag, cellsam_last_error());
     return rc != CELLSAM_OK;
 }
 
@@ -196,7 +209,7 @@ int cmd_bench(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: cellsam bench -m CKPT [--config JSON] [--threads N] [--json] [--e2e-4096] [--weights f16|bf16]\n"
-                   "       [--precision bf16]\n\n"
+                   "       [--precision bf16|int8]\n\n"
                    "Times each stage on the given (full-size) model and prints GFLOP/s next to the BLAS sgemm\n"
                    "throughput on the encoder's GEMM shapes, measured in the same run. A random full-size\n"
                    "checkpoint: build/make_checkpoint ../shared/testdata/official_keys.tsv /tmp/full\n"
@@ -251,16 +264,21 @@ int cmd_bench(int argc, char **argv) {
     fprintf(out, "%s\n", cellsam_system_info());
     json_object_set_new(js, "system", json_string(cellsam_system_info()));
 
-    double sg = gemm_gflops(&m->sam_vit, threads, 3, 0);
+    double sg = gemm_gflops(&m->sam_vit, threads, 3, CELLSAM_DTYPE_F32);
     json_object_set_new(js, "sgemm_gflops", json_real(sg));
     fprintf(out, "%-34s %8.1f GFLOP/s  (baseline: qkv/proj/mlp shapes, %d x %d tokens)\n", "BLAS sgemm", sg,
             m->sam_vit.grid, m->sam_vit.grid);
     double bg = 0;
-    if (precision == CELLSAM_DTYPE_BF16) {
-        bg = gemm_gflops(&m->sam_vit, threads, 3, 1);
-        json_object_set_new(js, "bf16_gemm_gflops", json_real(bg));
-        fprintf(out, "%-34s %8.1f GFLOP/s  = %.2f x sgemm (the same shapes, our bfloat16 kernel)\n", "bf16 GEMM", bg,
-                bg / sg);
+    const char *tag = precision == CELLSAM_DTYPE_BF16 ? "bf16" : precision == CELLSAM_DTYPE_INT8 ? "int8" : NULL;
+    if (tag) {
+        char key[64], name[64];
+        bg = gemm_gflops(&m->sam_vit, threads, 3, precision);
+        snprintf(key, sizeof key, "%s_gemm_gflops", tag);
+        json_object_set_new(js, key, json_real(bg));
+        snprintf(name, sizeof name, "%s GEMM", tag);
+        fprintf(out, "%-34s %8.1f GFLOP/s  = %.2f x sgemm (the same shapes, our %s kernel%s%s)\n", name, bg, bg / sg,
+                tag, precision == CELLSAM_DTYPE_INT8 ? ": " : "",
+                precision == CELLSAM_DTYPE_INT8 ? cs_int8_kernel_name(cs_int8_best_kernel()) : "");
     }
 
     float *x = cs_alloc((size_t)3 << 20, sizeof(float));
@@ -284,8 +302,11 @@ int cmd_bench(int argc, char **argv) {
     json_object_set_new(js, "encoder_vs_sgemm", json_real(enc_gf / sg));
     fprintf(out, "%-34s %8.3f s  %8.1f GFLOP/s  = %.2f x sgemm\n", "SAM image encoder", enc_s, enc_gf, enc_gf / sg);
     if (bg > 0) {
-        json_object_set_new(js, "encoder_vs_bf16_gemm", json_real(enc_gf / bg));
-        fprintf(out, "%-34s %8.2f x  (encoder GFLOP/s / bf16 GEMM GFLOP/s)\n", "  against the bf16 GEMM", enc_gf / bg);
+        char key[64], name[64];
+        snprintf(key, sizeof key, "encoder_vs_%s_gemm", tag);
+        json_object_set_new(js, key, json_real(enc_gf / bg));
+        snprintf(name, sizeof name, "  against the %s GEMM", tag);
+        fprintf(out, "%-34s %8.2f x  (encoder GFLOP/s / %s GEMM GFLOP/s)\n", name, enc_gf / bg, tag);
     }
 
     if (m->has_detector) {
@@ -429,7 +450,7 @@ int cmd_bench(int argc, char **argv) {
     }
     json_object_set_new(js, "peak_rss_mb", json_real(peak_rss_mb()));
     fprintf(out, "%-34s %8.1f MB\n", "peak RSS", peak_rss_mb());
-    if (precision == CELLSAM_DTYPE_BF16 && bf16_deviation(ckpt, config, ctx, x, threads, out, js)) return 1;
+    if (tag && precision_deviation(tag, ckpt, config, ctx, x, threads, out, js)) return 1;
     if (json) {
         char *s = json_dumps(js, JSON_INDENT(1) | JSON_PRESERVE_ORDER);
         printf("%s\n", s);

@@ -182,7 +182,7 @@ int cmd_embed(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: cellsam embed -m CKPT [--config JSON] (--tensor X.npy | IMAGE) -o EMB.npy [--threads N]\n"
-                   "                    [--precision bf16]\n\n"
+                   "                    [--precision bf16|int8]\n\n"
                    "Compute the SAM image embedding (P x 64 x 64 float32 .npy).\n"
                    "  --tensor X.npy  an already pre-processed network input (3 x 1024 x 1024 float32,\n"
                    "                  or 1 x 3 x 1024 x 1024), as the reference testdata holds it\n"

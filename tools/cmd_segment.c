@@ -66,6 +66,8 @@ static void usage(void) {
         "                  opt-in, compute stays float32; deviation measured in README)\n"
         "       --precision bf16  ViT matrix products with bfloat16 inputs and float32 sums: about\n"
         "                  twice as fast on CPUs with AVX512-BF16 (opt-in; deviation measured in README)\n"
+        "       --precision int8  ViT block matrices in 8-bit integers (7-bit weights per column, 8-bit\n"
+        "                  inputs per token, exact sums): faster on any AVX2 CPU (opt-in; deviation in README)\n"
         "Folders: every image in FOLDER (not *_masks.*, *_cp_masks.*) is segmented into\n"
         "  OUTDIR/NAME_cp_masks.png (Cellpose-style names; default OUTDIR = FOLDER), with\n"
         "  NAME_cp_cells.csv / NAME_cp_overlay.png when --csv / --overlay is given (any value);\n"

@@ -27,7 +27,8 @@ static void usage(void) {
            "  --cache N         image embeddings kept in memory (default 8; 4 MB each for the full model)\n"
            "  --max-upload MB   upload size limit (default 512)\n"
            "  --tiled           segment-all in tiled mode (default: whole image at once)\n"
-           "  --precision bf16  ViT matrix products in bfloat16 (faster embeddings with AVX512-BF16)\n"
+           "  --precision P     bf16: ViT matrix products in bfloat16 (faster with AVX512-BF16);\n"
+           "                    int8: ViT block matrices in 8-bit integers (faster with AVX2)\n"
            "  --web DIR         page files (default: %s)\n"
            "  --log             log each request on stderr\n"
            "The first line on stdout is \"cellsam serve: http://HOST:PORT/\". Stop with Ctrl+C.\n",
