@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -254,22 +255,24 @@ static int choose(int which, kernel_choice *k) {
     return cs_error(CELLSAM_ERR_INVALID, "int8 kernel %s is not available on this CPU", cs_int8_kernel_name(which));
 }
 
-int cs_int8_best_kernel(void) {
-    static int best = -1;
-    if (best < 0) { /* benign race: every thread computes the same value */
-        int b = K_PORTABLE;
+static pthread_once_t best_once = PTHREAD_ONCE_INIT;
+static int best_kernel = K_PORTABLE;
+
+static void pick_best(void) {
 #ifdef HAVE_X86_KERNELS
-        if (cs_cpu_has_avx2()) b = K_AVX2;
-        if (cs_cpu_has_avx512vnni()) b = K_VNNI;
-        /* CELLSAM_INT8_KERNEL=avx2|portable holds a faster CPU to a slower kernel, as
-         * OPENBLAS_CORETYPE does for the BLAS (benchmarks for the reference machine) */
-        const char *e = getenv("CELLSAM_INT8_KERNEL");
-        if (e && !strcmp(e, "portable")) b = K_PORTABLE;
-        if (e && !strcmp(e, "avx2") && cs_cpu_has_avx2()) b = K_AVX2;
+    if (cs_cpu_has_avx2()) best_kernel = K_AVX2;
+    if (cs_cpu_has_avx512vnni()) best_kernel = K_VNNI;
+    /* CELLSAM_INT8_KERNEL=avx2|portable holds a faster CPU to a slower kernel, as
+     * OPENBLAS_CORETYPE does for the BLAS (benchmarks for the reference machine) */
+    const char *e = getenv("CELLSAM_INT8_KERNEL");
+    if (e && !strcmp(e, "portable")) best_kernel = K_PORTABLE;
+    if (e && !strcmp(e, "avx2") && cs_cpu_has_avx2()) best_kernel = K_AVX2;
 #endif
-        best = b;
-    }
-    return best;
+}
+
+int cs_int8_best_kernel(void) {
+    pthread_once(&best_once, pick_best);
+    return best_kernel;
 }
 
 const char *cs_int8_kernel_name(int kernel) {
