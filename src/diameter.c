@@ -119,6 +119,12 @@ static int cmp_int64(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+float cs_median_diameter(int64_t *area, size_t n) {
+    if (!n) return 0;
+    qsort(area, n, sizeof *area, cmp_int64);
+    return (float)(2.0 * sqrt((double)area[n / 2] / M_PI));
+}
+
 int cs_estimate_diameter(cellsam_context *ctx, const float *image, int width, int height, int channels,
                          const cellsam_segment_params *params, float *diameter, cellsam_result **whole) {
     *diameter = 0;
@@ -155,8 +161,7 @@ int cs_estimate_diameter(cellsam_context *ctx, const float *image, int width, in
             return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
         }
         for (int i = 0; i < r->n_cells; i++) area[i] = r->cells[i].area;
-        qsort(area, (size_t)r->n_cells, sizeof *area, cmp_int64);
-        *diameter = (float)(2.0 * sqrt((double)area[r->n_cells / 2] / M_PI));
+        *diameter = cs_median_diameter(area, (size_t)r->n_cells);
         free(area);
     }
     if (whole && is_whole) *whole = r;

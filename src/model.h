@@ -192,5 +192,4 @@ struct cellsam_context {
     double stage_s[CS_STAGE_COUNT];
 };
 
-
 #endif

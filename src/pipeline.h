@@ -61,6 +61,9 @@ int cs_segment_tiled_stream(cellsam_context *ctx, int H, int W, cs_region_read_f
 double cs_diameter_zoom(const cellsam_model *m, float diameter);
 double cs_zoom_clamp(double z);
 int cs_zoom_side(double z); /* image pixels one network input spans at zoom z */
+/* The cells' size as the estimate measures it: the equivalent diameter 2 sqrt(a / pi) of
+ * the upper median of the n areas (sorted in place); 0 when n = 0. */
+float cs_median_diameter(int64_t *area, size_t n);
 void cs_zoom_tiling(double z, cellsam_segment_params *q);
 int cs_diameter_check(float diameter);
 /* Segment at zoom z: one edge-padded square canvas when the image fits one network

@@ -548,6 +548,26 @@ static void intensity(raw_pair *p, double gain, double gamma) {
     }
 }
 
+/* Crop p to h x w at the place the draws u_y, u_x in [0, 1) give (no-op at full size). */
+static int crop_at(raw_pair *p, int h, int w, double uy, double ux) {
+    if (h == p->H && w == p->W) return CELLSAM_OK;
+    int y0 = (int)(uy * (p->H - h + 1)), x0 = (int)(ux * (p->W - w + 1));
+    y0 = y0 > p->H - h ? p->H - h : y0;
+    x0 = x0 > p->W - w ? p->W - w : x0;
+    return crop_pair(p, y0, x0, h, w);
+}
+
+/* The flips, quarter turns and intensity change the draws select, in that order. */
+static int orient_and_shade(raw_pair *p, const cs_augment *a, const aug_draws *d) {
+    const int hflip = a->flips && d->hflip < 0.5, vflip = a->flips && d->vflip < 0.5;
+    int k = a->rot90 ? (int)(d->rot * 4) : 0;
+    k = k > 3 ? 3 : k;
+    int rc = dihedral_pair(p, hflip, vflip, k);
+    if (!rc && (a->gain_lo != 1 || a->gain_hi != 1 || a->gamma_lo != 1 || a->gamma_hi != 1))
+        intensity(p, lerp(a->gain_lo, a->gain_hi, d->gain), lerp(a->gamma_lo, a->gamma_hi, d->gamma));
+    return rc;
+}
+
 static int augment(raw_pair *p, const cs_augment *a, const aug_draws *d) {
     int rc = CELLSAM_OK;
     if (a->crop_lo < 1 || a->crop_hi < 1) {
@@ -557,10 +577,7 @@ static int augment(raw_pair *p, const cs_augment *a, const aug_draws *d) {
         const int min_h = p->H < TD_MIN_SIDE ? p->H : TD_MIN_SIDE, min_w = p->W < TD_MIN_SIDE ? p->W : TD_MIN_SIDE;
         h = h < min_h ? min_h : h > p->H ? p->H : h;
         w = w < min_w ? min_w : w > p->W ? p->W : w;
-        int y0 = (int)(d->crop_y * (p->H - h + 1)), x0 = (int)(d->crop_x * (p->W - w + 1));
-        y0 = y0 > p->H - h ? p->H - h : y0;
-        x0 = x0 > p->W - w ? p->W - w : x0;
-        if (h != p->H || w != p->W) rc = crop_pair(p, y0, x0, h, w);
+        rc = crop_at(p, h, w, d->crop_y, d->crop_x);
     }
     if (!rc && (a->scale_lo != 1 || a->scale_hi != 1)) {
         double s = lerp(a->scale_lo, a->scale_hi, d->scale);
@@ -572,14 +589,7 @@ static int augment(raw_pair *p, const cs_augment *a, const aug_draws *d) {
         w = w < min_w ? min_w : w > TD_MAX_SIDE ? TD_MAX_SIDE : w;
         if (h != p->H || w != p->W) rc = rescale_pair(p, h, w);
     }
-    if (!rc) {
-        const int hflip = a->flips && d->hflip < 0.5, vflip = a->flips && d->vflip < 0.5;
-        int k = a->rot90 ? (int)(d->rot * 4) : 0;
-        k = k > 3 ? 3 : k;
-        rc = dihedral_pair(p, hflip, vflip, k);
-    }
-    if (!rc && (a->gain_lo != 1 || a->gain_hi != 1 || a->gamma_lo != 1 || a->gamma_hi != 1))
-        intensity(p, lerp(a->gain_lo, a->gain_hi, d->gain), lerp(a->gamma_lo, a->gamma_hi, d->gamma));
+    if (!rc) rc = orient_and_shade(p, a, d);
     return rc;
 }
 
@@ -833,13 +843,8 @@ done:
     return rc;
 }
 
-static int cmp_u32(const void *a, const void *b) {
-    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Median equivalent diameter 2 sqrt(area / pi) of the labelled cells (the upper
- * median of the areas, as cs_estimate_diameter takes it); 0 when there is none. */
+/* The median cell diameter of the labels, by inference's rule (cs_median_diameter);
+ * 0 when there is no cell. */
 static int median_cell_diameter(const raw_pair *p, double *diameter) {
     *diameter = 0;
     const size_t n = (size_t)p->H * p->W;
@@ -852,11 +857,13 @@ static int median_cell_diameter(const raw_pair *p, double *diameter) {
         if (id) count[id]++;
         else rc = CELLSAM_ERR_NOMEM;
     }
-    if (!rc && m.n) {
-        uint32_t *area = count + 1;
-        qsort(area, m.n, sizeof *area, cmp_u32);
-        *diameter = 2.0 * sqrt((double)area[m.n / 2] / M_PI);
+    int64_t *area = NULL;
+    if (!rc && m.n && !(area = cs_alloc(m.n, sizeof *area))) rc = CELLSAM_ERR_NOMEM;
+    if (area) {
+        for (size_t k = 0; k < m.n; k++) area[k] = count[k + 1];
+        *diameter = cs_median_diameter(area, m.n);
     }
+    free(area);
     free(count);
     free(m.keys);
     free(m.ids);
@@ -875,15 +882,9 @@ static int size_pair(raw_pair *p, const cs_augment *a, const aug_draws *d, tile_
                                    lerp(a->scale_lo, a->scale_hi, d->scale));
     const int S = cs_zoom_side(z);
     const int h = p->H < S ? p->H : S, w = p->W < S ? p->W : S;
-    const double uy = d->tile < 0 ? 0.5 : d->crop_y, ux = d->tile < 0 ? 0.5 : d->crop_x; /* no rng: centre */
-    int y0 = (int)(uy * (p->H - h + 1)), x0 = (int)(ux * (p->W - w + 1));
-    y0 = y0 > p->H - h ? p->H - h : y0;
-    x0 = x0 > p->W - w ? p->W - w : x0;
-    if (h != p->H || w != p->W) rc = crop_pair(p, y0, x0, h, w);
-    if (!rc) rc = dihedral_pair(p, a->flips && d->hflip < 0.5, a->flips && d->vflip < 0.5,
-                                a->rot90 ? (d->rot * 4 > 3 ? 3 : (int)(d->rot * 4)) : 0);
-    if (!rc && (a->gain_lo != 1 || a->gain_hi != 1 || a->gamma_lo != 1 || a->gamma_hi != 1))
-        intensity(p, lerp(a->gain_lo, a->gain_hi, d->gain), lerp(a->gamma_lo, a->gamma_hi, d->gamma));
+    const int no_rng = d->tile < 0; /* then the centre */
+    rc = crop_at(p, h, w, no_rng ? 0.5 : d->crop_y, no_rng ? 0.5 : d->crop_x);
+    if (!rc) rc = orient_and_shade(p, a, d);
     if (!rc && (p->H < S || p->W < S)) {
         raw_pair o;
         if (raw_alloc(&o, S, S)) return CELLSAM_ERR_NOMEM;
