@@ -157,6 +157,11 @@ typedef struct {
                               which score several boxes per cell; negative = the model's
                               recommendation (its safetensors metadata), else off */
     int min_size;          /* objects smaller than this many pixels are removed (25) */
+    int full_masks;        /* 0 (default): each mask is upscaled around its box only, the
+                              region growing while the mask touches its border, so a mask
+                              is complete where it is connected to its box; parts cut off
+                              from it by background are left out. 1: every mask on the
+                              whole image, as the official code (slower per cell) */
     int remove_boundaries; /* subtract a 1-pixel outline from every label (0) */
     int normalize;         /* percentile clip + CLAHE per channel, as the official code (1) */
     const float *embedding; /* optional: this image's SAM embedding (P x 64 x 64, as

@@ -151,6 +151,8 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
 /* Per-thread scratch for one prompt at a time. */
 typedef struct {
     float *keys, *kpe, *kout, *Q, *Q0, *qpe, *qout, *mlp_h, *z2, *lz;
+    int *tok;            /* image tokens to upscale */
+    unsigned char *done; /* tokens already upscaled */
     attn_ws aw;
 } item_ws;
 
@@ -165,6 +167,8 @@ static void item_ws_free(item_ws *w) {
     free(w->mlp_h);
     free(w->z2);
     free(w->lz);
+    free(w->tok);
+    free(w->done);
     free(w->aw.qp);
     free(w->aw.kp);
     free(w->aw.vp);
@@ -187,6 +191,8 @@ static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
     w->mlp_h = cs_alloc((size_t)T, (size_t)md->mlp * sizeof(float));
     w->z2 = cs_alloc(4 * N, P / 8 * 4 * sizeof(float));
     w->lz = cs_alloc(16 * N, (size_t)md->n_mask_tokens * sizeof(float));
+    w->tok = cs_alloc(N, sizeof(int));
+    w->done = cs_alloc(N, 1);
     w->aw.qp = cs_alloc(N, P * sizeof(float));
     w->aw.kp = cs_alloc(N, P * sizeof(float));
     w->aw.vp = cs_alloc(N, P * sizeof(float));
@@ -194,7 +200,7 @@ static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
     w->aw.scores = cs_alloc(N, (size_t)T * (size_t)md->heads * sizeof(float));
     w->aw.cb = cs_alloc((size_t)T, (size_t)md->heads * sizeof(float));
     if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->z2 ||
-        !w->lz || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
+        !w->lz || !w->tok || !w->done || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
         item_ws_free(w);
         return CELLSAM_ERR_NOMEM;
     }
@@ -216,19 +222,117 @@ typedef struct {
     cs_decoder_options opt;
 } decode_shared;
 
+/* The upscaler (two ConvT 2x2/2) and the hypernetwork products for image tokens
+ * tok[0..n) (all N in order when tok is NULL), written to the 256 x 256 logit planes.
+ * Each output pixel depends on exactly one input token, so any subset of tokens can be
+ * upscaled on its own with the same values. Rows stay in "z-order" (source token, then
+ * sub-position) through both layers, with the weights' columns ordered (sub-position,
+ * channel): the bias, LayerNorm2d and GELU then work on contiguous channel runs, and
+ * only the final logits are placed on the grid. */
+static void upscale_tokens(const decode_shared *sh, item_ws *w, const float *keys, const int *tok, int n,
+                           const float *hyper, float *const *planes, int nthr) {
+    const cs_mask_decoder *md = sh->md;
+    const int P = md->dim, P4 = P / 4, P8 = P / 8, G = 64, S = 4 * G, mc = sh->opt.mask_count;
+    const float *rows = keys;
+    if (tok) { /* gather the tokens' rows; kpe is free once the final attention ran */
+        for (int i = 0; i < n; i++) memcpy(w->kpe + (size_t)i * P, keys + (size_t)tok[i] * P, (size_t)P * sizeof(float));
+        rows = w->kpe;
+    }
+    float *z1 = w->kout; /* n x 4*P4 = 4n rows of P4 */
+    cs_gemm(n, 4 * P4, P, rows, P, sh->up0p, 4 * P4, 0, 0.0f, z1, 4 * P4, nthr);
+    for (size_t r = 0; r < (size_t)4 * n; r++) cs_add(z1 + r * P4, md->up0_b, (size_t)P4);
+    cs_layernorm(z1, z1, 4 * n, P4, md->up1_w, md->up1_b, 1e-6f, nthr);
+    cs_gelu(z1, (size_t)4 * n * P4, nthr);
+    float *z2 = w->z2; /* 4n x 4*P8 = 16n rows of P8 */
+    cs_gemm(4 * n, 4 * P8, P4, z1, P4, sh->up3p, 4 * P8, 0, 0.0f, z2, 4 * P8, nthr);
+    for (size_t r = 0; r < (size_t)16 * n; r++) cs_add(z2 + r * P8, md->up3_b, (size_t)P8);
+    cs_gelu(z2, (size_t)16 * n * P8, nthr);
+    cs_gemm(mc, 16 * n, P8, hyper, P8, z2, P8, 1, 0.0f, w->lz, 16 * n, nthr);
+    /* z-order index ((i * 4 + a * 2 + b) * 4 + c * 2 + d) -> pixel (4y + 2a + c, 4x + 2b + d) */
+    for (int m = 0; m < mc; m++) {
+        const float *src = w->lz + (size_t)m * 16 * n;
+        for (int i = 0; i < n; i++) {
+            const int t = tok ? tok[i] : i, y = t / G, x = t % G;
+            for (int ab = 0; ab < 4; ab++)
+                for (int cd = 0; cd < 4; cd++) {
+                    const int py = 4 * y + 2 * (ab >> 1) + (cd >> 1), px = 4 * x + 2 * (ab & 1) + (cd & 1);
+                    planes[m][(size_t)py * S + px] = src[((size_t)i * 4 + ab) * 4 + cd];
+                }
+        }
+    }
+}
+
+/* Is any logit of token rows [ty0,ty1) x columns [tx0,tx1) above `above` in a plane? */
+static int tokens_reach(float *const *planes, int mc, int tx0, int ty0, int tx1, int ty1, float above) {
+    const int S = 256;
+    for (int m = 0; m < mc; m++)
+        for (int py = 4 * ty0; py < 4 * ty1; py++)
+            for (int px = 4 * tx0; px < 4 * tx1; px++)
+                if (planes[m][(size_t)py * S + px] > above) return 1;
+    return 0;
+}
+
+/* Upscale only a neighbourhood of the prompt's box (1024 frame): the box widened by a
+ * quarter of its side (at least 2 tokens = 32 pixels) on every side. While a mask has
+ * a logit above grow_above in the outermost token row or column of a side, that side
+ * moves out by half the region's extent (at least 2 tokens), up to the grid's edge. A
+ * mask connected to its box is therefore complete; only parts cut off from it by a
+ * ring of background are left out. The rest of the planes holds CS_LOGIT_NOT_COMPUTED. */
+static void upscale_around_box(const decode_shared *sh, item_ws *w, const float *keys, const float box[4],
+                               const float *hyper, float *const *planes, int nthr) {
+    const int G = 64, mc = sh->opt.mask_count;
+    for (int m = 0; m < mc; m++)
+        for (size_t i = 0; i < (size_t)16 * G * G; i++) planes[m][i] = CS_LOGIT_NOT_COMPUTED;
+    float bx[4];
+    for (int k = 0; k < 4; k++) { /* NaN or out-of-frame coordinates are clamped to the frame */
+        float v = box[k] / 16.0f;
+        bx[k] = v >= 0.0f ? (v <= (float)G ? v : (float)G) : 0.0f;
+    }
+    int tx0 = (int)floorf(bx[0]), ty0 = (int)floorf(bx[1]), tx1 = (int)ceilf(bx[2]), ty1 = (int)ceilf(bx[3]);
+    if (tx1 <= tx0) tx1 = tx0 + 1;
+    if (ty1 <= ty0) ty1 = ty0 + 1;
+    const int side = tx1 - tx0 > ty1 - ty0 ? tx1 - tx0 : ty1 - ty0;
+    const int margin = side / 4 > 2 ? side / 4 : 2;
+    tx0 -= margin, ty0 -= margin, tx1 += margin, ty1 += margin;
+    memset(w->done, 0, (size_t)G * G);
+    for (;;) {
+        tx0 = tx0 < 0 ? 0 : tx0, ty0 = ty0 < 0 ? 0 : ty0;
+        tx1 = tx1 > G ? G : tx1, ty1 = ty1 > G ? G : ty1;
+        int n = 0;
+        for (int ty = ty0; ty < ty1; ty++)
+            for (int tx = tx0; tx < tx1; tx++)
+                if (!w->done[ty * G + tx]) {
+                    w->done[ty * G + tx] = 1;
+                    w->tok[n++] = ty * G + tx;
+                }
+        if (!n) break;
+        upscale_tokens(sh, w, keys, w->tok, n, hyper, planes, nthr);
+        const float above = sh->opt.grow_above;
+        const int gx = (tx1 - tx0) / 2 > 2 ? (tx1 - tx0) / 2 : 2, gy = (ty1 - ty0) / 2 > 2 ? (ty1 - ty0) / 2 : 2;
+        const int left = tx0 > 0 && tokens_reach(planes, mc, tx0, ty0, tx0 + 1, ty1, above);
+        const int right = tx1 < G && tokens_reach(planes, mc, tx1 - 1, ty0, tx1, ty1, above);
+        const int top = ty0 > 0 && tokens_reach(planes, mc, tx0, ty0, tx1, ty0 + 1, above);
+        const int bottom = ty1 < G && tokens_reach(planes, mc, tx0, ty1 - 1, tx1, ty1, above);
+        if (!left && !right && !top && !bottom) break;
+        tx0 -= left ? gx : 0, tx1 += right ? gx : 0;
+        ty0 -= top ? gy : 0, ty1 += bottom ? gy : 0;
+    }
+}
+
 /* Decode prompt bi. Writes iou (all tokens) and, unless skipped, the selected masks. */
 static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logits, float *iou, int nthr) {
     const cs_mask_decoder *md = sh->md;
     const int P = md->dim, G = 64, N = G * G, nm = md->n_mask_tokens, T = sh->T;
-    const int P4 = P / 4, P8 = P / 8;
+    const int P8 = P / 8;
     float *Q = w->Q, *Q0 = w->Q0, *qpe = w->qpe, *qout = w->qout, *keys = w->keys, *kpe = w->kpe;
     /* tokens: [iou token; mask tokens; sparse prompt tokens] */
     memcpy(Q0, md->iou_token, (size_t)P * sizeof(float));
     memcpy(Q0 + P, md->mask_tokens, (size_t)nm * P * sizeof(float));
     memcpy(Q0 + (size_t)(1 + nm) * P, sh->sparse + (size_t)bi * sh->n_tok * P, (size_t)sh->n_tok * P * sizeof(float));
     memcpy(Q, Q0, (size_t)T * P * sizeof(float));
+    const float *kin = keys; /* the image tokens entering the current layer */
     if (sh->keys0) {
-        memcpy(keys, sh->keys0, (size_t)N * P * sizeof(float));
+        kin = sh->keys0;
     } else {
         cs_transpose(sh->dense + (size_t)bi * sh->dense_stride, keys, P, N);
         cs_add(keys, sh->emb_t, (size_t)N * P);
@@ -247,12 +351,15 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         cs_layernorm(Q, Q, T, P, L->norm1_w, L->norm1_b, 1e-5f, 1);
         /* tokens attend to the image */
         add_into(qpe, Q, Q0, (size_t)T * P);
-        add_into(kpe, keys, sh->pe, (size_t)N * P);
-        int shared = l == 0 && sh->kp0;
-        if (shared)
-            attention(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, sh->kp0, sh->vp0, qout, &w->aw, nthr);
-        else
-            attention_few_to_many(&L->t2i, P, md->heads, qpe, T, kpe, keys, N, qout, &w->aw, nthr);
+        /* layer 0 with a shared dense prompt: every projection of the image tokens is
+         * shared, so their sum with the PE is not needed */
+        const int shared = l == 0 && sh->kp0;
+        if (shared) {
+            attention(&L->t2i, P, md->heads, qpe, T, NULL, NULL, N, sh->kp0, sh->vp0, qout, &w->aw, nthr);
+        } else {
+            add_into(kpe, kin, sh->pe, (size_t)N * P);
+            attention_few_to_many(&L->t2i, P, md->heads, qpe, T, kpe, kin, N, qout, &w->aw, nthr);
+        }
         cs_add(Q, qout, (size_t)T * P);
         cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
         /* MLP (ReLU) */
@@ -264,57 +371,41 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         /* image attends to the tokens */
         add_into(qpe, Q, Q0, (size_t)T * P);
         /* layer 0's image tokens are still the shared keys0: their query projection is shared too */
-        attention_many_to_few(&L->i2t, P, md->heads, kpe, l == 0 ? sh->qi0 : NULL, N, qpe, Q, T, w->kout, &w->aw,
+        attention_many_to_few(&L->i2t, P, md->heads, kpe, shared ? sh->qi0 : NULL, N, qpe, Q, T, w->kout, &w->aw,
                               nthr);
-        cs_add(keys, w->kout, (size_t)N * P);
+        add_into(keys, kin, w->kout, (size_t)N * P);
         cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, nthr);
+        kin = keys;
     }
-    add_into(qpe, Q, Q0, (size_t)T * P);
+    /* final attention: only the IoU token and the requested mask tokens are read after
+     * it, and each query row attends on its own, so only those rows are computed */
+    const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count;
+    int rows[17], nr = 0;
+    rows[nr++] = 0;
+    for (int m = 0; m < mc; m++) rows[nr++] = 1 + m0 + m;
+    for (int i = 0; i < nr; i++) add_into(qpe + (size_t)i * P, Q + (size_t)rows[i] * P, Q0 + (size_t)rows[i] * P, (size_t)P);
     add_into(kpe, keys, sh->pe, (size_t)N * P);
-    attention_few_to_many(&md->final_attn, P, md->heads, qpe, T, kpe, keys, N, qout, &w->aw, nthr);
-    cs_add(Q, qout, (size_t)T * P);
-    cs_layernorm(Q, Q, T, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
+    attention_few_to_many(&md->final_attn, P, md->heads, qpe, nr, kpe, keys, N, qout, &w->aw, nthr);
+    for (int i = 0; i < nr; i++) {
+        float *q = Q + (size_t)rows[i] * P;
+        cs_add(q, qout + (size_t)i * P, (size_t)P);
+        cs_layernorm(q, q, 1, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
+    }
 
     /* IoU first: a prompt whose mask will be dropped needs no upscaling */
     float *io = iou + (size_t)bi * nm;
     mlp3(Q, md->iou_w, md->iou_b, P, md->iou_hidden, nm, io);
     if (io[sh->opt.mask_first] < sh->opt.skip_below) return;
 
-    /* upscaler: two ConvT 2x2/2. Each output pixel depends on exactly one input pixel,
-     * so rows stay in "z-order" (source token, then sub-position) through both
-     * layers, with the weights' columns ordered (sub-position, channel): the bias,
-     * LayerNorm2d and GELU then work on contiguous channel runs, and only the final
-     * logits are placed on the 256 x 256 grid. */
-    float *z1 = w->kout; /* N x 4*P4 = 4N rows of P4 */
-    cs_gemm(N, 4 * P4, P, keys, P, sh->up0p, 4 * P4, 0, 0.0f, z1, 4 * P4, nthr);
-    for (size_t r = 0; r < (size_t)4 * N; r++) cs_add(z1 + r * P4, md->up0_b, (size_t)P4);
-    cs_layernorm(z1, z1, 4 * N, P4, md->up1_w, md->up1_b, 1e-6f, nthr);
-    cs_gelu(z1, (size_t)4 * N * P4, nthr);
-    float *z2 = w->z2; /* 4N x 4*P8 = 16N rows of P8 */
-    cs_gemm(4 * N, 4 * P8, P4, z1, P4, sh->up3p, 4 * P8, 0, 0.0f, z2, 4 * P8, nthr);
-    for (size_t r = 0; r < (size_t)16 * N; r++) cs_add(z2 + r * P8, md->up3_b, (size_t)P8);
-    cs_gelu(z2, (size_t)16 * N * P8, nthr);
-
-    /* hypernetworks for the requested mask tokens; masks = hyper . upscaled */
     float hyper[16 * 128];
-    const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count;
     for (int m = 0; m < mc; m++)
         mlp3(Q + (size_t)(1 + m0 + m) * P, md->hyper_w[m0 + m], md->hyper_b[m0 + m], P, P, P8, hyper + m * P8);
-    cs_gemm(mc, 16 * N, P8, hyper, P8, z2, P8, 1, 0.0f, w->lz, 16 * N, nthr);
-    /* z-order index ((t * 4 + a * 2 + b) * 4 + c * 2 + d) -> pixel (4y + 2a + c, 4x + 2b + d) */
-    const int S = 4 * G;
-    for (int m = 0; m < mc; m++) {
-        const float *src = w->lz + (size_t)m * 16 * N;
-        float *dst = logits + ((size_t)bi * mc + m) * 16 * N;
-        for (int t = 0; t < N; t++) {
-            const int y = t / G, x = t % G;
-            for (int ab = 0; ab < 4; ab++)
-                for (int cd = 0; cd < 4; cd++) {
-                    const int py = 4 * y + 2 * (ab >> 1) + (cd >> 1), px = 4 * x + 2 * (ab & 1) + (cd & 1);
-                    dst[(size_t)py * S + px] = src[((size_t)t * 4 + ab) * 4 + cd];
-                }
-        }
-    }
+    float *planes[16];
+    for (int m = 0; m < mc; m++) planes[m] = logits + ((size_t)bi * mc + m) * 16 * N;
+    if (sh->opt.boxes)
+        upscale_around_box(sh, w, keys, sh->opt.boxes + (size_t)4 * bi, hyper, planes, nthr);
+    else
+        upscale_tokens(sh, w, keys, NULL, N, hyper, planes, nthr);
 }
 
 /* ConvT weight (in, out, 2, 2) with its columns reordered to (sub-position, out). */
@@ -329,6 +420,8 @@ cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
     o.mask_first = 0;
     o.mask_count = md->n_mask_tokens;
     o.skip_below = -INFINITY;
+    o.boxes = NULL;
+    o.grow_above = 0.0f;
     return o;
 }
 

@@ -656,7 +656,9 @@ int cellsam_decode(cellsam_context *c, const cellsam_prompt *pr, float **logits_
         rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
         goto fail;
     }
-    cs_decoder_options dopt = {first, count, -INFINITY};
+    cs_decoder_options dopt = cs_decoder_default_options(&m->md);
+    dopt.mask_first = first;
+    dopt.mask_count = count;
     rc = cs_mask_decoder_forward_ex(&m->md, c->embedding, c->dense_pe, dense, 0, sparse, nb, ntok, &dopt, lg,
                                     all_iou, c->dec_ws, threads);
     if (rc) {

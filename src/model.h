@@ -143,7 +143,15 @@ int cs_mask_decoder_forward(const cs_mask_decoder *md, const float *image_emb, c
 typedef struct {
     int mask_first, mask_count;
     float skip_below;
+    /* NULL: every mask is upscaled on the whole 256 x 256 grid (SAM). Else n_batch boxes
+     * (x0, y0, x1, y1, 1024 frame): each mask is upscaled only around its box, the region
+     * growing while the mask has a logit above grow_above at its border; the rest of the
+     * planes holds CS_LOGIT_NOT_COMPUTED. */
+    const float *boxes;
+    float grow_above;
 } cs_decoder_options;
+/* Low-res logit of pixels a box-limited decode did not compute: far below any threshold. */
+#define CS_LOGIT_NOT_COMPUTED (-1.0e4f)
 cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md);
 /* Decoder buffers kept between calls (one per context, not shared between threads):
  * prompt scratch and the per-image shared data, reused while the embedding pointer

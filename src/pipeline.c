@@ -262,10 +262,20 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
             }
             slot[i] = s;
         }
-        for (int j = 0; j < nu; j++)
+        float ubox[DECODE_CHUNK * 4];
+        for (int j = 0; j < nu; j++) {
             cs_prompt_sparse(&m->pe, boxes + 4 * (k0 + uniq[j]), NULL, 0, sparse + (size_t)j * 2 * P);
-        /* only mask token 0, and no upscaling for masks the IoU test will drop */
-        cs_decoder_options dopt = {0, 1, p->iou_threshold};
+            memcpy(ubox + 4 * j, boxes + 4 * (k0 + uniq[j]), 4 * sizeof(float));
+        }
+        /* only mask token 0, no upscaling for masks the IoU test will drop, and each
+         * mask upscaled around its box unless full masks are asked for */
+        cs_decoder_options dopt = cs_decoder_default_options(&m->md);
+        dopt.mask_count = 1;
+        dopt.skip_below = p->iou_threshold;
+        if (!p->full_masks) {
+            dopt.boxes = ubox;
+            dopt.grow_above = CS_MASK_LOGIT_OFF;
+        }
         rc = cs_mask_decoder_forward_ex(&m->md, ctx->embedding, ctx->dense_pe, dense, 0, sparse, nu, 2, &dopt, lg, io,
                                         ctx->dec_ws, p->n_threads);
         if (rc) goto done;

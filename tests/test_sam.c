@@ -176,6 +176,113 @@ static void test_decoder_workspace_reuse(void **state) {
     free(emb);
 }
 
+/* 8-connected flood fill over low-res pixels above `on`, from every such pixel of the
+ * box (1024 frame); marks reached pixels in `reach`. */
+static void flood_from_box(const float *lg, const float box[4], float on, unsigned char *reach, int *stack) {
+    const int S = 256;
+    int sp = 0;
+    memset(reach, 0, (size_t)S * S);
+    for (int y = (int)(box[1] / 4); y < (int)ceilf(box[3] / 4) && y < S; y++)
+        for (int x = (int)(box[0] / 4); x < (int)ceilf(box[2] / 4) && x < S; x++)
+            if (lg[y * S + x] > on && !reach[y * S + x]) {
+                reach[y * S + x] = 1;
+                stack[sp++] = y * S + x;
+            }
+    while (sp) {
+        int i = stack[--sp], y = i / S, x = i % S;
+        for (int dy = -1; dy <= 1; dy++)
+            for (int dx = -1; dx <= 1; dx++) {
+                int yy = y + dy, xx = x + dx;
+                if (yy < 0 || yy >= S || xx < 0 || xx >= S || reach[yy * S + xx] || !(lg[yy * S + xx] > on)) continue;
+                reach[yy * S + xx] = 1;
+                stack[sp++] = yy * S + xx;
+            }
+    }
+}
+
+/* Box-limited upscaling (what segment does): every computed pixel equals the
+ * whole-grid decode; without growth the box's neighbourhood and no more is computed;
+ * with growth every mask pixel 8-connected to the mask inside its box is computed.
+ * One prompt per call gives the batched call's masks. */
+static void test_decoder_box_region(void **state) {
+    (void)state;
+    const int P = g_model->pe.dim, K = 4;
+    const size_t plane = 256 * 256, NP = (size_t)P * 4096;
+    const float on = -0.4055f; /* the pipeline's threshold: sigmoid 0.4 */
+    float boxes[16] = {100, 120, 160, 190, 500, 40, 540, 90, 0, 0, 30, 30, 900, 950, 1024, 1024};
+    float *emb = malloc(NP * sizeof(float)), *dense = malloc(NP * sizeof(float));
+    float *sparse = malloc((size_t)K * 2 * P * sizeof(float));
+    float *full = malloc((size_t)K * plane * sizeof(float)), *box = malloc((size_t)K * plane * sizeof(float));
+    float *one = malloc(plane * sizeof(float));
+    unsigned char *reach = malloc(plane);
+    int *stack = malloc(plane * 9 * sizeof(int));
+    float io_full[64], io_box[64], io_one[16];
+    assert_non_null(stack);
+    for (size_t i = 0; i < NP; i++) emb[i] = (float)sin(0.29 * (double)i) * 0.6f;
+    assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
+    for (int k = 0; k < K; k++)
+        assert_int_equal(cs_prompt_sparse(&g_model->pe, boxes + 4 * k, NULL, 0, sparse + (size_t)k * 2 * P), 2);
+    cs_decoder_options o = cs_decoder_default_options(&g_model->md);
+    o.mask_count = 1;
+    assert_int_equal(cs_mask_decoder_forward_ex(&g_model->md, emb, g_ctx->dense_pe, dense, 0, sparse, K, 2, &o, full,
+                                                io_full, NULL, 2),
+                     0);
+    o.boxes = boxes;
+    for (int grow = 0; grow < 2; grow++) {
+        o.grow_above = grow ? on : INFINITY;
+        assert_int_equal(cs_mask_decoder_forward_ex(&g_model->md, emb, g_ctx->dense_pe, dense, 0, sparse, K, 2, &o,
+                                                    box, io_box, NULL, 2),
+                         0);
+        tu_check_close("box region: IoU", io_box, io_full, (size_t)K * g_model->md.n_mask_tokens, 1e-5);
+        for (int k = 0; k < K; k++) {
+            const float *f = full + k * plane, *b = box + k * plane;
+            size_t computed = 0;
+            for (size_t i = 0; i < plane; i++) {
+                if (b[i] == CS_LOGIT_NOT_COMPUTED) continue;
+                computed++;
+                if (fabsf(b[i] - f[i]) > 1e-4f * (1.0f + fabsf(f[i])))
+                    fail_msg("box %d pixel %zu: %g, whole grid %g", k, i, (double)b[i], (double)f[i]);
+            }
+            /* the box itself is always computed */
+            for (int y = (int)(boxes[4 * k + 1] / 4); y < (int)ceilf(boxes[4 * k + 3] / 4); y++)
+                for (int x = (int)(boxes[4 * k] / 4); x < (int)ceilf(boxes[4 * k + 2] / 4); x++)
+                    if (b[y * 256 + x] == CS_LOGIT_NOT_COMPUTED) fail_msg("box %d: pixel (%d, %d) not computed", k, x, y);
+            if (!grow) {
+                /* the box widened by 2 tokens (8 low-res pixels) on each side, clipped */
+                int w = (int)(ceilf(boxes[4 * k + 2] / 16) - floorf(boxes[4 * k] / 16)) + 4;
+                int h = (int)(ceilf(boxes[4 * k + 3] / 16) - floorf(boxes[4 * k + 1] / 16)) + 4;
+                if (computed > (size_t)w * h * 16) fail_msg("box %d: %zu pixels computed without growth", k, computed);
+            } else {
+                flood_from_box(f, boxes + 4 * k, on, reach, stack);
+                for (size_t i = 0; i < plane; i++)
+                    if (reach[i] && b[i] == CS_LOGIT_NOT_COMPUTED)
+                        fail_msg("box %d: mask pixel %zu connected to the box was not computed", k, i);
+            }
+        }
+    }
+    /* one prompt per call (threaded GEMMs) against the batched call (a prompt per thread) */
+    for (int k = 0; k < K; k++) {
+        o.boxes = boxes + 4 * k;
+        assert_int_equal(cs_mask_decoder_forward_ex(&g_model->md, emb, g_ctx->dense_pe, dense, 0,
+                                                    sparse + (size_t)k * 2 * P, 1, 2, &o, one, io_one, NULL, 2),
+                         0);
+        /* threaded vs single-threaded GEMMs may round differently; the masks must not */
+        tu_check_close("one prompt per call vs batched: logits", one, box + k * plane, plane, 1e-5);
+        for (size_t i = 0; i < plane; i++)
+            if ((one[i] > on) != (box[k * plane + i] > on)) fail_msg("box %d pixel %zu: mask differs", k, i);
+        tu_check_close("one prompt per call vs batched: IoU", io_one, io_box + k * g_model->md.n_mask_tokens,
+                       (size_t)g_model->md.n_mask_tokens, 0);
+    }
+    free(emb);
+    free(dense);
+    free(sparse);
+    free(full);
+    free(box);
+    free(one);
+    free(reach);
+    free(stack);
+}
+
 static void install_embedding(const char *case_dir) {
     cs_npy emb;
     tu_load(&emb, "%s/20_sam_image_embedding.npy", case_dir);
@@ -450,6 +557,7 @@ int main(void) {
         cmocka_unit_test(test_dense_pe_and_no_mask),
         cmocka_unit_test(test_decoder_per_prompt_dense),
         cmocka_unit_test(test_decoder_workspace_reuse),
+        cmocka_unit_test(test_decoder_box_region),
         cmocka_unit_test(test_sam_encoder_unit_pattern),
         cmocka_unit_test(test_detector_trunk_unit_pattern),
         cmocka_unit_test(test_cases_prompt_and_decoder),
