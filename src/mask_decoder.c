@@ -15,8 +15,7 @@
 #include "ops.h"
 
 typedef struct {
-    float *qp, *kp, *vp, *scores, *o, *tmp; /* attention scratch */
-    float *cb;                              /* heads x tokens folded query biases */
+    float *qp, *kp, *vp, *scores, *o; /* attention scratch */
 } attn_ws;
 
 /* SAM Attention: out[nq, P] = out_proj(concat_h softmax(q_h k_h^T / sqrt(d)) v_h).
@@ -50,82 +49,218 @@ static void attention(const cs_attn *a, int P, int heads, const float *q_in, int
     cs_linear(ws->o, nq, I, a->o_w, a->o_b, P, out, n_threads);
 }
 
-/* The prompt tokens (nq, a handful) attending to the image tokens (nk = 4096), with the
- * key and value projections folded into the queries instead of applied to every image
- * token: scores_h = (q_h W_k,h) k_in^T (the bias term q_h . b_k,h is the same for every
- * key, so softmax ignores it), and because each row of attn sums to 1,
- * attn_h (v_in W_v,h^T + b_v,h) = (attn_h v_in) W_v,h^T + b_v,h. That costs
- * 4 x nq x heads x nk x P flops instead of 4 x nk x P x I: 4x fewer for SAM's decoder.
- * Rows r = h * nq + i of the folded matrices belong to head h, query i. */
-static void attention_few_to_many(const cs_attn *a, int P, int heads, const float *q_in, int nq,
-                                  const float *k_in, const float *v_in, int nk, float *out, attn_ws *ws,
-                                  int n_threads) {
-    const int I = a->internal, dh = I / heads, R = nq * heads;
-    float *qf = ws->kp, *rv = ws->vp; /* R x P each; the per-key projections are not needed */
-    cs_linear(q_in, nq, P, a->q_w, a->q_b, I, ws->qp, n_threads);
-    for (int h = 0; h < heads; h++)
-        cs_gemm(nq, P, dh, ws->qp + h * dh, I, a->k_w + (size_t)h * dh * P, P, 0, 0.0f, qf + (size_t)h * nq * P, P,
-                n_threads);
-    cs_gemm(R, nk, P, qf, P, k_in, P, 1, 0.0f, ws->scores, nk, n_threads);
-    const float div = sqrtf((float)dh);
-    for (int r = 0; r < R; r++) {
-        float *row = ws->scores + (size_t)r * nk;
-        for (int j = 0; j < nk; j++) row[j] /= div;
-        cs_softmax_row(row, nk);
-    }
-    cs_gemm(R, P, nk, ws->scores, nk, v_in, P, 0, 0.0f, rv, P, n_threads);
-    for (int h = 0; h < heads; h++) {
-        cs_gemm(nq, dh, P, rv + (size_t)h * nq * P, P, a->v_w + (size_t)h * dh * P, P, 1, 0.0f, ws->o + h * dh, I,
-                n_threads);
-        for (int i = 0; i < nq; i++) cs_add(ws->o + (size_t)i * I + h * dh, a->v_b + h * dh, (size_t)dh);
-    }
-    cs_linear(ws->o, nq, I, a->o_w, a->o_b, P, out, n_threads);
-}
-
-/* The image tokens (nq = 4096) attending to the prompt tokens (nk, a handful), with the
- * query projection folded into the keys (unless the queries come pre-projected) and the
- * output projection folded into the values: scores_h = q_in (W_q,h^T k_h) + b_q,h . k_h,
- * out = sum_h attn_h (v_h W_o,h^T) + b_o. The two image-sized GEMMs then have
- * heads x nk columns instead of I. Columns c = h * nk + t belong to head h, token t. */
-static void attention_many_to_few(const cs_attn *a, int P, int heads, const float *q_in, const float *qp_pre,
-                                  int nq, const float *k_in, const float *v_in, int nk, float *out, attn_ws *ws,
-                                  int n_threads) {
-    const int I = a->internal, dh = I / heads, R = nk * heads;
-    float *kp = ws->qp, *vp = ws->kp, *vf = ws->vp, *kf = ws->o; /* small: nk x I, nk x I, R x P, R x P */
-    float *cb = ws->cb;
-    cs_linear(k_in, nk, P, a->k_w, a->k_b, I, kp, n_threads);
-    cs_linear(v_in, nk, P, a->v_w, a->v_b, I, vp, n_threads);
-    for (int h = 0; h < heads; h++)
-        cs_gemm(nk, P, dh, vp + h * dh, I, a->o_w + h * dh, I, 1, 0.0f, vf + (size_t)h * nk * P, P, n_threads);
-    if (qp_pre) {
-        for (int h = 0; h < heads; h++)
-            cs_gemm(nq, nk, dh, qp_pre + h * dh, I, kp + h * dh, I, 1, 0.0f, ws->scores + h * nk, R, n_threads);
-        for (int c = 0; c < R; c++) cb[c] = 0.0f;
-    } else {
-        for (int h = 0; h < heads; h++) {
-            cs_gemm(nk, P, dh, kp + h * dh, I, a->q_w + (size_t)h * dh * P, P, 0, 0.0f, kf + (size_t)h * nk * P, P,
-                    n_threads);
-            for (int t = 0; t < nk; t++) {
-                float s = 0.0f;
-                for (int c = 0; c < dh; c++) s += a->q_b[h * dh + c] * kp[(size_t)t * I + h * dh + c];
-                cb[h * nk + t] = s;
-            }
-        }
-        cs_gemm(nq, R, P, q_in, P, kf, P, 1, 0.0f, ws->scores, R, n_threads);
-    }
-    const float div = sqrtf((float)dh);
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
-    for (int j = 0; j < nq; j++) {
-        float *row = ws->scores + (size_t)j * R;
-        for (int c = 0; c < R; c++) row[c] = (row[c] + cb[c]) / div;
-        cs_softmax_groups(row, heads, nk);
-    }
-    cs_gemm(nq, P, R, ws->scores, R, vf, P, 0, 0.0f, out, P, n_threads);
-    for (int j = 0; j < nq; j++) cs_add(out + (size_t)j * P, a->o_b, (size_t)P);
-}
-
 static void add_into(float *dst, const float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = a[i] + b[i];
+}
+
+/* ---- fused passes over the image tokens ----
+ * After layer 0, every prompt has its own 4096 image tokens, and each remaining
+ * attention between them and the prompt tokens is a thin product (4096 x 256 against
+ * heads x tokens). Done one op at a time, each op streams the 4 MB token matrix
+ * through memory again. Instead one pass over blocks of IMG_BLOCK tokens applies
+ * layer l-1's image-to-token attention and LayerNorm to the block (row-local), then
+ * feeds the updated block to layer l's token-to-image attention with an online
+ * softmax (running max and sum per query row), all while the block is in cache.
+ * Both attentions fold their projections into the token side:
+ *   image-to-token: scores_h = q_in (W_q,h^T k_h) + b_q,h . k_h and
+ *     out = sum_h attn_h (v_h W_o,h^T) + b_o, so the image-sized products have
+ *     heads x tokens columns instead of the internal width;
+ *   token-to-image: scores_h = (q_h W_k,h) k_in^T (q_h . b_k,h is the same for every
+ *     key, and softmax ignores it) and, as each row of attn sums to 1,
+ *     attn_h (v_in W_v,h^T + b_v,h) = (attn_h v_in) W_v,h^T + b_v,h.
+ * Rows or columns r = h * n + t belong to head h, token t. */
+#define IMG_BLOCK 256
+
+/* Per-thread block scratch and online-softmax accumulators. */
+typedef struct {
+    float *kpe_in, *kpe, *sc, *out, *s; /* B x P, B x P, B x R, B x P, R2 x B */
+    float *m, *l, *acc;                 /* R2, R2, R2 x P */
+} block_ws;
+
+/* Image-to-token attention folded from the prompt tokens. */
+typedef struct {
+    const cs_attn *a;
+    const float *qp_pre; /* layer 0: the image tokens' query projections, shared (N x I) */
+    const float *kf;     /* R x P folded keys; with qp_pre, the nk x I key projections */
+    const float *vf;     /* R x P folded values */
+    const float *cb;     /* R query-bias terms */
+    const float *norm_w, *norm_b;
+    int nk;
+} i2t_fold;
+
+/* Token-to-image attention folded from nq query rows. */
+typedef struct {
+    const float *qf; /* R2 x P */
+    int nq, dh;
+} t2i_fold;
+
+/* Prompt-side buffers of the folded attentions (sized for T tokens). */
+typedef struct {
+    float *kp, *vp, *qp, *o; /* T x I */
+    float *kf, *vf, *cb;     /* R x P each, R */
+    float *qf, *rv;          /* R x P each */
+} fold_ws;
+
+static void i2t_prepare(const cs_attn *a, int P, int heads, const float *tok_pe, const float *tok, int nk,
+                        const float *qp_pre, const float *norm_w, const float *norm_b, fold_ws *f, i2t_fold *out) {
+    const int I = a->internal, dh = I / heads, R = nk * heads;
+    cs_linear(tok_pe, nk, P, a->k_w, a->k_b, I, f->kp, 1);
+    cs_linear(tok, nk, P, a->v_w, a->v_b, I, f->vp, 1);
+    for (int h = 0; h < heads; h++)
+        cs_gemm(nk, P, dh, f->vp + h * dh, I, a->o_w + h * dh, I, 1, 0.0f, f->vf + (size_t)h * nk * P, P, 1);
+    if (qp_pre) { /* the queries come projected: scores are per head against kp */
+        for (int c = 0; c < R; c++) f->cb[c] = 0.0f;
+    } else {
+        for (int h = 0; h < heads; h++) {
+            cs_gemm(nk, P, dh, f->kp + h * dh, I, a->q_w + (size_t)h * dh * P, P, 0, 0.0f, f->kf + (size_t)h * nk * P,
+                    P, 1);
+            for (int t = 0; t < nk; t++) {
+                float sum = 0.0f;
+                for (int c = 0; c < dh; c++) sum += a->q_b[h * dh + c] * f->kp[(size_t)t * I + h * dh + c];
+                f->cb[h * nk + t] = sum;
+            }
+        }
+    }
+    out->a = a;
+    out->qp_pre = qp_pre;
+    out->kf = qp_pre ? f->kp : f->kf;
+    out->vf = f->vf;
+    out->cb = f->cb;
+    out->norm_w = norm_w;
+    out->norm_b = norm_b;
+    out->nk = nk;
+}
+
+static void t2i_prepare(const cs_attn *a, int P, int heads, const float *q_in, int nq, fold_ws *f, t2i_fold *out) {
+    const int I = a->internal, dh = I / heads;
+    cs_linear(q_in, nq, P, a->q_w, a->q_b, I, f->qp, 1);
+    for (int h = 0; h < heads; h++)
+        cs_gemm(nq, P, dh, f->qp + h * dh, I, a->k_w + (size_t)h * dh * P, P, 0, 0.0f, f->qf + (size_t)h * nq * P, P,
+                1);
+    out->qf = f->qf;
+    out->nq = nq;
+    out->dh = dh;
+}
+
+/* Image-to-token attention + residual + LayerNorm on B image tokens: out_keys =
+ * LN(kin + attn(kin + pe)). out_keys may equal kin. */
+static void i2t_block(const i2t_fold *f, int P, int heads, const float *kin, const float *pe, const float *qp_pre,
+                      int B, float *out_keys, block_ws *bw) {
+    const int I = f->a->internal, dh = I / heads, R = f->nk * heads;
+    if (qp_pre) {
+        for (int h = 0; h < heads; h++)
+            cs_gemm(B, f->nk, dh, qp_pre + h * dh, I, f->kf + h * dh, I, 1, 0.0f, bw->sc + h * f->nk, R, 1);
+    } else {
+        add_into(bw->kpe_in, kin, pe, (size_t)B * P);
+        cs_gemm(B, R, P, bw->kpe_in, P, f->kf, P, 1, 0.0f, bw->sc, R, 1);
+    }
+    const float div = sqrtf((float)dh);
+    for (int j = 0; j < B; j++) {
+        float *row = bw->sc + (size_t)j * R;
+        for (int c = 0; c < R; c++) row[c] = (row[c] + f->cb[c]) / div;
+        cs_softmax_groups(row, heads, f->nk);
+    }
+    cs_gemm(B, P, R, bw->sc, R, f->vf, P, 0, 0.0f, bw->out, P, 1);
+    for (int j = 0; j < B; j++) {
+        float *o = bw->out + (size_t)j * P, *k = out_keys + (size_t)j * P;
+        const float *ki = kin + (size_t)j * P;
+        for (int c = 0; c < P; c++) k[c] = ki[c] + (o[c] + f->a->o_b[c]);
+    }
+    cs_layernorm(out_keys, out_keys, B, P, f->norm_w, f->norm_b, 1e-5f, 1);
+}
+
+static void acc_reset(block_ws *bw, int R2, int P) {
+    for (int r = 0; r < R2; r++) bw->m[r] = -INFINITY, bw->l[r] = 0.0f;
+    memset(bw->acc, 0, (size_t)R2 * P * sizeof(float));
+}
+
+static void scale_row(float *x, float c, int n) {
+    for (int i = 0; i < n; i++) x[i] *= c;
+}
+
+/* Token-to-image attention over B image tokens, into the online-softmax accumulators:
+ * per query row, m = running max of the scores, l = sum of exp(score - m), acc = sum of
+ * exp(score - m) * image token. */
+static void t2i_block(const t2i_fold *f, int P, int heads, const float *keys, const float *pe, int B,
+                      block_ws *bw) {
+    const int R2 = f->nq * heads, dh = f->dh;
+    add_into(bw->kpe, keys, pe, (size_t)B * P);
+    cs_gemm(R2, B, P, f->qf, P, bw->kpe, P, 1, 0.0f, bw->s, B, 1);
+    const float div = sqrtf((float)dh);
+    for (int r = 0; r < R2; r++) {
+        float *row = bw->s + (size_t)r * B, bm = -INFINITY;
+        for (int j = 0; j < B; j++) {
+            row[j] /= div;
+            bm = row[j] > bm ? row[j] : bm;
+        }
+        const float sum = cs_exp_row_sum(row, B); /* row = exp(row - bm) */
+        const float mn = bm > bw->m[r] ? bm : bw->m[r];
+        const float c_old = expf(bw->m[r] - mn), c_new = expf(bm - mn);
+        if (c_new != 1.0f) scale_row(row, c_new, B);
+        if (c_old != 1.0f) scale_row(bw->acc + (size_t)r * P, c_old, P);
+        bw->l[r] = bw->l[r] * c_old + sum * c_new;
+        bw->m[r] = mn;
+    }
+    cs_gemm(R2, P, B, bw->s, B, keys, P, 0, 1.0f, bw->acc, P, 1);
+}
+
+/* Fold thread t's accumulators into thread 0's. */
+static void acc_merge(block_ws *to, const block_ws *from, int R2, int P) {
+    for (int r = 0; r < R2; r++) {
+        if (from->m[r] == -INFINITY) continue;
+        const float mn = from->m[r] > to->m[r] ? from->m[r] : to->m[r];
+        const float c_to = expf(to->m[r] - mn), c_from = expf(from->m[r] - mn);
+        float *a = to->acc + (size_t)r * P;
+        const float *b = from->acc + (size_t)r * P;
+        for (int c = 0; c < P; c++) a[c] = a[c] * c_to + b[c] * c_from;
+        to->l[r] = to->l[r] * c_to + from->l[r] * c_from;
+        to->m[r] = mn;
+    }
+}
+
+/* The token-to-image attention's output rows (nq x P) from the accumulators. */
+static void t2i_finish(const cs_attn *a, const t2i_fold *f, int P, int heads, const block_ws *bw, fold_ws *fw,
+                       float *out) {
+    const int I = a->internal, dh = I / heads, nq = f->nq, R2 = nq * heads;
+    for (int r = 0; r < R2; r++) {
+        const float inv = 1.0f / bw->l[r];
+        for (int c = 0; c < P; c++) fw->rv[(size_t)r * P + c] = bw->acc[(size_t)r * P + c] * inv;
+    }
+    for (int h = 0; h < heads; h++) {
+        cs_gemm(nq, dh, P, fw->rv + (size_t)h * nq * P, P, a->v_w + (size_t)h * dh * P, P, 1, 0.0f, fw->o + h * dh, I,
+                1);
+        for (int i = 0; i < nq; i++) cs_add(fw->o + (size_t)i * I + h * dh, a->v_b + h * dh, (size_t)dh);
+    }
+    cs_linear(fw->o, nq, I, a->o_w, a->o_b, P, out, 1);
+}
+
+/* One pass over the image tokens, block by block: with `ia`, keys_out = LN(kin +
+ * image-to-token attention) (kin may be keys_out); then the token-to-image attention
+ * `ta` accumulates over the resulting tokens into bws[0]. With n_threads > 1 the
+ * blocks are split between threads, each with its own accumulators, merged at the end. */
+static void image_pass(const cs_mask_decoder *md, const float *pe, const i2t_fold *ia, const float *kin,
+                       float *keys_out, const t2i_fold *ta, block_ws *bws, int n_threads) {
+    const int P = md->dim, heads = md->heads, N = 4096, nblk = N / IMG_BLOCK, R2 = ta->nq * heads;
+    int team = 1;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        block_ws *bw = &bws[t];
+        if (t == 0) team = nt;
+        acc_reset(bw, R2, P);
+        const int b0 = (int)((long long)nblk * t / nt), b1 = (int)((long long)nblk * (t + 1) / nt);
+        for (int b = b0; b < b1; b++) {
+            const size_t r0 = (size_t)b * IMG_BLOCK;
+            const float *k = kin + r0 * P;
+            if (ia) {
+                i2t_block(ia, P, heads, k, pe + r0 * P, ia->qp_pre ? ia->qp_pre + r0 * ia->a->internal : NULL,
+                          IMG_BLOCK, keys_out + r0 * P, bw);
+                k = keys_out + r0 * P;
+            }
+            t2i_block(ta, P, heads, k, pe + r0 * P, IMG_BLOCK, bw);
+        }
+    }
+    for (int t = 1; t < team; t++) acc_merge(&bws[0], &bws[t], R2, P);
 }
 
 static void mlp3(const float *x, const float *const w[3], const float *const b[3], int in, int hid,
@@ -148,62 +283,66 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
     }
 }
 
-/* Per-thread scratch for one prompt at a time. */
+/* Scratch for one prompt at a time: its image tokens (4096 x P), the upscaler's
+ * buffers, and the small prompt-side matrices. */
 typedef struct {
     float *keys, *kpe, *kout, *Q, *Q0, *qpe, *qout, *mlp_h, *z2, *lz;
     int *tok;            /* image tokens to upscale */
     unsigned char *done; /* tokens already upscaled */
-    attn_ws aw;
+    attn_ws aw;          /* self-attention, and layer 0's token-to-image attention */
+    fold_ws fw;          /* the folded attentions' prompt side */
 } item_ws;
 
+/* Every buffer of an item, for allocation and release in one place. */
+#define ITEM_BUFFERS(w)                                                                                     \
+    float **bufs[] = {&(w)->keys,   &(w)->kpe,   &(w)->kout,  &(w)->Q,     &(w)->Q0,    &(w)->qpe,           \
+                      &(w)->qout,   &(w)->mlp_h, &(w)->z2,    &(w)->lz,    &(w)->aw.qp, &(w)->aw.kp,         \
+                      &(w)->aw.vp,  &(w)->aw.o,  &(w)->aw.scores, &(w)->fw.kp, &(w)->fw.vp, &(w)->fw.qp,     \
+                      &(w)->fw.o,   &(w)->fw.kf, &(w)->fw.vf, &(w)->fw.cb, &(w)->fw.qf, &(w)->fw.rv}
+
 static void item_ws_free(item_ws *w) {
-    free(w->keys);
-    free(w->kpe);
-    free(w->kout);
-    free(w->Q);
-    free(w->Q0);
-    free(w->qpe);
-    free(w->qout);
-    free(w->mlp_h);
-    free(w->z2);
-    free(w->lz);
+    ITEM_BUFFERS(w);
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
     free(w->tok);
     free(w->done);
-    free(w->aw.qp);
-    free(w->aw.kp);
-    free(w->aw.vp);
-    free(w->aw.o);
-    free(w->aw.scores);
-    free(w->aw.cb);
     memset(w, 0, sizeof *w);
 }
 
 static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
-    const size_t N = 4096, P = (size_t)md->dim;
+    const size_t N = 4096, P = (size_t)md->dim, R = (size_t)T * md->heads;
     memset(w, 0, sizeof *w);
-    w->keys = cs_alloc(N, P * sizeof(float));
-    w->kpe = cs_alloc(N, P * sizeof(float));
-    w->kout = cs_alloc(N, P * sizeof(float));
-    w->Q = cs_alloc((size_t)T, P * sizeof(float));
-    w->Q0 = cs_alloc((size_t)T, P * sizeof(float));
-    w->qpe = cs_alloc((size_t)T, P * sizeof(float));
-    w->qout = cs_alloc((size_t)T, P * sizeof(float));
-    w->mlp_h = cs_alloc((size_t)T, (size_t)md->mlp * sizeof(float));
-    w->z2 = cs_alloc(4 * N, P / 8 * 4 * sizeof(float));
-    w->lz = cs_alloc(16 * N, (size_t)md->n_mask_tokens * sizeof(float));
+    ITEM_BUFFERS(w);
+    /* element counts, in the order of ITEM_BUFFERS (internal widths are at most P) */
+    const size_t count[] = {N * P, N * P, N * P, T * P, T * P, T * P, T * P, T * (size_t)md->mlp,
+                            4 * N * (P / 8 * 4), 16 * N * md->n_mask_tokens, T * P, T * P, T * P, T * P, T * N,
+                            T * P, T * P, T * P, T * P, R * P, R * P, R, R * P, R * P};
+    int ok = sizeof count / sizeof *count == sizeof bufs / sizeof *bufs;
+    for (size_t i = 0; ok && i < sizeof bufs / sizeof *bufs; i++) ok = (*bufs[i] = cs_alloc(count[i], sizeof(float))) != NULL;
     w->tok = cs_alloc(N, sizeof(int));
     w->done = cs_alloc(N, 1);
-    w->aw.qp = cs_alloc(N, P * sizeof(float));
-    w->aw.kp = cs_alloc(N, P * sizeof(float));
-    w->aw.vp = cs_alloc(N, P * sizeof(float));
-    w->aw.o = cs_alloc(N, P * sizeof(float));
-    w->aw.scores = cs_alloc(N, (size_t)T * (size_t)md->heads * sizeof(float));
-    w->aw.cb = cs_alloc((size_t)T, (size_t)md->heads * sizeof(float));
-    if (!w->keys || !w->kpe || !w->kout || !w->Q || !w->Q0 || !w->qpe || !w->qout || !w->mlp_h || !w->z2 ||
-        !w->lz || !w->tok || !w->done || !w->aw.qp || !w->aw.kp || !w->aw.vp || !w->aw.o || !w->aw.scores || !w->aw.cb) {
+    if (!ok || !w->tok || !w->done) {
         item_ws_free(w);
         return CELLSAM_ERR_NOMEM;
     }
+    return CELLSAM_OK;
+}
+
+static void block_ws_free(block_ws *b) {
+    float **bufs[] = {&b->kpe_in, &b->kpe, &b->sc, &b->out, &b->s, &b->m, &b->l, &b->acc};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
+    memset(b, 0, sizeof *b);
+}
+
+static int block_ws_alloc(block_ws *b, const cs_mask_decoder *md, int T) {
+    const size_t B = IMG_BLOCK, P = (size_t)md->dim, R = (size_t)T * md->heads;
+    float **bufs[] = {&b->kpe_in, &b->kpe, &b->sc, &b->out, &b->s, &b->m, &b->l, &b->acc};
+    const size_t count[] = {B * P, B * P, B * R, B * P, R * B, R, R, R * P};
+    memset(b, 0, sizeof *b);
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        if (!(*bufs[i] = cs_alloc(count[i], sizeof(float)))) {
+            block_ws_free(b);
+            return CELLSAM_ERR_NOMEM;
+        }
     return CELLSAM_OK;
 }
 
@@ -319,12 +458,14 @@ static void upscale_around_box(const decode_shared *sh, item_ws *w, const float 
     }
 }
 
-/* Decode prompt bi. Writes iou (all tokens) and, unless skipped, the selected masks. */
-static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logits, float *iou, int nthr) {
+/* Decode prompt bi with its scratch w; bws holds nthr threads' block scratch. Writes
+ * iou (all tokens) and, unless skipped, the selected masks. */
+static void decode_one(const decode_shared *sh, int bi, item_ws *w, block_ws *bws, float *logits, float *iou,
+                       int nthr) {
     const cs_mask_decoder *md = sh->md;
     const int P = md->dim, G = 64, N = G * G, nm = md->n_mask_tokens, T = sh->T;
     const int P8 = P / 8;
-    float *Q = w->Q, *Q0 = w->Q0, *qpe = w->qpe, *qout = w->qout, *keys = w->keys, *kpe = w->kpe;
+    float *Q = w->Q, *Q0 = w->Q0, *qpe = w->qpe, *qout = w->qout, *keys = w->keys;
     /* tokens: [iou token; mask tokens; sparse prompt tokens] */
     memcpy(Q0, md->iou_token, (size_t)P * sizeof(float));
     memcpy(Q0 + P, md->mask_tokens, (size_t)nm * P * sizeof(float));
@@ -337,59 +478,71 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
         cs_transpose(sh->dense + (size_t)bi * sh->dense_stride, keys, P, N);
         cs_add(keys, sh->emb_t, (size_t)N * P);
     }
-    for (int l = 0; l < md->depth; l++) {
-        const cs_twoway_layer *L = &md->layers[l];
-        /* self-attention; layer 0 replaces the queries (no residual, no PE) */
-        if (l == 0) {
-            attention(&L->self_attn, P, md->heads, Q, T, Q, Q, T, NULL, NULL, qout, &w->aw, 1);
-            memcpy(Q, qout, (size_t)T * P * sizeof(float));
-        } else {
-            add_into(qpe, Q, Q0, (size_t)T * P);
-            attention(&L->self_attn, P, md->heads, qpe, T, qpe, Q, T, NULL, NULL, qout, &w->aw, 1);
-            cs_add(Q, qout, (size_t)T * P);
-        }
-        cs_layernorm(Q, Q, T, P, L->norm1_w, L->norm1_b, 1e-5f, 1);
-        /* tokens attend to the image */
-        add_into(qpe, Q, Q0, (size_t)T * P);
-        /* layer 0 with a shared dense prompt: every projection of the image tokens is
-         * shared, so their sum with the PE is not needed */
-        const int shared = l == 0 && sh->kp0;
-        if (shared) {
-            attention(&L->t2i, P, md->heads, qpe, T, NULL, NULL, N, sh->kp0, sh->vp0, qout, &w->aw, nthr);
-        } else {
-            add_into(kpe, kin, sh->pe, (size_t)N * P);
-            attention_few_to_many(&L->t2i, P, md->heads, qpe, T, kpe, kin, N, qout, &w->aw, nthr);
-        }
-        cs_add(Q, qout, (size_t)T * P);
-        cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
-        /* MLP (ReLU) */
-        cs_linear(Q, T, P, L->mlp1_w, L->mlp1_b, md->mlp, w->mlp_h, 1);
-        cs_relu(w->mlp_h, (size_t)T * md->mlp);
-        cs_linear(w->mlp_h, T, md->mlp, L->mlp2_w, L->mlp2_b, P, qout, 1);
-        cs_add(Q, qout, (size_t)T * P);
-        cs_layernorm(Q, Q, T, P, L->norm3_w, L->norm3_b, 1e-5f, 1);
-        /* image attends to the tokens */
-        add_into(qpe, Q, Q0, (size_t)T * P);
-        /* layer 0's image tokens are still the shared keys0: their query projection is shared too */
-        attention_many_to_few(&L->i2t, P, md->heads, kpe, shared ? sh->qi0 : NULL, N, qpe, Q, T, w->kout, &w->aw,
-                              nthr);
-        add_into(keys, kin, w->kout, (size_t)N * P);
-        cs_layernorm(keys, keys, N, P, L->norm4_w, L->norm4_b, 1e-5f, nthr);
-        kin = keys;
-    }
-    /* final attention: only the IoU token and the requested mask tokens are read after
-     * it, and each query row attends on its own, so only those rows are computed */
-    const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count;
+    /* the final attention: only the IoU token and the requested mask tokens are read
+     * after it, and each query row attends on its own, so only those rows are computed */
+    const int m0 = sh->opt.mask_first, mc = sh->opt.mask_count, D = md->depth, heads = md->heads;
     int rows[17], nr = 0;
     rows[nr++] = 0;
     for (int m = 0; m < mc; m++) rows[nr++] = 1 + m0 + m;
-    for (int i = 0; i < nr; i++) add_into(qpe + (size_t)i * P, Q + (size_t)rows[i] * P, Q0 + (size_t)rows[i] * P, (size_t)P);
-    add_into(kpe, keys, sh->pe, (size_t)N * P);
-    attention_few_to_many(&md->final_attn, P, md->heads, qpe, nr, kpe, keys, N, qout, &w->aw, nthr);
-    for (int i = 0; i < nr; i++) {
-        float *q = Q + (size_t)rows[i] * P;
-        cs_add(q, qout + (size_t)i * P, (size_t)P);
-        cs_layernorm(q, q, 1, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
+    /* step l < D is two-way layer l; step D is the final attention. The image-to-token
+     * half of layer l-1 runs inside step l's pass over the image tokens. */
+    for (int l = 0; l <= D; l++) {
+        const cs_twoway_layer *L = l < D ? &md->layers[l] : NULL, *Lp = l > 0 ? &md->layers[l - 1] : NULL;
+        i2t_fold ia;
+        if (Lp) { /* layer l-1's image-to-token keys and values: the tokens as they are now */
+            add_into(qpe, Q, Q0, (size_t)T * P);
+            /* layer 0's image tokens are still the shared keys0: their query projection is shared */
+            i2t_prepare(&Lp->i2t, P, heads, qpe, Q, T, l == 1 ? sh->qi0 : NULL, Lp->norm4_w, Lp->norm4_b, &w->fw, &ia);
+        }
+        const cs_attn *cross;
+        int nq;
+        if (L) {
+            /* self-attention; layer 0 replaces the queries (no residual, no PE) */
+            if (l == 0) {
+                attention(&L->self_attn, P, heads, Q, T, Q, Q, T, NULL, NULL, qout, &w->aw, 1);
+                memcpy(Q, qout, (size_t)T * P * sizeof(float));
+            } else {
+                add_into(qpe, Q, Q0, (size_t)T * P);
+                attention(&L->self_attn, P, heads, qpe, T, qpe, Q, T, NULL, NULL, qout, &w->aw, 1);
+                cs_add(Q, qout, (size_t)T * P);
+            }
+            cs_layernorm(Q, Q, T, P, L->norm1_w, L->norm1_b, 1e-5f, 1);
+            add_into(qpe, Q, Q0, (size_t)T * P);
+            cross = &L->t2i;
+            nq = T;
+        } else {
+            for (int i = 0; i < nr; i++)
+                add_into(qpe + (size_t)i * P, Q + (size_t)rows[i] * P, Q0 + (size_t)rows[i] * P, (size_t)P);
+            cross = &md->final_attn;
+            nq = nr;
+        }
+        /* tokens attend to the image */
+        if (l == 0 && sh->kp0) {
+            /* with a shared dense prompt, layer 0's image projections are shared */
+            attention(cross, P, heads, qpe, T, NULL, NULL, N, sh->kp0, sh->vp0, qout, &w->aw, nthr);
+        } else {
+            t2i_fold ta;
+            t2i_prepare(cross, P, heads, qpe, nq, &w->fw, &ta);
+            image_pass(md, sh->pe, Lp ? &ia : NULL, kin, Lp ? keys : NULL, &ta, bws, nthr);
+            if (Lp) kin = keys;
+            t2i_finish(cross, &ta, P, heads, &bws[0], &w->fw, qout);
+        }
+        if (L) {
+            cs_add(Q, qout, (size_t)T * P);
+            cs_layernorm(Q, Q, T, P, L->norm2_w, L->norm2_b, 1e-5f, 1);
+            /* MLP (ReLU) */
+            cs_linear(Q, T, P, L->mlp1_w, L->mlp1_b, md->mlp, w->mlp_h, 1);
+            cs_relu(w->mlp_h, (size_t)T * md->mlp);
+            cs_linear(w->mlp_h, T, md->mlp, L->mlp2_w, L->mlp2_b, P, qout, 1);
+            cs_add(Q, qout, (size_t)T * P);
+            cs_layernorm(Q, Q, T, P, L->norm3_w, L->norm3_b, 1e-5f, 1);
+        } else {
+            for (int i = 0; i < nr; i++) {
+                float *q = Q + (size_t)rows[i] * P;
+                cs_add(q, qout + (size_t)i * P, (size_t)P);
+                cs_layernorm(q, q, 1, P, md->norm_final_w, md->norm_final_b, 1e-5f, 1);
+            }
+        }
     }
 
     /* IoU first: a prompt whose mask will be dropped needs no upscaling */
@@ -403,9 +556,9 @@ static void decode_one(const decode_shared *sh, int bi, item_ws *w, float *logit
     float *planes[16];
     for (int m = 0; m < mc; m++) planes[m] = logits + ((size_t)bi * mc + m) * 16 * N;
     if (sh->opt.boxes)
-        upscale_around_box(sh, w, keys, sh->opt.boxes + (size_t)4 * bi, hyper, planes, nthr);
+        upscale_around_box(sh, w, kin, sh->opt.boxes + (size_t)4 * bi, hyper, planes, nthr);
     else
-        upscale_tokens(sh, w, keys, NULL, N, hyper, planes, nthr);
+        upscale_tokens(sh, w, kin, NULL, N, hyper, planes, nthr);
 }
 
 /* ConvT weight (in, out, 2, 2) with its columns reordered to (sub-position, out). */
@@ -431,8 +584,9 @@ cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md) {
  * interactive session decodes one prompt per call on the same image, so the shared
  * part is computed once per image instead of once per click. */
 struct cs_decoder_ws {
-    item_ws *items;
-    int n_items, items_T;
+    item_ws *items;   /* one per prompt decoded at once */
+    block_ws *blocks; /* one per thread */
+    int n_items, n_blocks, items_T;
     float *emb_t, *pe, *keys0, *kpe0, *kp0, *vp0, *qi0, *dense_copy, *up0p, *up3p;
     const float *emb_src, *pe_src; /* what emb_t and pe were transposed from */
     const cs_mask_decoder *up_md;  /* whose upscaler weights up0p/up3p hold */
@@ -443,9 +597,12 @@ cs_decoder_ws *cs_decoder_ws_new(void) { return calloc(1, sizeof(cs_decoder_ws))
 
 static void ws_free_items(cs_decoder_ws *ws) {
     for (int t = 0; t < ws->n_items; t++) item_ws_free(&ws->items[t]);
+    for (int t = 0; t < ws->n_blocks; t++) block_ws_free(&ws->blocks[t]);
     free(ws->items);
+    free(ws->blocks);
     ws->items = NULL;
-    ws->n_items = 0;
+    ws->blocks = NULL;
+    ws->n_items = ws->n_blocks = 0;
 }
 
 void cs_decoder_ws_release(cs_decoder_ws *ws) {
@@ -473,18 +630,23 @@ void cs_decoder_ws_invalidate(cs_decoder_ws *ws) {
     if (ws) ws->emb_valid = ws->layer0_valid = 0;
 }
 
-/* Per-thread prompt scratch for `outer` threads and T tokens. */
-static int ws_items(cs_decoder_ws *ws, const cs_mask_decoder *md, int T, int outer) {
-    if (ws->items && ws->n_items >= outer && ws->items_T == T) return CELLSAM_OK;
+/* Prompt scratch for `outer` prompts at once and block scratch for `threads` threads,
+ * for T tokens. */
+static int ws_items(cs_decoder_ws *ws, const cs_mask_decoder *md, int T, int outer, int threads) {
+    if (ws->items && ws->n_items >= outer && ws->n_blocks >= threads && ws->items_T == T) return CELLSAM_OK;
     ws_free_items(ws);
     ws->items = calloc((size_t)outer, sizeof *ws->items);
-    if (!ws->items) return CELLSAM_ERR_NOMEM;
-    for (; ws->n_items < outer; ws->n_items++) {
-        int rc = item_ws_alloc(&ws->items[ws->n_items], md, T);
-        if (rc) {
-            ws_free_items(ws); /* the ones allocated so far */
-            return rc;
-        }
+    ws->blocks = calloc((size_t)threads, sizeof *ws->blocks);
+    if (!ws->items || !ws->blocks) {
+        ws_free_items(ws);
+        return CELLSAM_ERR_NOMEM;
+    }
+    int rc = CELLSAM_OK;
+    for (; !rc && ws->n_items < outer; ws->n_items++) rc = item_ws_alloc(&ws->items[ws->n_items], md, T);
+    for (; !rc && ws->n_blocks < threads; ws->n_blocks++) rc = block_ws_alloc(&ws->blocks[ws->n_blocks], md, T);
+    if (rc) {
+        ws_free_items(ws); /* the ones allocated so far */
+        return rc;
     }
     ws->items_T = T;
     return CELLSAM_OK;
@@ -566,7 +728,7 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
      * enough of them; otherwise one at a time with threaded GEMMs */
     const int outer = n_batch >= 2 && n_threads > 1 ? (n_threads < n_batch ? n_threads : n_batch) : 1;
     const int inner = outer > 1 ? 1 : n_threads;
-    int rc = ws_items(ws, md, T, outer);
+    int rc = ws_items(ws, md, T, outer, outer > 1 ? outer : inner);
     if (!rc) rc = ws_shared(ws, md, image_emb, dense_pe, dense, dense_stride == 0, n_threads);
     if (rc) {
         cs_decoder_ws_release(ws);
@@ -594,9 +756,12 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     item_ws *items = ws->items;
     if (outer > 1) {
 #pragma omp parallel for num_threads(outer) schedule(dynamic, 1)
-        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &items[omp_get_thread_num()], logits, iou, 1);
+        for (int bi = 0; bi < n_batch; bi++) {
+            const int t = omp_get_thread_num();
+            decode_one(&sh, bi, &items[t], &ws->blocks[t], logits, iou, 1);
+        }
     } else {
-        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &items[0], logits, iou, inner);
+        for (int bi = 0; bi < n_batch; bi++) decode_one(&sh, bi, &items[0], ws->blocks, logits, iou, inner);
     }
     if (ws == &local) cs_decoder_ws_release(&local);
     return CELLSAM_OK;
