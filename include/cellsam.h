@@ -55,6 +55,8 @@ typedef struct {
                                 _INT8: the ViT blocks' four weight matrices quantised to 7 bits per
                                 output column, their inputs to 8 bits per token, exact integer sums
                                 (AVX512-VNNI or AVX2); attention, norms and the heads stay float32 */
+    int n_threads;           /* threads for load-time work (packing for bf16/int8 compute); 0
+                                (default): all cores */
 } cellsam_model_params;
 
 enum { CELLSAM_DTYPE_F32 = 0, CELLSAM_DTYPE_F16 = 1, CELLSAM_DTYPE_BF16 = 2, CELLSAM_DTYPE_INT8 = 3 };

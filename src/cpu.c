@@ -9,13 +9,15 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cellsam.h"
 #include "cpu.h"
+#include "gemm_int8.h"
 
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 static int has_avx2, has_avx512, has_avx512bf16, has_avx512vnni;
-static char system_info[256];
+static char system_info[320];
 
 static void cpu_detect(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -60,7 +62,20 @@ int cs_cpu_has_avx512vnni(void) {
 
 int cellsam_has_native_bf16(void) { return cs_cpu_has_avx512bf16(); }
 
+/* The int8 kernel is picked in gemm_int8.c (from these features and
+ * CELLSAM_INT8_KERNEL); its name joins the description once, on first request. */
+static pthread_once_t info_once = PTHREAD_ONCE_INIT;
+
+static void describe_int8(void) {
+    const char *forced = getenv("CELLSAM_INT8_KERNEL");
+    size_t n = strlen(system_info);
+    snprintf(system_info + n, sizeof system_info - n, "; int8 kernel %s%s%.32s%s",
+             cs_int8_kernel_name(cs_int8_best_kernel()), forced && *forced ? " (CELLSAM_INT8_KERNEL=" : "",
+             forced && *forced ? forced : "", forced && *forced ? ")" : "");
+}
+
 const char *cellsam_system_info(void) {
     cs_cpu_init();
+    pthread_once(&info_once, describe_int8);
     return system_info;
 }

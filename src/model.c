@@ -2,6 +2,7 @@
  * shapes, bind and shape-check every tensor, and the engine API (encode/decode). */
 #include <jansson.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -290,10 +291,13 @@ static void vit_free_packed(cs_vit *v) {
  * float32 (or 16-bit) pages in the memory map are not read again, so they are handed
  * back: the model then holds a half (bf16) or a quarter (int8) of float32's bytes for
  * these matrices. */
-static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype) {
+static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype, int n_threads) {
     const int D = v->dim, F = v->mlp;
-    for (int i = 0; i < v->depth; i++) {
-        cs_vit_block *k = &v->blocks[i];
+    int rc = CELLSAM_OK;
+    /* one matrix per thread at a time: 4 x depth independent jobs */
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+    for (int job = 0; job < 4 * v->depth; job++) {
+        cs_vit_block *k = &v->blocks[job / 4];
         struct {
             cs_bf16_weights *bf16;
             cs_int8_weights *i8;
@@ -304,18 +308,21 @@ static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype) {
                      {&k->proj_bf16, &k->proj_i8, k->proj_w, k->proj_w16, D, D},
                      {&k->lin1_bf16, &k->lin1_i8, k->lin1_w, k->lin1_w16, F, D},
                      {&k->lin2_bf16, &k->lin2_i8, k->lin2_w, k->lin2_w16, D, F}};
-        for (int j = 0; j < 4; j++) {
-            int rc = compute_dtype == CELLSAM_DTYPE_INT8
-                         ? cs_int8_weights_pack(mats[j].i8, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
-                                                mats[j].k, 1)
-                         : cs_bf16_weights_pack(mats[j].bf16, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
-                                                mats[j].k, 1);
-            if (rc) return rc;
-            const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
-            if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
-            else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
+        const int j = job % 4;
+        int r = compute_dtype == CELLSAM_DTYPE_INT8
+                    ? cs_int8_weights_pack(mats[j].i8, mats[j].f32, mats[j].f16, v->weights16, mats[j].n, mats[j].k, 1)
+                    : cs_bf16_weights_pack(mats[j].bf16, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
+                                           mats[j].k, 1);
+        if (r) {
+#pragma omp critical(vit_pack_rc)
+            rc = r;
+            continue;
         }
+        const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
+        if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
+        else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
     }
+    if (rc) return rc;
     v->compute_bf16 = compute_dtype == CELLSAM_DTYPE_BF16;
     v->compute_int8 = compute_dtype == CELLSAM_DTYPE_INT8;
     return CELLSAM_OK;
@@ -485,8 +492,9 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         return cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder (cellfinder.*) tensors", path);
     }
     if (params->compute_dtype != CELLSAM_DTYPE_F32) {
-        rc = vit_pack(&m->sam_vit, w, params->compute_dtype);
-        if (!rc && m->has_detector) rc = vit_pack(&m->det_vit, w, params->compute_dtype);
+        const int nt = params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
+        rc = vit_pack(&m->sam_vit, w, params->compute_dtype, nt);
+        if (!rc && m->has_detector) rc = vit_pack(&m->det_vit, w, params->compute_dtype, nt);
         /* the head has no int8 path: it stays float32 there */
         if (!rc && m->has_detector && params->compute_dtype == CELLSAM_DTYPE_BF16)
             rc = cs_cellfinder_set_compute_bf16(m->det, 1);

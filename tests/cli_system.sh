@@ -21,4 +21,11 @@ if grep -qw avx512_bf16 /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then
 else
     echo "$out" | grep -q "AVX512-BF16 no" || fail "AVX512-BF16 reported, /proc/cpuinfo lacks it"
 fi
+# the int8 kernel follows the CPU (VNNI, else AVX2, else portable) unless CELLSAM_INT8_KERNEL holds it back
+if grep -qw avx512_vnni /proc/cpuinfo && grep -qw avx512vl /proc/cpuinfo; then want=AVX512-VNNI
+elif grep -qw avx2 /proc/cpuinfo; then want=AVX2
+else want=portable; fi
+echo "$out" | grep -q "int8 kernel $want\(;\|\$\)" || fail "int8 kernel: expected $want"
+out=$(CELLSAM_INT8_KERNEL=portable "$CLI" --version | tail -1)
+echo "$out" | grep -q "int8 kernel portable (CELLSAM_INT8_KERNEL=portable)" || fail "CELLSAM_INT8_KERNEL=portable not reported"
 echo "cli_system: OK"

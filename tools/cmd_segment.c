@@ -448,6 +448,7 @@ int cmd_segment(int argc, char **argv) {
     mp.config_path = o.config;
     mp.weights_dtype = o.weights;
     mp.compute_dtype = o.precision;
+    mp.n_threads = o.threads;
     cellsam_model *m = NULL;
     cellsam_context *ctx = NULL;
     if (cellsam_model_load(o.model, &mp, &m) || cellsam_context_new(m, &ctx)) {

@@ -88,6 +88,7 @@ int cmd_serve(int argc, char **argv) {
     }
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = config;
+    mp.n_threads = o.threads;
     if (precision && (mp.compute_dtype = cli_parse_precision("serve", precision)) < 0) return 2;
     cellsam_model *m = NULL;
     if (cellsam_model_load(model, &mp, &m)) {
