@@ -46,7 +46,9 @@ enum { K_BEST = 0, K_PORTABLE = 1, K_AVX2 = 2, K_VNNI = 3 };
 
 /* ------------------------------------------------------------------ weights */
 
-static void pack_panel(cs_int8_weights *w, int j, const float *src32, const uint16_t *src16, int dtype16,
+/* Quantise and lay out weight panel j; column c of W is row c of the source, whose rows
+ * are `ld` values apart. */
+static void pack_panel(cs_int8_weights *w, int j, const float *src32, const uint16_t *src16, int dtype16, size_t ld,
                        float *row) {
     const int n = w->n, k = w->k, kq = w->k_quads;
     int8_t *panel = w->data + (size_t)j * kq * NR * 4;
@@ -55,9 +57,9 @@ static void pack_panel(cs_int8_weights *w, int j, const float *src32, const uint
         float mx = 0;
         if (col < n) {
             for (int i = 0; i < k; i++) {
-                const float v = src32 ? src32[(size_t)col * k + i]
-                                      : dtype16 == CS_DTYPE_BF16 ? cs_bf16_to_f32(src16[(size_t)col * k + i])
-                                                                 : cs_f16_to_f32(src16[(size_t)col * k + i]);
+                const float v = src32 ? src32[(size_t)col * ld + i]
+                                      : dtype16 == CS_DTYPE_BF16 ? cs_bf16_to_f32(src16[(size_t)col * ld + i])
+                                                                 : cs_f16_to_f32(src16[(size_t)col * ld + i]);
                 row[i] = v;
                 const float a = fabsf(v);
                 mx = a > mx ? a : mx;
@@ -102,7 +104,7 @@ int cs_int8_weights_pack(cs_int8_weights *w, const float *src32, const uint16_t 
     }
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int j = 0; j < w->n_panels; j++)
-        pack_panel(w, j, src32, src16, dtype16, rows + (size_t)omp_get_thread_num() * k);
+        pack_panel(w, j, src32, src16, dtype16, (size_t)k, rows + (size_t)omp_get_thread_num() * k);
     cs_free(rows);
     for (int j = 0; j < w->n; j++)
         if (!isfinite(w->scale[j])) {
@@ -118,6 +120,28 @@ void cs_int8_weights_free(cs_int8_weights *w) {
     cs_free(w->scale);
     cs_free(w->colsum);
     memset(w, 0, sizeof *w);
+}
+
+size_t cs_int8_packed_bytes(int n, int k) {
+    const size_t cols = (size_t)(n + NR - 1) / NR * NR, kq = (size_t)(k + 3) / 4;
+    return cols * kq * 4 + cols * (sizeof(float) + sizeof(int32_t));
+}
+
+int cs_int8_pack_strided(cs_int8_weights *w, void *buf, const float *src, size_t ld, int n, int k, float *row) {
+    memset(w, 0, sizeof *w);
+    if (n <= 0 || k <= 0 || k > MAX_K) return cs_error(CELLSAM_ERR_INVALID, "int8 pack: %d x %d", n, k);
+    w->n = n;
+    w->k = k;
+    w->k_quads = (k + 3) / 4;
+    w->n_panels = (n + NR - 1) / NR;
+    const size_t cols = (size_t)w->n_panels * NR;
+    w->scale = buf; /* floats and int32s first: the buffer's alignment suits them */
+    w->colsum = (int32_t *)(w->scale + cols);
+    w->data = (int8_t *)(w->colsum + cols);
+    for (int j = 0; j < w->n_panels; j++) pack_panel(w, j, src, NULL, 0, ld, row);
+    for (int j = 0; j < n; j++)
+        if (!isfinite(w->scale[j])) return cs_error(CELLSAM_ERR_INVALID, "int8 pack: row %d is not finite", j);
+    return CELLSAM_OK;
 }
 
 /* ------------------------------------------------------------- activations */

@@ -26,6 +26,14 @@ int cs_int8_weights_pack(cs_int8_weights *w, const float *src32, const uint16_t 
                          int n_threads);
 void cs_int8_weights_free(cs_int8_weights *w);
 
+/* Packing into a caller's buffer of cs_int8_packed_bytes(n, k) bytes (aligned for
+ * floats), on the calling thread, for operands built at run time (attention keys):
+ * W's rows are src's n rows of k floats, `ld` floats apart. row: k floats of scratch.
+ * The result must not be passed to cs_int8_weights_free. CELLSAM_OK, or
+ * CELLSAM_ERR_INVALID for a non-finite row. */
+size_t cs_int8_packed_bytes(int n, int k);
+int cs_int8_pack_strided(cs_int8_weights *w, void *buf, const float *src, size_t ld, int n, int k, float *row);
+
 /* Y[m][j] = (accumulate ? Y[m][j] : 0) + sx[m] scale[j] sum_k qx[m][k] q[j][k] + bias[j]
  * for m < M, j < W->n, where each row of X is quantised to 8 bits by its own largest
  * magnitude (qx = round(127 x / max|x_m|), sx = max|x_m| / 127). The integer sums are

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "gemm_int8.h"
 #include "model.h"
 #include "ops.h"
 
@@ -21,22 +22,31 @@
  * while two threads' score blocks (4 MB each) stay in the shared L3. */
 #define ATTN_QBLOCK 256
 
+/* Arithmetic of the attention products. */
+enum { ATTN_F32 = 0, ATTN_BF16 = 1, ATTN_INT8 = 2 };
+
+static int attn_mode(const cs_vit *v) { return v->compute_bf16 ? ATTN_BF16 : v->compute_int8 ? ATTN_INT8 : ATTN_F32; }
+
 /* One attention head over one window (or the whole grid, for global blocks).
  * q/k/v rows are `ld` floats apart; n = side*side tokens in row-major order.
- * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd, bf16) floats.
+ * out rows are `ldo` floats apart. scratch: attn_scratch_floats(side, hd, mode) floats.
  * With bf16, the two products with n terms (q k^T and p v) take bfloat16 inputs (keys
- * and values packed once per head); the relative-position terms and the softmax stay
- * float32. */
-static size_t attn_scratch_floats(int side, int hd, int bf16) {
+ * and values packed once per head). With int8, q k^T takes 8-bit queries (per row) and
+ * 7-bit keys (per key), as the int8 linear layers do; p v stays float32, because the
+ * weights of a diffuse row are too small for 8 bits of its largest one. The
+ * relative-position terms and the softmax stay float32. */
+static size_t attn_scratch_floats(int side, int hd, int mode) {
     const size_t n = (size_t)side * side;
     size_t floats = (size_t)ATTN_QBLOCK * (n + hd + 2 * (2 * side - 1) + 1);
-    if (bf16) floats += (cs_bf16_packed_count((int)n, hd) + cs_bf16_packed_count(hd, (int)n) + 1) / 2;
+    if (mode == ATTN_BF16) floats += (cs_bf16_packed_count((int)n, hd) + cs_bf16_packed_count(hd, (int)n) + 1) / 2;
+    if (mode == ATTN_INT8) floats += cs_int8_packed_bytes((int)n, hd) / sizeof(float) + 1 + (size_t)hd;
     return floats;
 }
 
 static int attention_head(const float *q, const float *k, const float *v, int ld, int side, int hd,
-                          const float *rel_h, const float *rel_w, float scale, float *out, int ldo, int bf16,
+                          const float *rel_h, const float *rel_w, float scale, float *out, int ldo, int mode,
                           float *scratch) {
+    const int bf16 = mode == ATTN_BF16;
     const int n = side * side, R = 2 * side - 1;
     float *scores = scratch;
     float *qs = scores + (size_t)ATTN_QBLOCK * n;
@@ -44,10 +54,16 @@ static int attention_head(const float *q, const float *k, const float *v, int ld
     float *fw = fh + (size_t)ATTN_QBLOCK * R;
     float *inv_sum = fw + (size_t)ATTN_QBLOCK * R;
     cs_bf16_weights k16, vt16;
+    cs_int8_weights k8;
     if (bf16) {
         uint16_t *kbuf = (uint16_t *)(inv_sum + ATTN_QBLOCK);
         cs_bf16_pack_strided(&k16, kbuf, k, (size_t)ld, 1, n, hd);         /* K: n x hd */
         cs_bf16_pack_strided(&vt16, kbuf + cs_bf16_packed_count(n, hd), v, 1, (size_t)ld, hd, n); /* V^T */
+    }
+    if (mode == ATTN_INT8) {
+        float *row = inv_sum + ATTN_QBLOCK;
+        int rc = cs_int8_pack_strided(&k8, row + hd, k, (size_t)ld, n, hd, row); /* K: n x hd */
+        if (rc) return rc;
     }
     for (int q0 = 0; q0 < n; q0 += ATTN_QBLOCK) {
         int qb = n - q0 < ATTN_QBLOCK ? n - q0 : ATTN_QBLOCK;
@@ -56,6 +72,8 @@ static int attention_head(const float *q, const float *k, const float *v, int ld
         /* scores = (q * scale) k^T, as the reference orders it */
         if (bf16) {
             if (cs_bf16_linear(qs, qb, hd, &k16, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
+        } else if (mode == ATTN_INT8) {
+            if (cs_int8_linear(qs, qb, hd, &k8, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
         } else {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
         }
@@ -111,7 +129,7 @@ static int attn_workspace_init(attn_workspace *ws, const cs_vit *v, int n_thread
     for (int bi = 0; bi < v->depth; bi++) {
         const int side = v->blocks[bi].window ? v->blocks[bi].window : G;
         const int nws = (G + side - 1) / side;
-        size_t tok = (size_t)nws * nws * side * side, sc = attn_scratch_floats(side, hd, v->compute_bf16);
+        size_t tok = (size_t)nws * nws * side * side, sc = attn_scratch_floats(side, hd, attn_mode(v));
         max_tok = tok > max_tok ? tok : max_tok;
         max_scratch = sc > max_scratch ? sc : max_scratch;
     }
@@ -187,7 +205,7 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
         int w = it / H, h = it % H;
         const float *base = ws->QKV + (size_t)w * n * 3 * D;
         failed |= attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
-                                 b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, v->compute_bf16,
+                                 b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, attn_mode(v),
                                  ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len) != 0;
     }
     if (failed) return CELLSAM_ERR_NOMEM;

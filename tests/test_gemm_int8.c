@@ -117,6 +117,40 @@ static void check_kernel(int kernel, int M, int N, int K, int accumulate, int th
     free(R);
 }
 
+/* Packing strided rows into a caller's buffer (attention keys) gives the layout,
+ * scales and products of the allocating pack of the same rows; a non-finite row is
+ * refused. */
+static void test_pack_strided(void **state) {
+    (void)state;
+    const int n = 45, k = 64, ld = 3 * k, M = 19;
+    float *src = random_matrix(n, ld, 2.0f), *dense = malloc((size_t)n * k * sizeof(float));
+    float *X = random_matrix(M, k, 1.0f), row[64];
+    float *y1 = malloc((size_t)M * n * sizeof(float)), *y2 = malloc((size_t)M * n * sizeof(float));
+    for (int j = 0; j < n; j++) memcpy(dense + (size_t)j * k, src + (size_t)j * ld + k, (size_t)k * sizeof(float));
+    cs_int8_weights a, b;
+    assert_int_equal(cs_int8_weights_pack(&a, dense, NULL, 0, n, k, 1), CELLSAM_OK);
+    const size_t bytes = cs_int8_packed_bytes(n, k);
+    assert_true(bytes >= (size_t)a.n_panels * 16 * (a.k_quads * 4 + 8));
+    float *buf = malloc(bytes);
+    assert_int_equal(cs_int8_pack_strided(&b, buf, src + k, (size_t)ld, n, k, row), CELLSAM_OK);
+    assert_int_equal(b.n_panels, a.n_panels);
+    assert_memory_equal(b.data, a.data, (size_t)a.n_panels * 16 * a.k_quads * 4);
+    assert_memory_equal(b.scale, a.scale, (size_t)a.n_panels * 16 * sizeof(float));
+    assert_memory_equal(b.colsum, a.colsum, (size_t)a.n_panels * 16 * sizeof(int32_t));
+    assert_int_equal(cs_int8_linear(X, M, k, &a, NULL, 0, y1, n, 1), CELLSAM_OK);
+    assert_int_equal(cs_int8_linear(X, M, k, &b, NULL, 0, y2, n, 1), CELLSAM_OK);
+    assert_memory_equal(y1, y2, (size_t)M * n * sizeof(float));
+    src[(size_t)7 * ld + k + 3] = NAN;
+    assert_int_equal(cs_int8_pack_strided(&b, buf, src + k, (size_t)ld, n, k, row), CELLSAM_ERR_INVALID);
+    cs_int8_weights_free(&a);
+    free(buf);
+    free(src);
+    free(dense);
+    free(X);
+    free(y1);
+    free(y2);
+}
+
 static void test_portable_kernel(void **state) {
     (void)state;
     check_kernel(1, 37, 45, 70, 0, 1);
@@ -247,7 +281,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pack),           cmocka_unit_test(test_portable_kernel),
         cmocka_unit_test(test_simd_kernels),   cmocka_unit_test(test_deviation_from_f32),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_errors),         cmocka_unit_test(test_pack_strided),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
