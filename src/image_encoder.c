@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,7 +74,8 @@ static int attention_head(const float *q, const float *k, const float *v, int ld
         if (bf16) {
             if (cs_bf16_linear(qs, qb, hd, &k16, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
         } else if (mode == ATTN_INT8) {
-            if (cs_int8_linear(qs, qb, hd, &k8, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
+            int rc = cs_int8_linear(qs, qb, hd, &k8, NULL, 0, scores, n, 1);
+        if (rc) return rc;
         } else {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
         }
@@ -200,15 +202,23 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
     const int n = side * side;
     const int items = nwin * H;
     int nt = n_threads < items ? n_threads : items, failed = 0;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : failed)
+    char why[256] = ""; /* a worker's error message (error messages are per thread) */
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
         int w = it / H, h = it % H;
         const float *base = ws->QKV + (size_t)w * n * 3 * D;
-        failed |= attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd,
-                                 b->rel_h, b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, attn_mode(v),
-                                 ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len) != 0;
+        int r = attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd, b->rel_h,
+                               b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, attn_mode(v),
+                               ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len);
+        if (r) {
+#pragma omp critical(vit_attention_error)
+            if (!failed) {
+                failed = r;
+                snprintf(why, sizeof why, "%s", cellsam_last_error());
+            }
+        }
     }
-    if (failed) return CELLSAM_ERR_NOMEM;
+    if (failed) return cs_error(failed, "%s", why);
     if (partition) /* un-partition and crop the padding */
         for (int y = 0; y < G; y++)
             for (int x = 0; x < G; x++)

@@ -415,8 +415,9 @@ static int tokens_reach(float *const *planes, int mc, int tx0, int ty0, int tx1,
  * quarter of its side (at least 2 tokens = 32 pixels) on every side. While a mask has
  * a logit above grow_above in the outermost token row or column of a side, that side
  * moves out by half the region's extent (at least 2 tokens), up to the grid's edge. A
- * mask connected to its box is therefore complete; only parts cut off from it by a
- * ring of background are left out. The rest of the planes holds CS_LOGIT_NOT_COMPUTED. */
+ * mask connected to its box is therefore complete; parts cut off from it by background
+ * are left out unless they lie in the region anyway. The rest of the planes holds
+ * CS_LOGIT_NOT_COMPUTED. */
 static void upscale_around_box(const decode_shared *sh, item_ws *w, const float *keys, const float box[4],
                                const float *hyper, float *const *planes, int nthr) {
     const int G = 64, mc = sh->opt.mask_count;
@@ -712,7 +713,7 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
     const int T = 1 + nm + n_tok;
     if (P > 1024 || md->iou_hidden > 1024 || nm > 16)
         return cs_error(CELLSAM_ERR_UNSUPPORTED, "mask decoder width %d is too large", P);
-    /* the folded attentions keep heads x tokens rows in image-sized buffers */
+    /* a bound on the prompt-side buffers (heads x tokens rows of P floats each) */
     if ((long long)T * md->heads > N)
         return cs_error(CELLSAM_ERR_LIMIT, "%d prompt tokens: the mask decoder takes at most %d", n_tok,
                         N / md->heads - 1 - nm);

@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -294,6 +295,7 @@ static void vit_free_packed(cs_vit *v) {
 static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype, int n_threads) {
     const int D = v->dim, F = v->mlp;
     int rc = CELLSAM_OK;
+    char why[256] = ""; /* a worker's error message (error messages are per thread) */
     /* one matrix per thread at a time: 4 x depth independent jobs */
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
     for (int job = 0; job < 4 * v->depth; job++) {
@@ -315,14 +317,17 @@ static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype, int n_thr
                                            mats[j].k, 1);
         if (r) {
 #pragma omp critical(vit_pack_rc)
-            rc = r;
+            if (!rc) {
+                rc = r;
+                snprintf(why, sizeof why, "%s", cellsam_last_error());
+            }
             continue;
         }
         const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
         if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
         else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
     }
-    if (rc) return rc;
+    if (rc) return cs_error(rc, "%s", why);
     v->compute_bf16 = compute_dtype == CELLSAM_DTYPE_BF16;
     v->compute_int8 = compute_dtype == CELLSAM_DTYPE_INT8;
     return CELLSAM_OK;
@@ -492,7 +497,7 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         return cs_error(CELLSAM_ERR_MODEL, "%s: no CellFinder (cellfinder.*) tensors", path);
     }
     if (params->compute_dtype != CELLSAM_DTYPE_F32) {
-        const int nt = params->n_threads > 0 ? params->n_threads : omp_get_num_procs();
+        const int nt = params->n_threads > 0 ? params->n_threads : omp_get_max_threads();
         rc = vit_pack(&m->sam_vit, w, params->compute_dtype, nt);
         if (!rc && m->has_detector) rc = vit_pack(&m->det_vit, w, params->compute_dtype, nt);
         /* the head has no int8 path: it stays float32 there */
