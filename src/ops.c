@@ -4,14 +4,20 @@
 #include <stdint.h>
 #include <math.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "common.h"
 #include "ops.h"
 
+static _Atomic uint64_t gemm_flops; /* relaxed: a statistic, read around a stage */
+
+uint64_t cs_gemm_flops(void) { return atomic_load_explicit(&gemm_flops, memory_order_relaxed); }
+
 void cs_gemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb, int trans_b,
              float beta, float *C, int ldc, int n_threads) {
     if (M <= 0 || N <= 0) return;
+    if (K > 0) atomic_fetch_add_explicit(&gemm_flops, 2ull * (uint64_t)M * (uint64_t)N * (uint64_t)K, memory_order_relaxed);
     if (n_threads < 1) n_threads = 1;
     /* OpenBLAS (OpenMP build) takes its thread count from the calling thread's
      * OpenMP ICV, so setting it here makes n_threads a per-call, per-thread setting;

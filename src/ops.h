@@ -6,10 +6,14 @@
 #define CELLSAM_OPS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* C[M,N] = A[M,K] * B + beta*C; B is [K,N] (trans_b=0) or [N,K] (trans_b=1). */
 void cs_gemm(int M, int N, int K, const float *A, int lda, const float *B, int ldb, int trans_b,
              float beta, float *C, int ldc, int n_threads);
+/* Flops (2 M N K) of every cs_gemm so far, all threads together: benches read it
+ * around a stage to report the arithmetic it did. */
+uint64_t cs_gemm_flops(void);
 /* Linear layer: Y[M,N] = X[M,K] W^T + b, W in PyTorch layout (N,K); bias may be NULL. */
 void cs_linear(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y,
                int n_threads);

@@ -222,7 +222,8 @@ int cmd_bench(int argc, char **argv) {
                    "checkpoint: build/make_checkpoint ../shared/testdata/official_keys.tsv /tmp/full\n"
                    "--e2e-4096 adds the 4096 x 4096 tiled end-to-end run (121 tiles: long).\n"
                    "--json prints one object: encoder_s, encoder_vs_sgemm, det_trunk_s, det_head_s,\n"
-                   "decoder_per_box_s_{1,16,64,256}, decoder_batch_speedup, end_to_end_1024_s, peak_rss_mb, ...\n");
+                   "decoder_per_box_s_{1,16,64,256}, decoder_batch_speedup, decoder_gflop_per_box,\n"
+                   "decoder_gflop_shared, end_to_end_1024_s, peak_rss_mb, ...\n");
             return 0;
         } else if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) ckpt = argv[++i];
         else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = argv[++i];
@@ -369,6 +370,18 @@ int cmd_bench(int argc, char **argv) {
         fprintf(out, "%-34s %8.4f s per box (%d boxes in one call, median of %d)\n", "mask decoder, box region",
                 per_box[k], sizes[k], reps[k]);
     }
+    /* the decoder's arithmetic, counted in its GEMMs: a call on 64 boxes against one on
+     * 1 box separates what each box costs from what the boxes of an image share */
+    uint64_t f0 = cs_gemm_flops();
+    median_decode_s(ctx, dense, sparse, boxes, 64, 1, 1, lgs, ious, threads);
+    const double f64 = (double)(cs_gemm_flops() - f0);
+    f0 = cs_gemm_flops();
+    median_decode_s(ctx, dense, sparse, boxes, 1, 1, 1, lgs, ious, threads);
+    const double f1 = (double)(cs_gemm_flops() - f0), flop_box = (f64 - f1) / 63, flop_shared = f1 - flop_box;
+    json_object_set_new(js, "decoder_gflop_per_box", json_real(flop_box / 1e9));
+    json_object_set_new(js, "decoder_gflop_shared", json_real(flop_shared / 1e9));
+    fprintf(out, "%-34s %8.3f GFLOP per box, %.3f GFLOP shared by an image's boxes (GEMMs, counted)\n",
+            "mask decoder arithmetic", flop_box / 1e9, flop_shared / 1e9);
     /* masks on the whole grid (--full-masks) */
     const double full_1 = median_decode_s(ctx, dense, sparse, NULL, 1, 9, 1, lgs, ious, threads);
     const double full_64 = median_decode_s(ctx, dense, sparse, NULL, 64, 3, 1, lgs, ious, threads) / 64;
