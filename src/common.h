@@ -14,6 +14,16 @@ int cs_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 /* Prefix the current message with context ("loading X: ..."), return `code`. */
 int cs_error_prefix(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void cs_error_clear(void);
+/* The first error met by the threads of a parallel region, carried to the thread that
+ * started it: messages are per thread, so a worker's would otherwise be lost. */
+typedef struct {
+    int code;
+    char message[1024]; /* as long as a thread's own message */
+} cs_worker_error;
+/* On a worker, after a call failed with `code` (its message set): keeps the first. */
+void cs_worker_error_keep(cs_worker_error *e, int code);
+/* On the starting thread: CELLSAM_OK, or the kept code with its message set again. */
+int cs_worker_error_raise(const cs_worker_error *e);
 
 /* Checked size arithmetic: return 0 and set *out, or return -1 on overflow. */
 static inline int cs_mul_size(size_t a, size_t b, size_t *out) {

@@ -38,6 +38,16 @@ int cs_error_prefix(int code, const char *fmt, ...) {
 
 void cs_error_clear(void) { g_error[0] = '\0'; }
 
+void cs_worker_error_keep(cs_worker_error *e, int code) {
+#pragma omp critical(cs_worker_error)
+    if (!e->code) {
+        e->code = code;
+        snprintf(e->message, sizeof e->message, "%s", g_error);
+    }
+}
+
+int cs_worker_error_raise(const cs_worker_error *e) { return e->code ? cs_error(e->code, "%s", e->message) : CELLSAM_OK; }
+
 const char *cellsam_last_error(void) { return g_error[0] ? g_error : "no error"; }
 
 const char *cellsam_status_string(int status) {

@@ -8,7 +8,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,7 +74,7 @@ static int attention_head(const float *q, const float *k, const float *v, int ld
             if (cs_bf16_linear(qs, qb, hd, &k16, NULL, 0, scores, n, 1)) return CELLSAM_ERR_NOMEM;
         } else if (mode == ATTN_INT8) {
             int rc = cs_int8_linear(qs, qb, hd, &k8, NULL, 0, scores, n, 1);
-        if (rc) return rc;
+            if (rc) return rc;
         } else {
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, n, hd, 1.0f, qs, hd, k, ld, 0.0f, scores, n);
         }
@@ -201,8 +200,8 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
     const float scale = 1.0f / sqrtf((float)hd);
     const int n = side * side;
     const int items = nwin * H;
-    int nt = n_threads < items ? n_threads : items, failed = 0;
-    char why[256] = ""; /* a worker's error message (error messages are per thread) */
+    const int nt = n_threads < items ? n_threads : items;
+    cs_worker_error failed = {0};
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
         int w = it / H, h = it % H;
@@ -210,15 +209,9 @@ static int block_attention(const cs_vit *v, const cs_vit_block *b, const float *
         int r = attention_head(base + h * hd, base + D + h * hd, base + 2 * D + h * hd, 3 * D, side, hd, b->rel_h,
                                b->rel_w, scale, Ow + (size_t)w * n * D + h * hd, D, attn_mode(v),
                                ws->scratch + (size_t)omp_get_thread_num() * ws->scratch_len);
-        if (r) {
-#pragma omp critical(vit_attention_error)
-            if (!failed) {
-                failed = r;
-                snprintf(why, sizeof why, "%s", cellsam_last_error());
-            }
-        }
+        if (r) cs_worker_error_keep(&failed, r);
     }
-    if (failed) return cs_error(failed, "%s", why);
+    if (failed.code) return cs_worker_error_raise(&failed);
     if (partition) /* un-partition and crop the padding */
         for (int y = 0; y < G; y++)
             for (int x = 0; x < G; x++)

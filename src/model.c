@@ -3,7 +3,6 @@
 #include <jansson.h>
 #include <math.h>
 #include <omp.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -294,8 +293,7 @@ static void vit_free_packed(cs_vit *v) {
  * these matrices. */
 static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype, int n_threads) {
     const int D = v->dim, F = v->mlp;
-    int rc = CELLSAM_OK;
-    char why[256] = ""; /* a worker's error message (error messages are per thread) */
+    cs_worker_error failed = {0};
     /* one matrix per thread at a time: 4 x depth independent jobs */
 #pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
     for (int job = 0; job < 4 * v->depth; job++) {
@@ -316,18 +314,14 @@ static int vit_pack(cs_vit *v, const cs_weights *w, int compute_dtype, int n_thr
                     : cs_bf16_weights_pack(mats[j].bf16, mats[j].f32, mats[j].f16, v->weights16, mats[j].n,
                                            mats[j].k, 1);
         if (r) {
-#pragma omp critical(vit_pack_rc)
-            if (!rc) {
-                rc = r;
-                snprintf(why, sizeof why, "%s", cellsam_last_error());
-            }
+            cs_worker_error_keep(&failed, r);
             continue;
         }
         const size_t elems = (size_t)mats[j].n * (size_t)mats[j].k;
         if (mats[j].f32) cs_weights_drop_pages(w, mats[j].f32, elems * sizeof(float));
         else cs_weights_drop_pages(w, mats[j].f16, elems * sizeof(uint16_t));
     }
-    if (rc) return cs_error(rc, "%s", why);
+    if (failed.code) return cs_worker_error_raise(&failed);
     v->compute_bf16 = compute_dtype == CELLSAM_DTYPE_BF16;
     v->compute_int8 = compute_dtype == CELLSAM_DTYPE_INT8;
     return CELLSAM_OK;
