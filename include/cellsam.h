@@ -284,7 +284,9 @@ typedef struct {
     int anchor_matching;       /* detector targets: 2 = one-to-many (every anchor in the central
                                   half of a cell's box; train's default), 1 = each cell to its
                                   nearest anchor, 0 = DETR's Hungarian matching on the
-                                  predictions (finetune's default) */
+                                  predictions, -1 = the starting model's (finetune's default):
+                                  dense when it recommends a box NMS (it was trained one-to-many,
+                                  as cellsam's models are), else Hungarian (the official one) */
     int whole_image_max_side;  /* 0 (default): samples are tiles of the official tiler, as tiled
                                   inference sees them; N: images up to N px per side are taken
                                   whole, without the tiler's halo, as whole-image inference sees

@@ -211,6 +211,7 @@ static const char *const HINT_KEYS[N_HINTS] = {"cellsam.box_nms_iou", "cellsam.w
 
 typedef struct {
     const cellsam_train_params *tp;
+    int matching; /* tp->anchor_matching, with -1 resolved from the starting model */
     arch_config arch;
     cs_tparams ps;
     cs_tvit *sam_vit, *det_vit;
@@ -400,7 +401,7 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
     lp.loss_class *= scale;
     lp.loss_bbox *= scale;
     lp.loss_giou *= scale;
-    if (t->tp->anchor_matching) {
+    if (t->matching) {
         /* query q uses anchor q mod n_positions (patterns repeat the anchors) */
         const cs_tparam *pos = cs_tparams_find(&t->ps, "cellfinder.decode_head.transformer.position.weight");
         if (!pos) return cs_error(CELLSAM_ERR_MODEL, "detector has no anchor positions");
@@ -409,7 +410,7 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
             t->anchors[2 * q + 1] = pos->w[2 * (q % c->n_positions) + 1];
         }
         lp.anchors = t->anchors;
-        if (t->tp->anchor_matching == 2) lp.dense_center = 0.5f;
+        if (t->matching == 2) lp.dense_center = 0.5f;
     }
     double total = 0;
     for (int l = 0; l < L; l++) {
@@ -584,6 +585,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         tp->images_per_step > 1024 || tp->epochs < 0 || tp->n_threads < 1 || !(tp->lr > 0) ||
         (!tp->train_decoder && !tp->train_detector))
         return cs_error(CELLSAM_ERR_INVALID, "invalid training parameters");
+    if (tp->anchor_matching < -1 || tp->anchor_matching > 2)
+        return cs_error(CELLSAM_ERR_INVALID, "detector matching %d is not -1 (the model's), 0, 1 or 2",
+                        tp->anchor_matching);
     if (tp->cell_diameter && (tp->cell_diameter < 4 || tp->cell_diameter > 1024)) /* the metadata's range */
         return cs_error(CELLSAM_ERR_INVALID, "training cell diameter %d is not within 4..1024 network pixels",
                         tp->cell_diameter);
@@ -654,7 +658,18 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         }
         tlog(t, "CellFinder taken from %s (%zu tensors)", tp->detector_from, n_loaded);
     }
-    if (tp->train_detector && tp->anchor_matching == 2)
+    /* -1: the targets the starting detector was trained with. A model that recommends a
+     * box NMS was trained one-to-many (dense), and Hungarian one-to-one targets would
+     * retrain it to score one box per cell that its NMS then no longer expects; the
+     * official checkpoint recommends none and was trained with Hungarian matching. */
+    t->matching = tp->anchor_matching;
+    if (t->matching < 0) {
+        t->matching = atof(t->hint[HINT_BOX_NMS]) > 0 ? 2 : 0; /* "" reads as 0 */
+        if (tp->train_detector)
+            tlog(t, "detector targets: %s, as the starting model's (box NMS %s)",
+                 t->matching == 2 ? "dense" : "hungarian", t->matching == 2 ? t->hint[HINT_BOX_NMS] : "none");
+    }
+    if (tp->train_detector && t->matching == 2)
         snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
     if (tp->whole_image_max_side > 0) /* trained on whole images: segment them whole */
         snprintf(t->hint[HINT_WHOLE_MAX], sizeof t->hint[HINT_WHOLE_MAX], "%d", tp->whole_image_max_side);

@@ -73,6 +73,29 @@ grep -q "step 2/2 loss" "$TMP/log3" || fail "finetune made no steps"
 ok "finetune -m CKPT runs with frozen encoders"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^box NMS       0\.2 " || fail "finetuning lost the detector's box NMS hint"
 ok "finetuning keeps the detector's box NMS hint"
+
+# finetune's detector targets follow the starting model: dense for a model that recommends a
+# box NMS (trained one-to-many), Hungarian for one that does not (the official checkpoint);
+# the first step's detector loss equals that of the explicit choice, and differs between them
+"$CLI" convert "$TMP/m.safetensors" "$TMP/h.safetensors" --box-nms 0 2>/dev/null || fail "convert --box-nms 0 failed"
+for run in m:model m:dense m:hungarian h:model h:hungarian; do
+    src=${run%%:*}
+    mt=${run##*:}
+    "$CLI" finetune -m "$TMP/$src.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
+        --seed 5 --matching "$mt" --threads 2 --out "$TMP/t_$src$mt.safetensors" 2>"$TMP/t_$src$mt.log" ||
+        fail "finetune --matching $mt from $src failed: $(tail -3 "$TMP/t_$src$mt.log")"
+done
+grep -q "detector targets: dense, as the starting model's (box NMS 0.2)" "$TMP/t_mmodel.log" ||
+    fail "a box-NMS model is not fine-tuned with dense targets: $(head -3 "$TMP/t_mmodel.log")"
+grep -q "detector targets: hungarian, as the starting model's (box NMS none)" "$TMP/t_hmodel.log" ||
+    fail "a model without box NMS is not fine-tuned with Hungarian targets: $(head -3 "$TMP/t_hmodel.log")"
+det_loss() { sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/t_$1.log"; }
+[ -n "$(det_loss mmodel)" ] && [ "$(det_loss mmodel)" = "$(det_loss mdense)" ] ||
+    fail "default targets of a box-NMS model: det loss $(det_loss mmodel), dense $(det_loss mdense)"
+[ "$(det_loss mdense)" != "$(det_loss mhungarian)" ] || fail "dense and Hungarian targets gave the same loss"
+[ -n "$(det_loss hmodel)" ] && [ "$(det_loss hmodel)" = "$(det_loss hhungarian)" ] ||
+    fail "default targets of a model without box NMS: det loss $(det_loss hmodel), Hungarian $(det_loss hhungarian)"
+ok "finetune's default detector targets follow the starting model (dense with box NMS, else Hungarian)"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^whole image   up to 1024 px" || fail "finetuning lost the whole-image hint"
 ok "finetuning keeps the model's whole-image hint"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^cell diameter 48 px" || fail "finetuning lost the cell-diameter hint"

@@ -43,8 +43,10 @@ static void usage(const char *cmd) {
            "                     median cell of its masks spans N of the 1024 network pixels, times\n"
            "                     the random scale; records N and `--diameter auto` in the model\n"
            "  --matching M       detector targets: dense (every anchor in the central half of a cell's\n"
-           "                     box; train's default), anchor (each cell to its nearest anchor)\n"
-           "                     or hungarian (DETR's matching; finetune's default)\n"
+           "                     box; train's default), anchor (each cell to its nearest anchor),\n"
+           "                     hungarian (DETR's matching) or model (finetune's default: dense when\n"
+           "                     the starting model recommends a box NMS, as cellsam's models do,\n"
+           "                     else hungarian, as for the official checkpoint)\n"
            "  --time-limit SEC   save and stop cleanly after SEC seconds (resume later)\n"
            "  --save-every N     also save every N steps\n"
            "  --threads N  --seed N\n"
@@ -61,7 +63,7 @@ static int run(const char *cmd, int argc, char **argv) {
         p.epochs = 5;
         p.lr = 1e-4f;
         p.warmup_steps = 10;
-        p.anchor_matching = 0;
+        p.anchor_matching = -1; /* the starting model's */
     }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -119,8 +121,9 @@ static int run(const char *cmd, int argc, char **argv) {
             if (!strcmp(v, "anchor")) p.anchor_matching = 1;
             else if (!strcmp(v, "dense")) p.anchor_matching = 2;
             else if (!strcmp(v, "hungarian")) p.anchor_matching = 0;
+            else if (!strcmp(v, "model")) p.anchor_matching = -1;
             else {
-                cli_error(cmd, "--matching: expected dense, anchor or hungarian");
+                cli_error(cmd, "--matching: expected dense, anchor, hungarian or model");
                 return 2;
             }
         } else if (!strcmp(a, "--no-augment")) {
