@@ -439,7 +439,13 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     char vp[64];
     snprintf(vp, sizeof vp, "%simage_encoder.", m->prefix);
     int64_t D = cs_weights_dim(w, vp, "patch_embed.proj.weight", 0);
-    int vit_heads = ho.vit_heads ? ho.vit_heads : (D > 0 && D % 64 == 0 ? (int)(D / 64) : 1);
+    /* Without a config or metadata: the relative-position tables are one head wide, so
+     * they give the head count exactly (SAM's ViTs); else SAM's 64-wide heads. */
+    int64_t head_dim = cs_weights_dim(w, vp, "blocks.0.attn.rel_pos_h", 1);
+    int vit_heads = ho.vit_heads                                       ? ho.vit_heads
+                    : D > 0 && head_dim > 0 && D % head_dim == 0 && D / head_dim <= 256 ? (int)(D / head_dim)
+                    : D > 0 && D % 64 == 0                              ? (int)(D / 64)
+                                                                        : 1;
     int w16 = params->weights_dtype == CELLSAM_DTYPE_F16 ? CS_DTYPE_F16
               : params->weights_dtype == CELLSAM_DTYPE_BF16 ? CS_DTYPE_BF16 : 0;
     if (params->weights_dtype < 0 || params->weights_dtype > CELLSAM_DTYPE_BF16) {

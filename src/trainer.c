@@ -205,9 +205,13 @@ static float clip_group(cs_tparams *ps, const char *prefix, float max_norm) {
 /* ------------------------------------------------------------ the trainer */
 
 /* The recommendations a model carries in its metadata, saved with every checkpoint. */
-enum { HINT_BOX_NMS, HINT_WHOLE_MAX, HINT_CELL_DIAMETER, HINT_SIZING, N_HINTS };
+/* HINT_TARGETS is not a recommendation but a record: the detector targets the model
+ * last trained with, which `finetune --matching model` continues with. */
+enum { HINT_BOX_NMS, HINT_WHOLE_MAX, HINT_CELL_DIAMETER, HINT_SIZING, HINT_TARGETS, N_HINTS };
 static const char *const HINT_KEYS[N_HINTS] = {"cellsam.box_nms_iou", "cellsam.whole_image_max_side",
-                                               "cellsam.cell_diameter", "cellsam.diameter"};
+                                               "cellsam.cell_diameter", "cellsam.diameter",
+                                               "cellsam.detector_targets"};
+static const char *const MATCHING_NAMES[3] = {"hungarian", "anchor", "dense"}; /* anchor_matching 0..2 */
 
 typedef struct {
     const cellsam_train_params *tp;
@@ -647,7 +651,10 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         if (!rc)
             rc = cs_tparams_load_except(&t->ps, w, "cellfinder.", new_anchors ? anchor_table : NULL, &n_loaded,
                                         &n_missing);
-        if (!rc) take_hint(t, w, HINT_BOX_NMS); /* the NMS hint travels with the detector */
+        if (!rc) { /* the NMS hint and the targets' record travel with the detector */
+            take_hint(t, w, HINT_BOX_NMS);
+            take_hint(t, w, HINT_TARGETS);
+        }
         cs_weights_free(w);
         if (!rc && (n_missing || !n_loaded))
             rc = cs_error(CELLSAM_ERR_MODEL, "%s lacks %zu of the CellFinder's trainable tensors", tp->detector_from,
@@ -658,19 +665,31 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         }
         tlog(t, "CellFinder taken from %s (%zu tensors)", tp->detector_from, n_loaded);
     }
-    /* -1: the targets the starting detector was trained with. A model that recommends a
-     * box NMS was trained one-to-many (dense), and Hungarian one-to-one targets would
-     * retrain it to score one box per cell that its NMS then no longer expects; the
-     * official checkpoint recommends none and was trained with Hungarian matching. */
+    /* -1: the targets the starting detector was trained with: those its metadata records
+     * (models trained since 2026-11-27), else inferred from its box NMS. A model that
+     * recommends one was trained one-to-many (dense), and Hungarian one-to-one targets
+     * would retrain it to score one box per cell that its NMS then no longer expects;
+     * the official checkpoint recommends none and was trained with Hungarian matching. */
     t->matching = tp->anchor_matching;
     if (t->matching < 0) {
-        t->matching = atof(t->hint[HINT_BOX_NMS]) > 0 ? 2 : 0; /* "" reads as 0 */
-        if (tp->train_detector)
-            tlog(t, "detector targets: %s, as the starting model's (box NMS %s)",
-                 t->matching == 2 ? "dense" : "hungarian", t->matching == 2 ? t->hint[HINT_BOX_NMS] : "none");
+        for (int m = 0; m < 3; m++)
+            if (!strcmp(t->hint[HINT_TARGETS], MATCHING_NAMES[m])) t->matching = m;
+        if (t->matching >= 0) {
+            if (tp->train_detector)
+                tlog(t, "detector targets: %s, as the starting model's (recorded in its metadata)",
+                     MATCHING_NAMES[t->matching]);
+        } else {
+            t->matching = atof(t->hint[HINT_BOX_NMS]) > 0 ? 2 : 0; /* "" reads as 0 */
+            if (tp->train_detector)
+                tlog(t, "detector targets: %s, as the starting model's (box NMS %s)", MATCHING_NAMES[t->matching],
+                     t->matching == 2 ? t->hint[HINT_BOX_NMS] : "none");
+        }
     }
-    if (tp->train_detector && t->matching == 2)
-        snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
+    if (tp->train_detector) {
+        snprintf(t->hint[HINT_TARGETS], sizeof t->hint[HINT_TARGETS], "%s", MATCHING_NAMES[t->matching]);
+        if (t->matching == 2)
+            snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
+    }
     if (tp->whole_image_max_side > 0) /* trained on whole images: segment them whole */
         snprintf(t->hint[HINT_WHOLE_MAX], sizeof t->hint[HINT_WHOLE_MAX], "%d", tp->whole_image_max_side);
     if (tp->cell_diameter > 0) { /* trained at cell size: segment at cell size */

@@ -74,28 +74,40 @@ ok "finetune -m CKPT runs with frozen encoders"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^box NMS       0\.2 " || fail "finetuning lost the detector's box NMS hint"
 ok "finetuning keeps the detector's box NMS hint"
 
-# finetune's detector targets follow the starting model: dense for a model that recommends a
-# box NMS (trained one-to-many), Hungarian for one that does not (the official checkpoint);
-# the first step's detector loss equals that of the explicit choice, and differs between them
+# finetune's detector targets follow the starting model: those recorded in its metadata
+# (cellsam.detector_targets, written by every run that trains the detector); else dense for a
+# model that recommends a box NMS (the bundled model, trained one-to-many before the record
+# existed) and Hungarian for one that does not (the official checkpoint: the testdata one).
+# The first step's detector loss equals that of the explicit choice, and differs between them.
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+cp "$SRC/models/cellsam-small.safetensors" "$TMP/b.safetensors" || fail "no bundled model"
+# (without its config.json the tiny testdata model loads with 1 ViT head instead of 2: a
+# different function, but as good a model without metadata for choosing the targets)
+cp "$2/checkpoint.safetensors" "$TMP/o.safetensors" || fail "no testdata checkpoint"
 "$CLI" convert "$TMP/m.safetensors" "$TMP/h.safetensors" --box-nms 0 2>/dev/null || fail "convert --box-nms 0 failed"
-for run in m:model m:dense m:hungarian h:model h:hungarian; do
-    src=${run%%:*}
-    mt=${run##*:}
-    "$CLI" finetune -m "$TMP/$src.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
-        --seed 5 --matching "$mt" --threads 2 --out "$TMP/t_$src$mt.safetensors" 2>"$TMP/t_$src$mt.log" ||
-        fail "finetune --matching $mt from $src failed: $(tail -3 "$TMP/t_$src$mt.log")"
-done
-grep -q "detector targets: dense, as the starting model's (box NMS 0.2)" "$TMP/t_mmodel.log" ||
-    fail "a box-NMS model is not fine-tuned with dense targets: $(head -3 "$TMP/t_mmodel.log")"
-grep -q "detector targets: hungarian, as the starting model's (box NMS none)" "$TMP/t_hmodel.log" ||
-    fail "a model without box NMS is not fine-tuned with Hungarian targets: $(head -3 "$TMP/t_hmodel.log")"
+finetune_1() { # SRC MATCHING: one detector step from $TMP/SRC.safetensors to $TMP/t_SRCMATCHING
+    "$CLI" finetune -m "$TMP/$1.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
+        --seed 5 --matching "$2" --threads 2 --out "$TMP/t_$1$2.safetensors" 2>"$TMP/t_$1$2.log" ||
+        fail "finetune --matching $2 from $1 failed: $(tail -3 "$TMP/t_$1$2.log")"
+}
+for run in m:model m:dense m:hungarian h:model o:model o:hungarian b:model; do finetune_1 "${run%%:*}" "${run##*:}"; done
+cp "$TMP/t_mhungarian.safetensors" "$TMP/r.safetensors" # a Hungarian fine-tune of a box-NMS model
+finetune_1 r model
+expect_log() { grep -q "detector targets: $2, as the starting model's ($3" "$TMP/t_$1.log" ||
+    fail "$1: expected \"$2 ($3\": $(head -3 "$TMP/t_$1.log")"; }
+expect_log mmodel dense "recorded in its metadata"
+expect_log hmodel dense "recorded in its metadata" # the record wins over a changed NMS hint
+expect_log rmodel hungarian "recorded in its metadata"
+expect_log bmodel dense "box NMS 0.2"
+expect_log omodel hungarian "box NMS none"
+"$CLI" info "$TMP/t_rmodel.safetensors" >/dev/null || fail "the twice fine-tuned model does not load"
 det_loss() { sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/t_$1.log"; }
 [ -n "$(det_loss mmodel)" ] && [ "$(det_loss mmodel)" = "$(det_loss mdense)" ] ||
-    fail "default targets of a box-NMS model: det loss $(det_loss mmodel), dense $(det_loss mdense)"
+    fail "default targets of a dense-trained model: det loss $(det_loss mmodel), dense $(det_loss mdense)"
 [ "$(det_loss mdense)" != "$(det_loss mhungarian)" ] || fail "dense and Hungarian targets gave the same loss"
-[ -n "$(det_loss hmodel)" ] && [ "$(det_loss hmodel)" = "$(det_loss hhungarian)" ] ||
-    fail "default targets of a model without box NMS: det loss $(det_loss hmodel), Hungarian $(det_loss hhungarian)"
-ok "finetune's default detector targets follow the starting model (dense with box NMS, else Hungarian)"
+[ -n "$(det_loss omodel)" ] && [ "$(det_loss omodel)" = "$(det_loss ohungarian)" ] ||
+    fail "default targets of the official checkpoint: det loss $(det_loss omodel), Hungarian $(det_loss ohungarian)"
+ok "finetune's default detector targets follow the starting model (its record; else dense with box NMS, else Hungarian)"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^whole image   up to 1024 px" || fail "finetuning lost the whole-image hint"
 ok "finetuning keeps the model's whole-image hint"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^cell diameter 48 px" || fail "finetuning lost the cell-diameter hint"

@@ -557,6 +557,28 @@ static void test_other_layouts(void **state) {
     free(x);
 }
 
+/* Without config.json or metadata the ViT head count comes from the width of the
+ * relative-position tables (one head wide): the tiny model's 2 heads of 24, where the
+ * old guess (D / 64, else 1) gave 1 head and a wrong encoder. */
+static void test_vit_heads_from_rel_pos(void **state) {
+    (void)state;
+    float *x = pattern_input(7, 13, 29, 0);
+    cs_npy ref;
+    tu_load(&ref, "unit_pattern/sam_encoder_output.npy");
+    cellsam_model *m;
+    cellsam_context *c;
+    assert_int_equal(cellsam_model_load(tu_path("checkpoint.safetensors"), NULL, &m), 0);
+    assert_int_equal(m->sam_vit.heads, 2);
+    assert_int_equal(m->det_vit.heads, 2);
+    assert_int_equal(cellsam_context_new(m, &c), 0);
+    assert_int_equal(cellsam_encode(c, x, 2), 0);
+    tu_check_npy("sam_encoder_output without config", c->embedding, ref.count, &ref, 1e-4);
+    cellsam_context_free(c);
+    cellsam_model_free(m);
+    cs_npy_free(&ref);
+    free(x);
+}
+
 /* Opt-in reduced precision: 16-bit storage of the ViT matrices, bfloat16 compute,
  * and both. The deviation from float32 on the unit pattern stays within the bounds
  * documented in the README (measured: f16 weights 1.8e-3, bf16 weights 1.6e-2,
@@ -619,6 +641,7 @@ int main(void) {
         cmocka_unit_test(test_cases_prompt_and_decoder),
         cmocka_unit_test(test_prompt_sets),
         cmocka_unit_test(test_other_layouts),
+        cmocka_unit_test(test_vit_heads_from_rel_pos),
         cmocka_unit_test(test_reduced_precision),
         cmocka_unit_test(test_int8_refuses_nan_weight),
     };
