@@ -362,6 +362,17 @@ expect "labels with POST" 405 "$(req POST "/api/images/$B/labels" -d x)"
 expect "the last good save is kept" 200 "$(req GET "/api/images/$B/export?format=csv")"
 cmp -s "$TMP/body" "$TMP/want.csv" && ok "rejected saves left the stored labels alone" || bad "stored labels changed"
 
+# ---------------------------------------------------------------- corrections are training data
+# finetune --data ROOT pairs each autosaved ROOT/.cellsam/<image>.labels.png with its image
+# (a.png: the segment-all result; sub/b.png: the two hand-made halves) and trains on both
+"$CLI" finetune -m "$TESTDATA/checkpoint.safetensors" --data "$ROOT" --steps 1 --batch 2 --prompts 2 \
+    --val-fraction 0 --threads 2 --out "$TMP/ft.safetensors" >/dev/null 2>"$TMP/ft.log"
+expect "finetune on the saved corrections" 0 $?
+grep -q " on 2 images, 0 held out" "$TMP/ft.log" && grep -q "step 1/1 loss" "$TMP/ft.log" &&
+    ok "both saved label images paired with their images and trained on" || bad "finetune: $(head -3 "$TMP/ft.log")"
+"$CLI" segment -m "$TMP/ft.safetensors" "$ROOT/sub/b.png" -o "$TMP/ft_b.png" --quiet 2>"$TMP/ft.err" &&
+    ok "the fine-tuned model segments" || bad "segment with the fine-tuned model: $(cat "$TMP/ft.err")"
+
 # ---------------------------------------------------------------- uploads (--max-upload 1 MB)
 upload() { req POST "/api/upload?name=$1" --data-binary @"$2"; }
 expect "upload" 201 "$(upload 'my%20cells.png' "$ROOT/sub/b.png")"
