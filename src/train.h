@@ -63,6 +63,12 @@ int cs_tparams_load_except(cs_tparams *ps, const cs_weights *w, const char *pref
  * a NULL-terminated list of key, value strings stored as safetensors metadata. */
 int cs_tparams_save(const cs_tparams *ps, const char *path, cs_dtype dtype, const char *const *meta);
 
+/* A copy of `in` whose CellFinder trunk is `factor` (2-4) times as wide, computing the
+ * same function up to noise of `noise` times each widened matrix's RMS, which lets the
+ * copies part in training (train_widen.c). Other tensors are views into `in`, which
+ * must outlive *out. */
+int cs_widen_trunk(const cs_weights *in, int factor, float noise, uint64_t seed, cs_weights **out);
+
 /* Deterministic random initialisation (splitmix64-seeded xoshiro). */
 typedef struct { uint64_t s[4]; } cs_rng;
 void cs_rng_seed(cs_rng *r, uint64_t seed);

@@ -138,6 +138,31 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     a->det_vit = *v;
     a->det_vit.out_chans = 0;
     a->vit_heads = v->heads;
+    /* The CellFinder trunk has its own width, MLP and depth (a widened trunk, say);
+     * its global blocks are those whose relative positions span the whole grid. */
+    {
+        cs_tvit_config *tv = &a->det_vit;
+        const char *tb = "cellfinder.decode_head.backbone.body.";
+        char bn[256];
+        int64_t tdim = cs_weights_dim(w, tb, "patch_embed.proj.bias", 0);
+        int64_t tmlp = cs_weights_dim(w, tb, "blocks.0.mlp.lin1.weight", 0);
+        int tdepth = 0, nglob = 0;
+        for (; tdepth < 32; tdepth++) {
+            snprintf(bn, sizeof bn, "blocks.%d.attn.rel_pos_h", tdepth);
+            int64_t rows = cs_weights_dim(w, tb, bn, 0);
+            if (rows <= 0) break;
+            if (rows == 2 * (info.image_size / info.patch_size) - 1 && nglob < 16) tv->global_idx[nglob++] = tdepth;
+        }
+        if (tdim < 8 || tdim > 2048 || tdim % v->heads || tmlp < 1 || tmlp > 65536 || tdepth < 1) {
+            cs_weights_free(w);
+            return cs_error(CELLSAM_ERR_MODEL, "%s: implausible CellFinder trunk (dim %lld, mlp %lld, depth %d)", path,
+                            (long long)tdim, (long long)tmlp, tdepth);
+        }
+        tv->dim = (int)tdim;
+        tv->mlp = (int)tmlp;
+        tv->depth = tdepth;
+        tv->n_global = nglob;
+    }
     cs_tdecoder_config *d = &a->dec;
     d->dim = info.prompt_dim;
     d->depth = info.decoder_depth;
@@ -152,7 +177,7 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     cs_tdetector_config *t = &a->det;
     const char *h = "cellfinder.decode_head.transformer.";
     char name[256];
-    t->backbone_dim = v->dim;
+    t->backbone_dim = a->det_vit.dim;
     t->d_model = 256;
     t->heads = info.det_heads;
     t->enc_layers = info.det_enc_layers;

@@ -456,6 +456,18 @@ int cs_weights_set_meta(cs_weights *w, const char *key, const char *value) {
     return CELLSAM_OK;
 }
 
+int cs_weights_copy_meta(cs_weights *dst, const cs_weights *src) {
+    if (!dst || !src) return cs_error(CELLSAM_ERR_INVALID, "cs_weights_copy_meta: NULL argument");
+    if (!src->meta) return CELLSAM_OK;
+    const char *mk;
+    json_t *mv;
+    json_object_foreach(src->meta, mk, mv) {
+        int rc = json_is_string(mv) ? cs_weights_set_meta(dst, mk, json_string_value(mv)) : CELLSAM_OK;
+        if (rc) return rc;
+    }
+    return CELLSAM_OK;
+}
+
 const char *cs_weights_get_meta(const cs_weights *w, const char *key) {
     if (!w || !w->meta || !key) return NULL;
     return json_string_value(json_object_get(w->meta, key));

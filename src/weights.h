@@ -61,6 +61,8 @@ int cs_weights_save_safetensors(const cs_weights *w, const char *path, cs_dtype 
  * attention head counts there ("cellsam.vit_heads", ...), which shapes cannot tell. */
 int cs_weights_set_meta(cs_weights *w, const char *key, const char *value);
 const char *cs_weights_get_meta(const cs_weights *w, const char *key);
+/* Every metadata entry of src set on dst (dst's own entries of other keys stay). */
+int cs_weights_copy_meta(cs_weights *dst, const cs_weights *src);
 
 /* ---- building a store (used by both loaders) ---- */
 cs_weights *cs_weights_new(const char *format);

@@ -83,14 +83,14 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 cp "$SRC/models/cellsam-small.safetensors" "$TMP/b.safetensors" || fail "no bundled model"
 # (without its config.json the tiny testdata model loads with 1 ViT head instead of 2: a
 # different function, but as good a model without metadata for choosing the targets)
-cp "$2/checkpoint.safetensors" "$TMP/o.safetensors" || fail "no testdata checkpoint"
+cp "$2/checkpoint.safetensors" "$TMP/official.safetensors" || fail "no testdata checkpoint"
 "$CLI" convert "$TMP/m.safetensors" "$TMP/h.safetensors" --box-nms 0 2>/dev/null || fail "convert --box-nms 0 failed"
 finetune_1() { # SRC MATCHING: one detector step from $TMP/SRC.safetensors to $TMP/t_SRCMATCHING
     "$CLI" finetune -m "$TMP/$1.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
         --seed 5 --matching "$2" --threads 2 --out "$TMP/t_$1$2.safetensors" 2>"$TMP/t_$1$2.log" ||
         fail "finetune --matching $2 from $1 failed: $(tail -3 "$TMP/t_$1$2.log")"
 }
-for run in m:model m:dense m:hungarian h:model o:model o:hungarian b:model; do finetune_1 "${run%%:*}" "${run##*:}"; done
+for run in m:model m:dense m:hungarian h:model official:model official:hungarian b:model; do finetune_1 "${run%%:*}" "${run##*:}"; done
 cp "$TMP/t_mhungarian.safetensors" "$TMP/r.safetensors" # a Hungarian fine-tune of a box-NMS model
 finetune_1 r model
 expect_log() { grep -q "detector targets: $2, as the starting model's ($3" "$TMP/t_$1.log" ||
@@ -99,14 +99,14 @@ expect_log mmodel dense "recorded in its metadata"
 expect_log hmodel dense "recorded in its metadata" # the record wins over a changed NMS hint
 expect_log rmodel hungarian "recorded in its metadata"
 expect_log bmodel dense "box NMS 0.2"
-expect_log omodel hungarian "box NMS none"
+expect_log officialmodel hungarian "box NMS none"
 "$CLI" info "$TMP/t_rmodel.safetensors" >/dev/null || fail "the twice fine-tuned model does not load"
 det_loss() { sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/t_$1.log"; }
 [ -n "$(det_loss mmodel)" ] && [ "$(det_loss mmodel)" = "$(det_loss mdense)" ] ||
     fail "default targets of a dense-trained model: det loss $(det_loss mmodel), dense $(det_loss mdense)"
 [ "$(det_loss mdense)" != "$(det_loss mhungarian)" ] || fail "dense and Hungarian targets gave the same loss"
-[ -n "$(det_loss omodel)" ] && [ "$(det_loss omodel)" = "$(det_loss ohungarian)" ] ||
-    fail "default targets of the official checkpoint: det loss $(det_loss omodel), Hungarian $(det_loss ohungarian)"
+[ -n "$(det_loss officialmodel)" ] && [ "$(det_loss officialmodel)" = "$(det_loss officialhungarian)" ] ||
+    fail "default targets of the official checkpoint: det loss $(det_loss officialmodel), Hungarian $(det_loss officialhungarian)"
 ok "finetune's default detector targets follow the starting model (its record; else dense with box NMS, else Hungarian)"
 "$CLI" info "$TMP/f.safetensors" | grep -q "^whole image   up to 1024 px" || fail "finetuning lost the whole-image hint"
 ok "finetuning keeps the model's whole-image hint"
@@ -154,6 +154,23 @@ l_direct=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/direct.l
 l_joined=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/joined.log")
 [ -n "$l_direct" ] && [ "$l_direct" = "$l_joined" ] || fail "--detector-from trained on other features: det loss $l_joined, direct $l_direct"
 ok "finetune --detector-from joins branches; mismatched shapes are one error line"
+
+# a widened CellFinder trunk (convert --widen-trunk: twice the width, the same function) loads,
+# fine-tunes with its trunk trained, and segments; the factor is checked
+"$CLI" convert "$TMP/m.safetensors" "$TMP/w.safetensors" --widen-trunk 2 2>"$TMP/e" ||
+    fail "convert --widen-trunk 2: $(cat "$TMP/e")"
+"$CLI" finetune -m "$TMP/w.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
+    --train-encoders --threads 2 --out "$TMP/w2.safetensors" 2>"$TMP/logw" ||
+    fail "finetune of a widened trunk: $(tail -3 "$TMP/logw")"
+n_params() { sed -n 's/^training \([0-9]*\) parameters.*/\1/p' "$1"; }
+[ -n "$(n_params "$TMP/logw")" ] && [ "$(n_params "$TMP/logw")" -gt "$(n_params "$TMP/t_mmodel.log")" ] ||
+    fail "the widened model has $(n_params "$TMP/logw") parameters, the narrow one $(n_params "$TMP/t_mmodel.log")"
+"$CLI" segment -m "$TMP/w2.safetensors" "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" \
+    -o "$TMP/w2.png" --quiet 2>"$TMP/e" || fail "segment with the widened model: $(cat "$TMP/e")"
+"$CLI" convert "$TMP/m.safetensors" "$TMP/w5.safetensors" --widen-trunk 5 2>"$TMP/e"
+[ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "widen-trunk" "$TMP/e" && [ ! -e "$TMP/w5.safetensors" ] ||
+    fail "--widen-trunk 5: $(cat "$TMP/e")"
+ok "convert --widen-trunk 2: a wider CellFinder trunk fine-tunes and segments ($(n_params "$TMP/logw") parameters)"
 
 # over-fitting one image with the decoder alone lowers its loss
 mkdir "$TMP/one"

@@ -9,6 +9,7 @@
 #include "npy.h"
 #include "weights.h"
 #include "pipeline_cli.h"
+#include "train.h"
 
 /* ------------------------------------------------------------------ info */
 
@@ -75,10 +76,12 @@ int cmd_info(int argc, char **argv) {
 
 int cmd_convert(int argc, char **argv) {
     const char *in = NULL, *out = NULL, *dt = "f32", *nms = NULL, *whole = NULL, *diam = NULL, *sizing = NULL;
+    int widen = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             printf("usage: cellsam convert IN OUT.safetensors [--dtype f32|f16|bf16] [--box-nms IOU]\n"
-                   "                      [--whole-image-max-side N] [--cell-diameter N] [--diameter auto|off]\n\n"
+                   "                      [--whole-image-max-side N] [--cell-diameter N] [--diameter auto|off]\n"
+                   "                      [--widen-trunk K]\n\n"
                    "Rewrite a checkpoint (PyTorch .pt as published, or safetensors) as safetensors,\n"
                    "keeping every tensor name and shape; --dtype converts the values (default f32).\n"
                    "safetensors loads memory-mapped and zero-copy.\n"
@@ -91,7 +94,11 @@ int cmd_convert(int argc, char **argv) {
                    "                 that `segment --diameter` zooms cells to (metadata cellsam.cell_diameter;\n"
                    "                 default 64): the typical cell size in the model's training inputs\n"
                    "  --diameter auto|off  record whether `cellsam segment` sizes cells per image by default\n"
-                   "                 (segment --diameter auto) in the model's own mode (metadata cellsam.diameter)\n");
+                   "                 (segment --diameter auto) in the model's own mode (metadata cellsam.diameter)\n"
+                   "  --widen-trunk K  make the CellFinder trunk K (2-4) times as wide, computing what the\n"
+                   "                 narrow one did (each channel repeated, the weights that read them divided;\n"
+                   "                 1 %% noise so that the copies can part): a bigger detector to fine-tune\n"
+                   "                 from a trained one (cellsam finetune --train-encoders)\n");
             return 0;
         } else if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dt = argv[++i];
         else if (!strcmp(argv[i], "--box-nms") && i + 1 < argc) {
@@ -126,6 +133,12 @@ int cmd_convert(int argc, char **argv) {
                 return 2;
             }
         }
+        else if (!strcmp(argv[i], "--widen-trunk") && i + 1 < argc) {
+            if (cli_parse_int(argv[++i], 2, 4, &widen)) {
+                cli_error("convert", "--widen-trunk: expected a factor from 2 to 4, not '%s'", argv[i]);
+                return 2;
+            }
+        }
         else if (argv[i][0] != '-' && !in) in = argv[i];
         else if (argv[i][0] != '-' && !out) out = argv[i];
         else {
@@ -150,6 +163,12 @@ int cmd_convert(int argc, char **argv) {
         cli_error("convert", "%s", cellsam_last_error());
         return 1;
     }
+    cs_weights *src = w; /* a widened store's other tensors are views into src */
+    if (widen && cs_widen_trunk(src, widen, 0.01f, 1, &w)) {
+        cli_error("convert", "%s: %s", in, cellsam_last_error());
+        cs_weights_free(src);
+        return 1;
+    }
     int rc = nms ? cs_weights_set_meta(w, "cellsam.box_nms_iou", nms) : CELLSAM_OK;
     if (!rc && whole) rc = cs_weights_set_meta(w, "cellsam.whole_image_max_side", whole);
     if (!rc && diam) rc = cs_weights_set_meta(w, "cellsam.cell_diameter", diam);
@@ -157,7 +176,8 @@ int cmd_convert(int argc, char **argv) {
     if (!rc) rc = cs_weights_save_safetensors(w, out, d);
     if (rc) cli_error("convert", "%s", cellsam_last_error());
     else fprintf(stderr, "cellsam convert: wrote %zu tensors to %s (%s)\n", cs_weights_count(w), out, dt);
-    cs_weights_free(w);
+    if (w != src) cs_weights_free(w);
+    cs_weights_free(src);
     return rc ? 1 : 0;
 }
 
