@@ -64,7 +64,25 @@ typedef struct {
     int jitter;       /* add noise (the matrices) */
 } widen_rule;
 
+/* Size an old axis of `kind` must have; 0 for AX_KEEP (any). */
+static int64_t old_size(const widen_plan *p, int kind) {
+    switch (kind) {
+    case AX_CHAN: case AX_HEAD: return p->D;
+    case AX_MLP: return p->mlp;
+    case AX_QKV: return 3 * (int64_t)p->D;
+    case AX_HEAD_DIM: return p->hd;
+    default: return 0;
+    }
+}
+
 static int widen_tensor(widen_plan *p, cs_weights *out, const cs_tensor_entry *e, widen_rule r) {
+    /* the old axes must be what the plan reads from them (a hostile file could differ) */
+    int ax = e->ndim < 2 ? 0 : r.last_axis ? e->ndim - 1 : 1;
+    if (e->ndim < 1 || (r.kind1 != AX_KEEP && e->ndim < 2) ||
+        (r.kind0 != AX_KEEP && e->shape[0] != old_size(p, r.kind0)) ||
+        (r.kind1 != AX_KEEP && e->shape[ax] != old_size(p, r.kind1)))
+        return cs_error(CELLSAM_ERR_MODEL, "cannot widen %s: its shape does not fit a trunk of width %d", e->name,
+                        p->D);
     int64_t shape[CS_MAX_DIMS];
     memcpy(shape, e->shape, sizeof shape);
     int ax1 = e->ndim < 2 ? 0 : r.last_axis ? e->ndim - 1 : 1;

@@ -140,6 +140,24 @@ static void test_refusals(void **state) {
     assert_int_equal(cs_widen_trunk(in, 5, 0.01f, 1, &out), CELLSAM_ERR_INVALID);
     assert_int_equal(cs_widen_trunk(in, 2, NAN, 1, &out), CELLSAM_ERR_INVALID);
     assert_non_null(strstr(cellsam_last_error(), "noise"));
+    /* a trunk tensor whose shape does not fit the trunk's width: refused, not read past */
+    const char *pe = "cellfinder.decode_head.backbone.body.pos_embed";
+    cs_weights *odd = cs_weights_new("safetensors");
+    for (size_t i = 0; i < cs_weights_count(in); i++) {
+        const cs_tensor_entry *e = cs_weights_at(in, i);
+        if (strcmp(e->name, pe)) {
+            assert_int_equal(cs_weights_add_view(odd, e->name, e->dtype, e->ndim, e->shape, e->data, e->nbytes), 0);
+            continue;
+        }
+        int64_t sh[4] = {1, 64, 64, e->shape[3] - 1};
+        size_t n = (size_t)(64 * 64 * sh[3]);
+        assert_int_equal(cs_weights_add_owned(odd, pe, CS_DTYPE_F32, 4, sh, calloc(n, 4), n * 4), 0);
+    }
+    assert_int_equal(cs_weights_finish(odd), CELLSAM_OK);
+    assert_int_equal(cs_widen_trunk(odd, 2, 0.01f, 1, &out), CELLSAM_ERR_MODEL);
+    assert_null(out);
+    assert_non_null(strstr(cellsam_last_error(), "pos_embed"));
+    cs_weights_free(odd);
     cs_weights_free(in);
     /* a store without a CellFinder (a plain SAM) */
     cs_weights *sam = cs_weights_new("safetensors");
