@@ -96,6 +96,9 @@ typedef struct {
                              its own mode (metadata cellsam.diameter = "auto"); 0: none */
     const char *prefix;   /* "model_cp." or "" (plain SAM) */
     const char *format;   /* "pytorch" or "safetensors" */
+    int det_trunk_dim;    /* CellFinder trunk width: the image encoder's, unless widened
+                             (cellsam convert --widen-trunk) */
+    int det_trunk_mlp_dim;
 } cellsam_model_info;
 
 int cellsam_model_get_info(const cellsam_model *model, cellsam_model_info *info);

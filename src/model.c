@@ -531,6 +531,8 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
         in->det_enc_layers = dd.enc_layers;
         in->det_dec_layers = dd.dec_layers;
         in->det_heads = dd.n_heads;
+        in->det_trunk_dim = m->det_vit.dim;
+        in->det_trunk_mlp_dim = m->det_vit.mlp;
     }
     in->box_nms_iou = m->box_nms_iou;
     in->whole_image_max_side = m->whole_image_max_side;

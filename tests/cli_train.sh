@@ -159,6 +159,8 @@ ok "finetune --detector-from joins branches; mismatched shapes are one error lin
 # fine-tunes with its trunk trained, and segments; the factor is checked
 "$CLI" convert "$TMP/m.safetensors" "$TMP/w.safetensors" --widen-trunk 2 2>"$TMP/e" ||
     fail "convert --widen-trunk 2: $(cat "$TMP/e")"
+"$CLI" info "$TMP/m.safetensors" | grep -q "^cellfinder .*; trunk dim 32, mlp 128$" || fail "info: $("$CLI" info "$TMP/m.safetensors")"
+"$CLI" info "$TMP/w.safetensors" | grep -q "^cellfinder .*; trunk dim 64, mlp 256$" || fail "info: $("$CLI" info "$TMP/w.safetensors")"
 "$CLI" finetune -m "$TMP/w.safetensors" --data "$TMP/data" --steps 1 --batch 1 --val-fraction 0 --no-decoder \
     --train-encoders --threads 2 --out "$TMP/w2.safetensors" 2>"$TMP/logw" ||
     fail "finetune of a widened trunk: $(tail -3 "$TMP/logw")"

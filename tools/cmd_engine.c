@@ -23,8 +23,9 @@ static void print_info(const cellsam_model_info *in) {
     printf("mask decoder  dim %d, depth %d, heads %d, mlp %d\n", in->prompt_dim, in->decoder_depth,
            in->decoder_heads, in->decoder_mlp_dim);
     if (in->has_detector)
-        printf("cellfinder    %d queries, %d encoder / %d decoder layers, %d heads\n", in->det_queries,
-               in->det_enc_layers, in->det_dec_layers, in->det_heads);
+        printf("cellfinder    %d queries, %d encoder / %d decoder layers, %d heads; trunk dim %d, mlp %d\n",
+               in->det_queries, in->det_enc_layers, in->det_dec_layers, in->det_heads, in->det_trunk_dim,
+               in->det_trunk_mlp_dim);
     else
         printf("cellfinder    absent\n");
     if (in->box_nms_iou > 0)
