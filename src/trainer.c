@@ -738,6 +738,14 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         cs_tparams_free(&fresh);
         if (rc) goto done;
     }
+    if (!resuming && tp->trunk_from_sam && (t->arch.det_vit.dim != t->arch.sam_vit.dim ||
+                                            t->arch.det_vit.mlp != t->arch.sam_vit.mlp ||
+                                            t->arch.det_vit.depth != t->arch.sam_vit.depth)) {
+        rc = cs_error(CELLSAM_ERR_INVALID, "--trunk-from-sam: the CellFinder trunk (dim %d, depth %d) is not shaped "
+                      "like the SAM encoder (dim %d, depth %d)", t->arch.det_vit.dim, t->arch.det_vit.depth,
+                      t->arch.sam_vit.dim, t->arch.sam_vit.depth);
+        goto done;
+    }
     if (!resuming && tp->trunk_from_sam) {
         const char *trunk = "cellfinder.decode_head.backbone.body.";
         size_t tl = strlen(trunk);

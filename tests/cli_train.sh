@@ -169,6 +169,9 @@ n_params() { sed -n 's/^training \([0-9]*\) parameters.*/\1/p' "$1"; }
     fail "the widened model has $(n_params "$TMP/logw") parameters, the narrow one $(n_params "$TMP/t_mmodel.log")"
 "$CLI" segment -m "$TMP/w2.safetensors" "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" \
     -o "$TMP/w2.png" --quiet 2>"$TMP/e" || fail "segment with the widened model: $(cat "$TMP/e")"
+"$CLI" finetune -m "$TMP/w.safetensors" --data "$TMP/data" --steps 1 --matching dense --trunk-from-sam --out "$TMP/w3.safetensors" 2>"$TMP/e"
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "trunk-from-sam" "$TMP/e" && [ ! -e "$TMP/w3.safetensors" ] ||
+    fail "--trunk-from-sam on a widened trunk: $(cat "$TMP/e")"
 "$CLI" convert "$TMP/m.safetensors" "$TMP/w5.safetensors" --widen-trunk 5 2>"$TMP/e"
 [ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "widen-trunk" "$TMP/e" && [ ! -e "$TMP/w5.safetensors" ] ||
     fail "--widen-trunk 5: $(cat "$TMP/e")"
