@@ -77,16 +77,7 @@ static const float *bind_impl(cs_binder *b, const char *name, int ndim, const in
         add_problem(b, "out of memory converting %s", full);
         return NULL;
     }
-    const unsigned char *src = e->data;
-    for (size_t i = 0; i < n; i++) {
-        if (e->dtype == CS_DTYPE_F32) {
-            memcpy(&f[i], src + 4 * i, 4);
-        } else {
-            uint16_t h;
-            memcpy(&h, src + 2 * i, 2);
-            f[i] = e->dtype == CS_DTYPE_F16 ? cs_f16_to_f32(h) : cs_bf16_to_f32(h);
-        }
-    }
+    cs_tensor_to_f32(e, f);
     return f;
 }
 

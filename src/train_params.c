@@ -142,18 +142,7 @@ int cs_tparams_load_except(cs_tparams *ps, const cs_weights *w, const char *pref
                          (long long)p->shape[d]);
             return cs_error(CELLSAM_ERR_MODEL, "tensor %s has shape (%s), expected (%s)", p->name, got, want);
         }
-        const unsigned char *src = e->data;
-        for (size_t k = 0; k < p->n; k++) {
-            float f;
-            if (e->dtype == CS_DTYPE_F32) {
-                memcpy(&f, src + 4 * k, 4);
-            } else {
-                uint16_t h;
-                memcpy(&h, src + 2 * k, 2);
-                f = e->dtype == CS_DTYPE_F16 ? cs_f16_to_f32(h) : cs_bf16_to_f32(h);
-            }
-            p->w[k] = f;
-        }
+        cs_tensor_to_f32(e, p->w); /* the same shape, so p->n values */
         loaded++;
     }
     if (n_loaded) *n_loaded = loaded;

@@ -13,6 +13,7 @@
  * Copies receive identical gradients and would never part, so the widened matrices get
  * noise of `noise` times their RMS, which changes the function only slightly. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,18 +45,6 @@ static int64_t old_index(const widen_plan *p, int kind, int64_t n) {
     }
 }
 
-static float value_at(const cs_tensor_entry *e, int64_t i) {
-    const unsigned char *b = e->data;
-    if (e->dtype == CS_DTYPE_F32) {
-        float f;
-        memcpy(&f, b + 4 * i, 4);
-        return f;
-    }
-    uint16_t h;
-    memcpy(&h, b + 2 * i, 2);
-    return e->dtype == CS_DTYPE_F16 ? cs_f16_to_f32(h) : cs_bf16_to_f32(h);
-}
-
 typedef struct {
     int kind0, kind1; /* how axis 0 and axis `ax1` widen */
     int last_axis;    /* ax1 = the last axis (pos_embed) instead of axis 1 */
@@ -77,15 +66,14 @@ static int64_t old_size(const widen_plan *p, int kind) {
 
 static int widen_tensor(widen_plan *p, cs_weights *out, const cs_tensor_entry *e, widen_rule r) {
     /* the old axes must be what the plan reads from them (a hostile file could differ) */
-    int ax = e->ndim < 2 ? 0 : r.last_axis ? e->ndim - 1 : 1;
+    const int ax1 = e->ndim < 2 ? 0 : r.last_axis ? e->ndim - 1 : 1;
     if (e->ndim < 1 || (r.kind1 != AX_KEEP && e->ndim < 2) ||
         (r.kind0 != AX_KEEP && e->shape[0] != old_size(p, r.kind0)) ||
-        (r.kind1 != AX_KEEP && e->shape[ax] != old_size(p, r.kind1)))
+        (r.kind1 != AX_KEEP && e->shape[ax1] != old_size(p, r.kind1)))
         return cs_error(CELLSAM_ERR_MODEL, "cannot widen %s: its shape does not fit a trunk of width %d", e->name,
                         p->D);
     int64_t shape[CS_MAX_DIMS];
     memcpy(shape, e->shape, sizeof shape);
-    int ax1 = e->ndim < 2 ? 0 : r.last_axis ? e->ndim - 1 : 1;
     if (r.kind0 != AX_KEEP) shape[0] *= p->factor;
     if (ax1 && r.kind1 != AX_KEEP) shape[ax1] *= p->factor;
     /* axis 0, the axes between, axis ax1, the axes after */
@@ -94,8 +82,13 @@ static int widen_tensor(widen_plan *p, cs_weights *out, const cs_tensor_entry *e
     for (int d = (ax1 ? ax1 : 0) + 1; d < e->ndim; d++) inner *= e->shape[d];
     const int64_t n0 = shape[0], n1 = ax1 ? shape[ax1] : 1, o1 = ax1 ? e->shape[ax1] : 1;
     const size_t count = (size_t)(n0 * mid * n1 * inner);
-    float *dst = malloc(count * sizeof *dst);
-    if (!dst) return cs_error(CELLSAM_ERR_NOMEM, "out of memory widening %s", e->name);
+    float *dst = malloc(count * sizeof *dst), *old = malloc(e->nbytes / cs_dtype_size(e->dtype) * sizeof *old);
+    if (!dst || !old) {
+        free(dst);
+        free(old);
+        return cs_error(CELLSAM_ERR_NOMEM, "out of memory widening %s", e->name);
+    }
+    cs_tensor_to_f32(e, old);
     const float div = r.reads_ax1 ? 1.0f / (float)p->factor : 1.0f, qs = 1.0f / sqrtf((float)p->factor);
     size_t k = 0;
     double ss = 0;
@@ -106,12 +99,13 @@ static int widen_tensor(widen_plan *p, cs_weights *out, const cs_tensor_entry *e
             for (int64_t b = 0; b < n1; b++) {
                 const int64_t ob = ax1 ? old_index(p, r.kind1, b) : 0;
                 for (int64_t c = 0; c < inner; c++) {
-                    float v = value_at(e, ((oa * mid + m) * o1 + ob) * inner + c) * s;
+                    float v = old[((oa * mid + m) * o1 + ob) * inner + c] * s;
                     ss += (double)v * v;
                     dst[k++] = v;
                 }
             }
     }
+    free(old);
     if (r.jitter && p->noise > 0) {
         const double sigma = p->noise * sqrt(ss / (double)count);
         for (size_t i = 0; i < count; i++) dst[i] += (float)(sigma * cs_rng_normal(&p->rng));
@@ -143,21 +137,22 @@ int cs_widen_trunk(const cs_weights *in, int factor, float noise, uint64_t seed,
     cs_weights *w = cs_weights_new("safetensors");
     if (!w) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
     int rc = cs_weights_copy_meta(w, in);
+    /* how each kind of tensor widens (rel_pos: q's scale on every row) */
+    const widen_rule chan_vec = {AX_CHAN, AX_KEEP, 0, 0, 0, 0};
+    const widen_rule input_proj = {AX_KEEP, AX_CHAN, 0, 1, 0, 0};
+    const widen_rule pos_embed = {AX_KEEP, AX_CHAN, 1, 0, 0, 0};
+    const widen_rule patch_w = {AX_CHAN, AX_KEEP, 0, 0, 0, 1};
+    const widen_rule rel_pos = {AX_KEEP, AX_HEAD_DIM, 0, 0, INT64_MAX, 0};
+    const widen_rule qkv_w = {AX_QKV, AX_CHAN, 0, 1, (int64_t)factor * D, 1};
+    const widen_rule qkv_b = {AX_QKV, AX_KEEP, 0, 0, (int64_t)factor * D, 0};
+    const widen_rule proj_w = {AX_CHAN, AX_HEAD, 0, 1, 0, 1};
+    const widen_rule lin1_w = {AX_MLP, AX_CHAN, 0, 1, 0, 1};
+    const widen_rule lin1_b = {AX_MLP, AX_KEEP, 0, 0, 0, 0};
+    const widen_rule lin2_w = {AX_CHAN, AX_MLP, 0, 1, 0, 1};
     size_t tl = strlen(TRUNK);
     for (size_t i = 0; !rc && i < cs_weights_count(in); i++) {
         const cs_tensor_entry *e = cs_weights_at(in, i);
         const char *n = e->name;
-        const widen_rule chan_vec = {AX_CHAN, AX_KEEP, 0, 0, 0, 0};
-        const widen_rule input_proj = {AX_KEEP, AX_CHAN, 0, 1, 0, 0};
-        const widen_rule pos_embed = {AX_KEEP, AX_CHAN, 1, 0, 0, 0};
-        const widen_rule patch_w = {AX_CHAN, AX_KEEP, 0, 0, 0, 1};
-        const widen_rule rel_pos = {AX_KEEP, AX_HEAD_DIM, 0, 0, e->shape[0], 0};
-        const widen_rule qkv_w = {AX_QKV, AX_CHAN, 0, 1, (int64_t)factor * D, 1};
-        const widen_rule qkv_b = {AX_QKV, AX_KEEP, 0, 0, (int64_t)factor * D, 0};
-        const widen_rule proj_w = {AX_CHAN, AX_HEAD, 0, 1, 0, 1};
-        const widen_rule lin1_w = {AX_MLP, AX_CHAN, 0, 1, 0, 1};
-        const widen_rule lin1_b = {AX_MLP, AX_KEEP, 0, 0, 0, 0};
-        const widen_rule lin2_w = {AX_CHAN, AX_MLP, 0, 1, 0, 1};
         if (!strcmp(n, INPUT_PROJ)) {
             rc = widen_tensor(&p, w, e, input_proj);
             continue;

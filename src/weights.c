@@ -34,6 +34,20 @@ const char *cs_dtype_name(cs_dtype t) {
     return "?";
 }
 
+void cs_tensor_to_f32(const cs_tensor_entry *e, float *dst) {
+    const size_t n = e->nbytes / cs_dtype_size(e->dtype);
+    const unsigned char *src = e->data;
+    if (e->dtype == CS_DTYPE_F32) {
+        memcpy(dst, src, n * sizeof *dst);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        dst[i] = e->dtype == CS_DTYPE_F16 ? cs_f16_to_f32(h) : cs_bf16_to_f32(h);
+    }
+}
+
 cs_weights *cs_weights_new(const char *format) {
     cs_weights *w = calloc(1, sizeof *w);
     if (!w) {

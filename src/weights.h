@@ -28,6 +28,9 @@ typedef struct {
 typedef struct cs_weights cs_weights;
 
 size_t cs_dtype_size(cs_dtype t);
+/* The entry's values as float32 (dst holds nbytes / dtype size of them); the data may be
+ * unaligned. */
+void cs_tensor_to_f32(const cs_tensor_entry *e, float *dst);
 const char *cs_dtype_name(cs_dtype t);
 
 /* Open a checkpoint; the format is chosen from the file's first bytes (zip magic
