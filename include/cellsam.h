@@ -288,6 +288,7 @@ typedef struct {
                                   half of a cell's box; train's default), 1 = each cell to its
                                   nearest anchor, 0 = DETR's Hungarian matching on the
                                   predictions, -1 = the starting model's (finetune's default):
+                                  those its metadata records (cellsam.detector_targets), else
                                   dense when it recommends a box NMS (it was trained one-to-many,
                                   as cellsam's models are), else Hungarian (the official one) */
     int whole_image_max_side;  /* 0 (default): samples are tiles of the official tiler, as tiled

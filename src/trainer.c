@@ -118,6 +118,15 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     cellsam_model_info info;
     cellsam_model_get_info(m, &info);
     int usable = info.prefix && !strcmp(info.prefix, "model_cp.") && info.has_detector;
+    /* The CellFinder trunk has its own width, MLP and depth (a widened trunk, say), as
+     * the loader bound them; its global blocks are those without a window. */
+    cs_tvit_config trunk = {0};
+    if (usable) {
+        const cs_vit *dv = &m->det_vit;
+        trunk.dim = dv->dim, trunk.mlp = dv->mlp, trunk.depth = dv->depth;
+        for (int i = 0; i < dv->depth && trunk.n_global < 16; i++)
+            if (!dv->blocks[i].window) trunk.global_idx[trunk.n_global++] = i;
+    }
     cellsam_model_free(m); /* info's strings point into the model: compared above */
     if (!usable)
         return cs_error(CELLSAM_ERR_UNSUPPORTED, "%s: fine-tuning needs a CellSAM checkpoint with model_cp.* and cellfinder.* tensors", path);
@@ -138,31 +147,11 @@ static int arch_from_checkpoint(const char *path, arch_config *a) {
     a->det_vit = *v;
     a->det_vit.out_chans = 0;
     a->vit_heads = v->heads;
-    /* The CellFinder trunk has its own width, MLP and depth (a widened trunk, say);
-     * its global blocks are those whose relative positions span the whole grid. */
-    {
-        cs_tvit_config *tv = &a->det_vit;
-        const char *tb = "cellfinder.decode_head.backbone.body.";
-        char bn[256];
-        int64_t tdim = cs_weights_dim(w, tb, "patch_embed.proj.bias", 0);
-        int64_t tmlp = cs_weights_dim(w, tb, "blocks.0.mlp.lin1.weight", 0);
-        int tdepth = 0, nglob = 0;
-        for (; tdepth < 32; tdepth++) {
-            snprintf(bn, sizeof bn, "blocks.%d.attn.rel_pos_h", tdepth);
-            int64_t rows = cs_weights_dim(w, tb, bn, 0);
-            if (rows <= 0) break;
-            if (rows == 2 * (info.image_size / info.patch_size) - 1 && nglob < 16) tv->global_idx[nglob++] = tdepth;
-        }
-        if (tdim < 8 || tdim > 2048 || tdim % v->heads || tmlp < 1 || tmlp > 65536 || tdepth < 1) {
-            cs_weights_free(w);
-            return cs_error(CELLSAM_ERR_MODEL, "%s: implausible CellFinder trunk (dim %lld, mlp %lld, depth %d)", path,
-                            (long long)tdim, (long long)tmlp, tdepth);
-        }
-        tv->dim = (int)tdim;
-        tv->mlp = (int)tmlp;
-        tv->depth = tdepth;
-        tv->n_global = nglob;
-    }
+    a->det_vit.dim = trunk.dim;
+    a->det_vit.mlp = trunk.mlp;
+    a->det_vit.depth = trunk.depth;
+    a->det_vit.n_global = trunk.n_global;
+    memcpy(a->det_vit.global_idx, trunk.global_idx, sizeof trunk.global_idx);
     cs_tdecoder_config *d = &a->dec;
     d->dim = info.prompt_dim;
     d->depth = info.decoder_depth;
