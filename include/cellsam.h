@@ -257,6 +257,8 @@ int cellsam_estimate_diameter(cellsam_context *ctx, const float *image, int widt
  * (safetensors, loadable by cellsam_model_load) after every epoch and every
  * save_every_steps steps; the optimiser state goes to out_path + ".state", and
  * resume = 1 continues from both when present. */
+struct cellsam_train_report; /* below */
+
 typedef struct {
     const char *data_dir;      /* training pairs (searched recursively) */
     const char *val_dir;       /* validation pairs; NULL: hold out val_fraction of data_dir */
@@ -306,17 +308,26 @@ typedef struct {
     /* progress lines ("epoch 1 step 20 loss ..."); NULL prints to stderr */
     void (*log)(const char *line, void *user);
     void *log_user;
+    /* called after every optimiser step and every validation, with the figures so far
+       (as the final report gives them) and the run's total steps; NULL: none */
+    void (*progress)(const struct cellsam_train_report *so_far, int64_t total_steps, void *user);
+    /* checked after every optimiser step: nonzero saves the model and stops, as the
+       time limit does (a labeling tool's "stop"); NULL: never */
+    int (*abort)(void *user);
+    void *callback_user;       /* passed to progress and abort */
 } cellsam_train_params;
 
 cellsam_train_params cellsam_train_default_params(void);
 
-typedef struct {
+typedef struct cellsam_train_report {
     int64_t steps;             /* optimiser steps taken in total (including resumed ones) */
     int epochs_done;
     double seconds;            /* wall time of this call */
     double images_per_second;  /* training images processed per second in this call */
     double val_f1;             /* mean F1@0.5 on the validation images at the last epoch (-1 if none) */
     double last_loss;
+    int train_images, val_images; /* the split trained on and validated on */
+    int aborted;               /* 1: stopped by params.abort (the model was saved first) */
 } cellsam_train_report;
 
 int cellsam_train(const cellsam_train_params *params, cellsam_train_report *report);

@@ -25,6 +25,7 @@
 #include "postprocess.h"
 #include "preprocess.h"
 #include "server.h"
+#include "train.h"
 
 #define MAX_PATH_LEN 1024
 #define MAX_POINTS 64
@@ -105,6 +106,23 @@ struct cs_server {
     ctx_slot *pool;
     int n_pool;
     double emb_estimate, seg_estimate; /* seconds of the last run, for progress */
+    /* the serving model: o.model, or a fine-tuned one the server loaded (owned_model) */
+    const cellsam_model *model;
+    cellsam_model *owned_model;
+    char *model_path;  /* its file: the next fine-tune starts from it (NULL: no fine-tuning) */
+    int swapping;      /* a model swap waits for the worker and every context to be idle */
+    int worker_busy;
+    /* fine-tuning from the page (one run at a time, on its own thread) */
+    pthread_t ft_thread;
+    int ft_started;    /* ft_thread is to be joined */
+    int ft_state;      /* ST_NONE, ST_RUNNING, ST_READY (model saved), ST_ERROR */
+    int ft_abort, ft_in_use;
+    cellsam_train_params ft_params;
+    cellsam_train_report ft_report;
+    int64_t ft_total_steps;
+    double ft_t0;
+    char *ft_out;      /* absolute path of the model being trained */
+    char ft_log[256], ft_error[256];
 };
 
 typedef struct {
@@ -127,6 +145,7 @@ cs_server_options cs_server_default_options(void) {
     o.max_upload = (size_t)512 << 20;
     o.max_json = (size_t)1 << 20;
     o.max_pixels = (size_t)100 << 20;
+    o.model_params = cellsam_model_default_params();
     return o;
 }
 
@@ -470,8 +489,9 @@ static void *worker_main(void *arg) {
     cs_server *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->quit && !s->jobs_head) pthread_cond_wait(&s->job_cv, &s->mu);
+        while (!s->quit && (!s->jobs_head || s->swapping)) pthread_cond_wait(&s->job_cv, &s->mu);
         if (s->quit) break;
+        s->worker_busy = 1;
         job *j = s->jobs_head;
         s->jobs_head = j->next;
         if (!s->jobs_head) s->jobs_tail = NULL;
@@ -551,6 +571,8 @@ static void *worker_main(void *arg) {
         free(abs);
         im->refs--;
         free(j);
+        s->worker_busy = 0;
+        pthread_cond_broadcast(&s->ctx_cv); /* a model swap may be waiting */
     }
     /* drop what is still queued */
     while (s->jobs_head) {
@@ -752,15 +774,20 @@ static int load_saved(cs_server *s, const char *rel, int W, int H, uint32_t **la
 static enum MHD_Result h_info(cs_server *s, struct MHD_Connection *c) {
     cellsam_model_info mi;
     json_t *model = NULL;
-    if (!cellsam_model_get_info(s->o.model, &mi))
+    pthread_mutex_lock(&s->mu);
+    int info_rc = cellsam_model_get_info(s->model, &mi);
+    int can_finetune = s->model_path != NULL;
+    pthread_mutex_unlock(&s->mu);
+    if (!info_rc)
         model = json_pack("{s:i,s:i,s:i,s:i,s:b,s:i,s:b}", "embed_dim", mi.embed_dim, "depth", mi.depth, "prompt_dim",
                           mi.prompt_dim, "image_size", mi.image_size, "has_detector", mi.has_detector,
                           "cell_diameter", mi.cell_diameter, "auto_diameter", mi.auto_diameter);
     if (!model) model = json_object();
-    return respond_json(c, 200, json_pack("{s:s,s:o,s:i,s:i,s:I,s:I,s:I,s:b}", "version", CELLSAM_VERSION, "model",
-                                          model, "cache", s->o.cache, "threads", s->o.threads, "max_upload",
-                                          (json_int_t)s->o.max_upload, "max_json", (json_int_t)s->o.max_json,
-                                          "max_pixels", (json_int_t)s->o.max_pixels, "tiled", s->o.tiled));
+    return respond_json(c, 200, json_pack("{s:s,s:o,s:i,s:i,s:I,s:I,s:I,s:b,s:b}", "version", CELLSAM_VERSION,
+                                          "model", model, "cache", s->o.cache, "threads", s->o.threads,
+                                          "max_upload", (json_int_t)s->o.max_upload, "max_json",
+                                          (json_int_t)s->o.max_json, "max_pixels", (json_int_t)s->o.max_pixels,
+                                          "tiled", s->o.tiled, "finetune", can_finetune));
 }
 
 typedef struct {
@@ -1216,6 +1243,10 @@ static json_t *mask_json(const float *lg, int W, int H, float iou, char *msg, si
 
 static ctx_slot *pool_acquire(cs_server *s, uint64_t serial) {
     for (;;) {
+        if (s->swapping) {
+            pthread_cond_wait(&s->ctx_cv, &s->mu);
+            continue;
+        }
         ctx_slot *any = NULL;
         for (int i = 0; i < s->n_pool; i++) {
             if (s->pool[i].busy) continue;
@@ -1309,7 +1340,7 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     ctx_slot *slot = pool_acquire(s, im->emb_serial);
     if (im->emb_state != ST_READY) { /* evicted while waiting */
         slot->busy = 0;
-        pthread_cond_signal(&s->ctx_cv);
+        pthread_cond_broadcast(&s->ctx_cv);
         pthread_mutex_unlock(&s->mu);
         return respond_error(c, 409, "the image embedding is not ready yet");
     }
@@ -1350,7 +1381,7 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     free(mask_in);
     pthread_mutex_lock(&s->mu);
     slot->busy = 0;
-    pthread_cond_signal(&s->ctx_cv);
+    pthread_cond_broadcast(&s->ctx_cv);
     uint64_t ref = 0;
     if (!rc && nb == 1 && nm > 0) {
         logit_slot *ls = &im->slots[im->slot_next];
@@ -1426,7 +1457,10 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
     p.tiled = tiled;
     p.remove_boundaries = rb;
     cellsam_model_info mi;
-    if (cellsam_model_get_info(s->o.model, &mi) == 0 && !mi.has_detector)
+    pthread_mutex_lock(&s->mu);
+    int info_rc = cellsam_model_get_info(s->model, &mi);
+    pthread_mutex_unlock(&s->mu);
+    if (info_rc == 0 && !mi.has_detector)
         return respond_error(c, 501, "the model was loaded without its detector: segment-all is not available");
     pthread_mutex_lock(&s->mu);
     if (im->seg_state == ST_QUEUED || im->seg_state == ST_RUNNING) {
@@ -1633,6 +1667,275 @@ static enum MHD_Result h_export(cs_server *s, struct MHD_Connection *c, image *i
 
 /* ------------------------------------------------------------ static files */
 
+/* ------------------------------------------------------------ fine-tuning from the page */
+
+static const char *ft_state_name(const cs_server *s) {
+    if (s->ft_state == ST_READY && s->ft_report.aborted) return "stopped";
+    return s->ft_state == ST_READY ? "done" : k_state[s->ft_state];
+}
+
+/* Progress of the fine-tune (call with s->mu held). */
+static json_t *ft_status_json(const cs_server *s) {
+    const cellsam_train_report *r = &s->ft_report;
+    json_t *o = json_pack("{s:s,s:b,s:b}", "state", ft_state_name(s), "available", s->model_path != NULL,
+                          "in_use", s->ft_in_use);
+    if (s->ft_state == ST_NONE) return o;
+    double progress = s->ft_total_steps > 0 ? (double)r->steps / (double)s->ft_total_steps : 0;
+    json_object_set_new(o, "step", json_integer(r->steps));
+    json_object_set_new(o, "total_steps", json_integer(s->ft_total_steps));
+    json_object_set_new(o, "progress", json_real(progress > 1 ? 1 : progress));
+    json_object_set_new(o, "epochs_done", json_integer(r->epochs_done));
+    json_object_set_new(o, "images", json_integer(r->train_images));
+    json_object_set_new(o, "held_out", json_integer(r->val_images));
+    json_object_set_new(o, "loss", json_real(r->last_loss));
+    if (r->val_f1 >= 0) json_object_set_new(o, "val_f1", json_real(r->val_f1));
+    json_object_set_new(o, "images_per_second", json_real(r->images_per_second));
+    json_object_set_new(o, "seconds", json_real(cs_now_seconds() - s->ft_t0));
+    json_object_set_new(o, "log", json_string(s->ft_log));
+    if (s->ft_out) {
+        size_t rl = strlen(s->root);
+        const char *rel = !strncmp(s->ft_out, s->root, rl) && s->ft_out[rl] == '/' ? s->ft_out + rl + 1 : s->ft_out;
+        json_object_set_new(o, "model", json_string(rel));
+    }
+    if (s->ft_state == ST_ERROR) json_object_set_new(o, "error", json_string(s->ft_error));
+    return o;
+}
+
+static void ft_on_log(const char *line, void *user) {
+    cs_server *s = user;
+    pthread_mutex_lock(&s->mu);
+    snprintf(s->ft_log, sizeof s->ft_log, "%s", line);
+    pthread_mutex_unlock(&s->mu);
+    if (s->o.log) fprintf(stderr, "cellsam serve: finetune: %s\n", line);
+}
+
+static void ft_on_progress(const cellsam_train_report *so_far, int64_t total_steps, void *user) {
+    cs_server *s = user;
+    pthread_mutex_lock(&s->mu);
+    s->ft_report = *so_far;
+    s->ft_total_steps = total_steps;
+    pthread_mutex_unlock(&s->mu);
+}
+
+static int ft_should_stop(void *user) {
+    cs_server *s = user;
+    pthread_mutex_lock(&s->mu);
+    int stop = s->ft_abort || s->quit;
+    pthread_mutex_unlock(&s->mu);
+    return stop;
+}
+
+static void *ft_main(void *arg) {
+    cs_server *s = arg;
+    cellsam_train_report r;
+    int rc = cellsam_train(&s->ft_params, &r);
+    char err[256] = "";
+    if (rc) snprintf(err, sizeof err, "%s", cellsam_last_error()); /* the message is per thread */
+    /* the optimiser state is only for --resume, which the page does not offer */
+    size_t n = strlen(s->ft_out) + 8;
+    char *state = malloc(n);
+    if (state) {
+        snprintf(state, n, "%s.state", s->ft_out);
+        unlink(state);
+        free(state);
+    }
+    pthread_mutex_lock(&s->mu);
+    if (r.steps > 0 || !rc) s->ft_report = r;
+    s->ft_state = rc ? ST_ERROR : ST_READY;
+    snprintf(s->ft_error, sizeof s->ft_error, "%s", err);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* First root/.cellsam/finetuned-N.safetensors that does not exist yet. */
+static char *ft_new_path(const cs_server *s) {
+    char *dir = store_path(s, "", "", 1); /* root/.cellsam/ */
+    if (!dir) return NULL;
+    size_t n = strlen(dir) + 40;
+    char *p = malloc(n);
+    for (int k = 1; p && k < 10000; k++) {
+        snprintf(p, n, "%sfinetuned-%d.safetensors", dir, k);
+        if (access(p, F_OK) != 0) {
+            free(dir);
+            return p;
+        }
+    }
+    free(dir);
+    free(p);
+    return NULL;
+}
+
+static enum MHD_Result h_finetune_start(cs_server *s, struct MHD_Connection *c, request *rq) {
+    enum MHD_Result ret = MHD_NO;
+    json_t *j = parse_body(rq, c, &ret, 1);
+    if (!j) return ret;
+    char msg[300];
+    cellsam_train_params tp = cellsam_train_default_params();
+    tp.epochs = 10; /* a few corrected images: cached embeddings make an epoch a few seconds */
+    int detector = 1, decoder = 1;
+    if (get_int(j, "epochs", 1, 1000, &tp.epochs, msg, sizeof msg) ||
+        get_int(j, "steps", 0, 1000000, &tp.max_steps, msg, sizeof msg) ||
+        get_real(j, "lr", 1e-7, 1e-1, &tp.lr, msg, sizeof msg) || get_bool(j, "detector", &detector, msg, sizeof msg) ||
+        get_bool(j, "decoder", &decoder, msg, sizeof msg)) {
+        json_decref(j);
+        return respond_error(c, 400, "%s", msg);
+    }
+    json_decref(j);
+    if (!detector && !decoder) return respond_error(c, 400, "nothing to train: 'detector' and 'decoder' are both false");
+    /* count the pairs now, so that "nothing saved yet" is an answer and not a failed run */
+    cs_dataset ds;
+    memset(&ds, 0, sizeof ds);
+    if (cs_dataset_open(s->root, &ds) || ds.n == 0) {
+        cs_dataset_free(&ds);
+        return respond_error(c, 400, "no labelled images under the root yet: correct an image (labels are saved "
+                                     "automatically) or add NAME_img.png / NAME_masks.png pairs");
+    }
+    int n_pairs = ds.n;
+    cs_dataset_free(&ds);
+
+    pthread_mutex_lock(&s->mu);
+    if (!s->model_path) {
+        pthread_mutex_unlock(&s->mu);
+        return respond_error(c, 409, "this server was started without a model file: fine-tuning is not available");
+    }
+    if (s->ft_state == ST_RUNNING) {
+        json_t *st = ft_status_json(s);
+        pthread_mutex_unlock(&s->mu);
+        json_object_set_new(st, "error", json_string("a fine-tune is already running"));
+        return respond_json(c, 409, st);
+    }
+    if (s->ft_started) { /* the previous run has finished: reap its thread */
+        pthread_join(s->ft_thread, NULL);
+        s->ft_started = 0;
+    }
+    char *out = ft_new_path(s);
+    char *init = out ? strdup(s->model_path) : NULL;
+    if (!out || !init) {
+        pthread_mutex_unlock(&s->mu);
+        free(out);
+        free(init);
+        return respond_error(c, 500, "cannot create a model file under %s/.cellsam", s->root);
+    }
+    free(s->ft_out);
+    free((char *)s->ft_params.init_model);
+    s->ft_out = out;
+    tp.init_model = init;
+    tp.data_dir = s->root;
+    tp.out_path = out;
+    /* few images: train on all; from 10 on, hold 10 % out for the F1 per epoch */
+    tp.val_fraction = n_pairs >= 10 ? 0.1f : 0.0f;
+    tp.train_encoders = 0; /* frozen, so the served image embeddings stay valid for the new model */
+    tp.train_detector = detector;
+    tp.train_decoder = decoder;
+    tp.n_threads = s->o.threads;
+    tp.log = ft_on_log;
+    tp.log_user = s;
+    tp.progress = ft_on_progress;
+    tp.abort = ft_should_stop;
+    tp.callback_user = s;
+    s->ft_params = tp;
+    memset(&s->ft_report, 0, sizeof s->ft_report);
+    s->ft_report.val_f1 = -1;
+    s->ft_total_steps = 0;
+    s->ft_abort = 0;
+    s->ft_in_use = 0; /* (of this run's model; the one serving stays until /use) */
+    s->ft_t0 = cs_now_seconds();
+    s->ft_log[0] = s->ft_error[0] = 0;
+    s->ft_state = ST_RUNNING;
+    if (pthread_create(&s->ft_thread, NULL, ft_main, s) != 0) {
+        s->ft_state = ST_ERROR;
+        snprintf(s->ft_error, sizeof s->ft_error, "cannot start the training thread");
+    } else {
+        s->ft_started = 1;
+    }
+    json_t *st = ft_status_json(s);
+    int failed = s->ft_state == ST_ERROR;
+    pthread_mutex_unlock(&s->mu);
+    return respond_json(c, failed ? 500 : 202, st);
+}
+
+static enum MHD_Result h_finetune_status(cs_server *s, struct MHD_Connection *c) {
+    pthread_mutex_lock(&s->mu);
+    json_t *st = ft_status_json(s);
+    pthread_mutex_unlock(&s->mu);
+    return respond_json(c, 200, st);
+}
+
+static enum MHD_Result h_finetune_stop(cs_server *s, struct MHD_Connection *c) {
+    pthread_mutex_lock(&s->mu);
+    int running = s->ft_state == ST_RUNNING;
+    if (running) s->ft_abort = 1;
+    json_t *st = ft_status_json(s);
+    pthread_mutex_unlock(&s->mu);
+    if (!running) json_object_set_new(st, "error", json_string("no fine-tune is running"));
+    return respond_json(c, running ? 202 : 409, st);
+}
+
+/* Serve the fine-tuned model: load it, then swap it in once the worker and every
+ * prompt context are idle (new prompts and jobs wait meanwhile). The image
+ * embeddings are kept: the page's fine-tunes leave the SAM encoder frozen. */
+static enum MHD_Result h_finetune_use(cs_server *s, struct MHD_Connection *c) {
+    pthread_mutex_lock(&s->mu);
+    if (s->ft_state != ST_READY || !s->ft_out) {
+        json_t *st = ft_status_json(s);
+        pthread_mutex_unlock(&s->mu);
+        json_object_set_new(st, "error", json_string("no finished fine-tune to use"));
+        return respond_json(c, 409, st);
+    }
+    char *path = strdup(s->ft_out);
+    pthread_mutex_unlock(&s->mu);
+    if (!path) return respond_error(c, 500, "out of memory");
+    cellsam_model_params mp = s->o.model_params;
+    mp.config_path = NULL; /* the fine-tuned file records its own configuration */
+    cellsam_model *m = NULL;
+    int n_ctx = s->n_pool + 1;
+    cellsam_context **ctx = calloc((size_t)n_ctx, sizeof *ctx);
+    int rc = ctx ? cellsam_model_load(path, &mp, &m) : cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+    for (int i = 0; !rc && i < n_ctx; i++) rc = cellsam_context_new(m, &ctx[i]);
+    if (rc) {
+        char err[300];
+        snprintf(err, sizeof err, "%s", cellsam_last_error());
+        for (int i = 0; ctx && i < n_ctx; i++) cellsam_context_free(ctx[i]);
+        free(ctx);
+        cellsam_model_free(m);
+        free(path);
+        return respond_error(c, 500, "cannot load the fine-tuned model: %s", err);
+    }
+    pthread_mutex_lock(&s->mu);
+    while (s->swapping) pthread_cond_wait(&s->ctx_cv, &s->mu); /* another swap first */
+    s->swapping = 1;
+    for (;;) {
+        int busy = s->worker_busy;
+        for (int i = 0; i < s->n_pool; i++) busy |= s->pool[i].busy;
+        if (!busy) break;
+        pthread_cond_wait(&s->ctx_cv, &s->mu);
+    }
+    for (int i = 0; i < s->n_pool; i++) { /* old contexts handed back in ctx[] */
+        cellsam_context *old = s->pool[i].ctx;
+        s->pool[i].ctx = ctx[i];
+        s->pool[i].serial = 0;
+        ctx[i] = old;
+    }
+    cellsam_context *old_worker = s->worker_ctx;
+    s->worker_ctx = ctx[s->n_pool];
+    ctx[s->n_pool] = old_worker;
+    cellsam_model *old_model = s->owned_model;
+    s->owned_model = m;
+    s->model = m;
+    free(s->model_path);
+    s->model_path = path; /* the next fine-tune continues from this one */
+    s->ft_in_use = 1;
+    s->swapping = 0;
+    pthread_cond_broadcast(&s->ctx_cv);
+    pthread_cond_broadcast(&s->job_cv);
+    json_t *st = ft_status_json(s);
+    pthread_mutex_unlock(&s->mu);
+    for (int i = 0; i < n_ctx; i++) cellsam_context_free(ctx[i]);
+    free(ctx);
+    cellsam_model_free(old_model);
+    return respond_json(c, 200, st);
+}
+
 static enum MHD_Result serve_static(cs_server *s, struct MHD_Connection *c, const char *url) {
     const char *name = url[0] == '/' ? url + 1 : url;
     if (!*name) name = "index.html";
@@ -1687,6 +1990,10 @@ static enum MHD_Result dispatch(cs_server *s, struct MHD_Connection *c, const ch
     if (!strcmp(r, "files")) return get ? h_files(s, c) : method_not_allowed(c, "GET");
     if (!strcmp(r, "upload")) return post ? h_upload(s, c, rq) : method_not_allowed(c, "POST");
     if (!strcmp(r, "open")) return post ? h_open(s, c, rq) : method_not_allowed(c, "POST");
+    if (!strcmp(r, "finetune"))
+        return post ? h_finetune_start(s, c, rq) : get ? h_finetune_status(s, c) : method_not_allowed(c, "GET, POST");
+    if (!strcmp(r, "finetune/stop")) return post ? h_finetune_stop(s, c) : method_not_allowed(c, "POST");
+    if (!strcmp(r, "finetune/use")) return post ? h_finetune_use(s, c) : method_not_allowed(c, "POST");
     if (strncmp(r, "images/", 7) != 0) return respond_error(c, 404, "no such API endpoint");
     const char *id = r + 7, *slash = strchr(id, '/');
     size_t idn = slash ? (size_t)(slash - id) : strlen(id);
@@ -1805,13 +2112,12 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls, en
 void cs_server_stop(cs_server *s) {
     if (!s) return;
     if (s->daemon) MHD_stop_daemon(s->daemon);
-    if (s->worker_started) {
-        pthread_mutex_lock(&s->mu);
-        s->quit = 1;
-        pthread_cond_broadcast(&s->job_cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->worker, NULL);
-    }
+    pthread_mutex_lock(&s->mu);
+    s->quit = 1; /* also stops a fine-tune after its current step (it saves first) */
+    pthread_cond_broadcast(&s->job_cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->worker_started) pthread_join(s->worker, NULL);
+    if (s->ft_started) pthread_join(s->ft_thread, NULL);
     while (s->images) {
         image *im = s->images;
         s->images = im->next;
@@ -1820,6 +2126,10 @@ void cs_server_stop(cs_server *s) {
     for (int i = 0; i < s->n_pool; i++) cellsam_context_free(s->pool[i].ctx);
     free(s->pool);
     cellsam_context_free(s->worker_ctx);
+    cellsam_model_free(s->owned_model);
+    free(s->model_path);
+    free(s->ft_out);
+    free((char *)s->ft_params.init_model);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->store_mu);
     pthread_cond_destroy(&s->job_cv);
@@ -1847,7 +2157,12 @@ int cs_server_start(const cs_server_options *opt, cs_server **out) {
     pthread_cond_init(&s->job_cv, NULL);
     pthread_cond_init(&s->ctx_cv, NULL);
     s->emb_estimate = 0;
+    s->model = opt->model;
     int rc = CELLSAM_OK;
+    if (opt->model_path && !(s->model_path = strdup(opt->model_path))) {
+        rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
     struct stat st;
     s->root = realpath(opt->root, NULL);
     if (!s->root || stat(s->root, &st) || !S_ISDIR(st.st_mode)) {

@@ -22,6 +22,10 @@
  *   POST /api/images/ID/segment {...}   start segment-all (202); GET: result
  *   GET|PUT /api/images/ID/labels       autosaved labels (binary container)
  *   GET  /api/images/ID/export?format=png|tif|csv  download (labels renumbered 1..N)
+ *   POST /api/finetune {epochs,steps,lr,detector,decoder}  fine-tune the serving model on the
+ *                                       saved labels under the root (202); GET: progress
+ *   POST /api/finetune/stop             save what has trained and stop
+ *   POST /api/finetune/use              serve the fine-tuned model from now on
  * Label container (little-endian): "CSL1", u32 width, u32 height, u32 n_runs,
  * n_runs x (u32 count, u32 value) row-major over the image, then optional JSON
  * {"cells": {"<label>": [score, iou]}}. */
@@ -47,6 +51,11 @@ typedef struct {
     size_t max_pixels;          /* largest image (width * height) served (100 M) */
     int tiled;                  /* segment-all in tiled mode (0: whole image) */
     int log;                    /* 1: one line per request on stderr */
+    /* fine-tuning from the page (POST /api/finetune): the file `model` was loaded from and
+       the parameters it was loaded with (a fine-tuned model is loaded the same way);
+       NULL: the page cannot fine-tune */
+    const char *model_path;
+    cellsam_model_params model_params;
 } cs_server_options;
 
 typedef struct cs_server cs_server;

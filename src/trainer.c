@@ -592,11 +592,12 @@ static int alloc_scratch(trainer *t) {
     return CELLSAM_OK;
 }
 
-int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) {
-    if (report) {
-        memset(report, 0, sizeof *report);
-        report->val_f1 = -1;
-    }
+int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_out) {
+    cellsam_train_report run; /* kept up to date for tp->progress, copied out at the end */
+    memset(&run, 0, sizeof run);
+    run.val_f1 = -1;
+    cellsam_train_report *report = &run;
+    if (report_out) *report_out = run;
     if (!tp || !tp->data_dir || !tp->out_path)
         return cs_error(CELLSAM_ERR_INVALID, "training needs a data folder and an output path");
     if (tp->prompts_per_image < 1 || tp->prompts_per_image > 256 || tp->images_per_step < 1 ||
@@ -844,6 +845,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
         t->opt.p.warmup_steps = tp->warmup_steps;
         tlog(t, "resuming %s at step %lld", tp->out_path, (long long)t->opt.step);
     }
+    report->train_images = t->train.n;
+    report->val_images = t->val.n;
     tlog(t, "training %zu parameters (%zu trainable) on %d images, %d held out; %d steps of %d images",
          cs_tparams_count_values(&t->ps, 0), cs_tparams_count_values(&t->ps, 1), t->train.n, t->val.n,
          (int)total_steps, tp->images_per_step);
@@ -891,13 +894,18 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
             train_seconds += cs_now_seconds() - ts;
             double n = t->n_loss ? t->n_loss : 1;
             double loss = (t->loss_mask + t->loss_iou + t->loss_det) / n;
-            if (report) report->last_loss = loss;
+            report->last_loss = loss;
+            report->steps = t->opt.step;
+            report->seconds = cs_now_seconds() - t0;
+            report->images_per_second = train_seconds > 0 ? images_done / train_seconds : 0;
             tlog(t, "epoch %d step %lld/%lld loss %.4f (mask %.4f iou %.4f det %.4f) |g| sam %.3g det %.3g lr %.3g %.2f img/s",
                  epoch + 1, (long long)t->opt.step, (long long)total_steps, loss, t->loss_mask / n, t->loss_iou / n,
                  t->loss_det / n, norm_sam, norm_det, cs_adamw_lr_at(&t->opt.p, t->opt.step - 1),
                  (last - first) / (cs_now_seconds() - ts));
             int at_epoch_end = t->opt.step % steps_per_epoch == 0 || t->opt.step == total_steps;
             if (tp->time_limit_s > 0 && cs_now_seconds() - t0 > tp->time_limit_s) stop = 1;
+            if (tp->abort && tp->abort(tp->callback_user)) stop = report->aborted = 1;
+            if (tp->progress) tp->progress(report, total_steps, tp->callback_user);
             if (at_epoch_end || stop || (tp->save_every_steps > 0 && t->opt.step % tp->save_every_steps == 0)) {
                 rc = trainer_save(t);
                 if (rc) break;
@@ -909,18 +917,19 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report) 
                     tlog(t, "epoch %d: validation F1@0.5 %.4f on %d images (%.0f s elapsed)", epoch + 1, val_f1,
                          t->tp->max_val_images > 0 && t->val.n > t->tp->max_val_images ? t->tp->max_val_images : t->val.n,
                          cs_now_seconds() - t0);
-                if (report) report->epochs_done++;
+                report->epochs_done++;
+                report->val_f1 = val_f1;
+                if (tp->progress) tp->progress(report, total_steps, tp->callback_user);
             }
         }
     }
     free(order);
-    if (report) {
-        report->steps = t->opt.step;
-        report->seconds = cs_now_seconds() - t0;
-        report->images_per_second = train_seconds > 0 ? images_done / train_seconds : 0;
-        report->val_f1 = val_f1;
-    }
+    report->steps = t->opt.step;
+    report->seconds = cs_now_seconds() - t0;
+    report->images_per_second = train_seconds > 0 ? images_done / train_seconds : 0;
+    report->val_f1 = val_f1;
 done:
+    if (report_out) *report_out = run;
     free(sp);
     trainer_free(t);
     return rc;

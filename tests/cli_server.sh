@@ -113,6 +113,13 @@ expect "serve with a missing root exits 1" 1 $?
     >/dev/null 2>&1
 expect "serve with a host name instead of an address exits 1" 1 $?
 
+# fine-tuning from the page, before anything is labelled: a clear 400, no run
+expect "fine-tune status before any run" 200 "$(req GET /api/finetune)"
+body_has '"state":"none"' && body_has '"available":true' && ok "no run yet, fine-tuning available" ||
+    bad "fine-tune status: $(cat "$TMP/body")"
+expect "fine-tune with nothing labelled" 400 "$(req POST /api/finetune -d '{}')"
+body_has 'no labelled images' && ok "the 400 says nothing is labelled yet" || bad "body: $(cat "$TMP/body")"
+
 # ---------------------------------------------------------------- static files
 expect "GET / serves the page" 200 "$(req GET /)"
 body_has '<canvas id="view"' && ok "page has the canvas" || bad "page has no canvas"
@@ -373,6 +380,63 @@ grep -q " on 2 images, 0 held out" "$TMP/ft.log" && grep -q "step 1/1 loss" "$TM
 "$CLI" segment -m "$TMP/ft.safetensors" "$ROOT/sub/b.png" -o "$TMP/ft_b.png" --quiet 2>"$TMP/ft.err" &&
     ok "the fine-tuned model segments" || bad "segment with the fine-tuned model: $(cat "$TMP/ft.err")"
 
+# ---------------------------------------------------------------- fine-tuning from the page
+# POST /api/finetune trains the serving model on the same saved labels in the server, on its own
+# thread; prompts go on meanwhile; /stop saves and stops; /use swaps the result in
+ft_wait() { # ft_wait STATE SECONDS
+    t=0
+    while [ $t -lt $(($2 * 10)) ]; do
+        curl -s "$URL/api/finetune" >"$TMP/body" 2>/dev/null
+        if body_has "\"state\":\"$1\""; then return 0; fi
+        if body_has '"state":"error"'; then return 1; fi
+        sleep 0.1
+        t=$((t + 1))
+    done
+    return 1
+}
+expect "use before any fine-tune" 409 "$(req POST /api/finetune/use)"
+expect "stop when none runs" 409 "$(req POST /api/finetune/stop)"
+expect "fine-tune with 0 epochs" 400 "$(req POST /api/finetune -d '{"epochs":0}')"
+expect "fine-tune with a bad rate" 400 "$(req POST /api/finetune -d '{"lr":"fast"}')"
+expect "fine-tune training nothing" 400 "$(req POST /api/finetune -d '{"detector":false,"decoder":false}')"
+expect "fine-tune with PUT" 405 "$(req PUT /api/finetune -d '{}')"
+expect "fine-tune with malformed JSON" 400 "$(req POST /api/finetune -d '{')"
+expect "fine-tune start" 202 "$(req POST /api/finetune -d '{"steps":100000}')"
+body_has '"state":"running"' && body_has '"model":".cellsam/finetuned-1.safetensors"' &&
+    ok "running, into ROOT/.cellsam/finetuned-1.safetensors" || bad "start: $(cat "$TMP/body")"
+expect "a second fine-tune while one runs" 409 "$(req POST /api/finetune -d '{}')"
+expect "open b while training" 200 "$(open_status '{"path":"sub/b.png"}')"
+B=$(json_field id)
+wait_state "$B" embedding ready 120 && ok "embedding of b ready while training" || bad "b not embedded while training"
+expect "prompt while training" 200 "$(prompt "$B" '{"box":[100,100,150,150]}')"
+t=0
+while [ $t -lt 600 ]; do # a few steps first, so that there is something to save
+    curl -s "$URL/api/finetune" >"$TMP/body"
+    [ "$(json_field step)" -ge 2 ] 2>/dev/null && break
+    sleep 0.1
+    t=$((t + 1))
+done
+body_has '"images":2' && ok "trains on the 2 saved label images ($(json_field step) steps so far)" ||
+    bad "fine-tune progress: $(cat "$TMP/body")"
+expect "stop" 202 "$(req POST /api/finetune/stop)"
+ft_wait stopped 120 && ok "stopped after its current step, model saved" || bad "did not stop: $(cat "$TMP/body")"
+STEPS=$(json_field step)
+[ -s "$ROOT/.cellsam/finetuned-1.safetensors" ] && [ ! -e "$ROOT/.cellsam/finetuned-1.safetensors.state" ] &&
+    [ "$STEPS" -ge 2 ] && [ "$STEPS" -lt 100000 ] && ok "model written, optimiser state removed ($STEPS steps)" ||
+    bad "after stop: $(ls -a "$ROOT/.cellsam"), $STEPS steps"
+"$CLI" info -m "$ROOT/.cellsam/finetuned-1.safetensors" >"$TMP/ftinfo" 2>&1 && ok "the saved model loads" ||
+    bad "info on the fine-tuned model: $(head -2 "$TMP/ftinfo")"
+expect "use it" 200 "$(req POST /api/finetune/use)"
+body_has '"in_use":true' && ok "the fine-tuned model is in use" || bad "use: $(cat "$TMP/body")"
+expect "prompt with the fine-tuned model" 200 "$(prompt "$B" '{"box":[100,100,150,150]}')"
+expect "segment-all with the fine-tuned model" 202 "$(req POST "/api/images/$B/segment" -d '{}')"
+wait_state "$B" segment ready 240 && ok "segment-all with the fine-tuned model finished" || bad "segment-all after use"
+expect "fine-tune again, from the one in use" 202 "$(req POST /api/finetune -d '{"steps":1}')"
+ft_wait done 240 && body_has '"model":".cellsam/finetuned-2.safetensors"' && body_has '"in_use":false' &&
+    ok "second run done into finetuned-2 (the first serves until /use)" || bad "second run: $(cat "$TMP/body")"
+expect "info names fine-tuning" 200 "$(req GET /api/info)"
+body_has '"finetune":true' && ok "info: finetune available" || bad "info: $(cat "$TMP/body")"
+
 # ---------------------------------------------------------------- uploads (--max-upload 1 MB)
 upload() { req POST "/api/upload?name=$1" --data-binary @"$2"; }
 expect "upload" 201 "$(upload 'my%20cells.png' "$ROOT/sub/b.png")"
@@ -395,6 +459,8 @@ expect "upload with GET" 405 "$(req GET /api/upload)"
 [ "$(ls "$ROOT/uploads" | wc -l)" = 4 ] && ok "only the accepted uploads were written" || bad "uploads: $(ls "$ROOT/uploads")"
 
 # ---------------------------------------------------------------- stop
+# with a fine-tune still running: the server stops it (it saves first) and exits cleanly
+expect "a long fine-tune left running at shutdown" 202 "$(req POST /api/finetune -d '{"steps":100000}')"
 kill -TERM $PID
 t=0
 while kill -0 $PID 2>/dev/null && [ $t -lt 300 ]; do sleep 0.1; t=$((t + 1)); done

@@ -96,6 +96,8 @@ int cmd_serve(int argc, char **argv) {
         return 1;
     }
     o.model = m;
+    o.model_path = model; /* POST /api/finetune starts from it */
+    o.model_params = mp;
     /* Signals are taken by sigwait below; block them before any thread starts so
        that every thread inherits the mask. */
     sigset_t set;

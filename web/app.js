@@ -475,6 +475,53 @@ async function uploadFile(file) {
   } catch (e) { message('upload failed: ' + e.message, 6000); }
 }
 
+// ------------------------------------------------------------ fine-tuning on the saved corrections
+
+function showFinetune(st) {
+  const busy = st.state === 'running';
+  $('ft-start').disabled = busy || !st.available;
+  $('ft-stop').hidden = !busy;
+  $('ft-progress').hidden = !busy;
+  $('ft-progress').value = st.progress || 0;
+  $('ft-use').hidden = !(st.state === 'done' || st.state === 'stopped') || st.in_use;
+  let text = '';
+  if (!st.available) text = 'not available: the server has no model file';
+  else if (busy) text = `step ${st.step}/${st.total_steps || '?'} on ${st.images} image(s), loss ${(st.loss || 0).toFixed(3)}`;
+  else if (st.state === 'done' || st.state === 'stopped')
+    text = `${st.state === 'stopped' ? 'stopped' : 'done'}: ${st.step} step${st.step === 1 ? '' : 's'} in ${Math.round(st.seconds)} s → ${st.model}` +
+      (st.in_use ? ' (in use)' : '');
+  else if (st.state === 'error') text = 'failed: ' + st.error;
+  if (st.val_f1 !== undefined) text += `; validation F1 ${st.val_f1.toFixed(3)} on ${st.held_out} held out`;
+  $('ft-status').textContent = text;
+}
+
+async function pollFinetune() {
+  clearTimeout(S.ftTimer);
+  let st;
+  try { st = await (await api('/api/finetune')).json(); } catch (e) { S.ftTimer = setTimeout(pollFinetune, 2000); return; }
+  showFinetune(st);
+  if (st.state === 'running') S.ftTimer = setTimeout(pollFinetune, 1000);
+}
+
+async function startFinetune() {
+  await save();   // train on what is on screen now
+  const epochs = Number($('ft-epochs').value);
+  if (!(Number.isInteger(epochs) && epochs >= 1 && epochs <= 1000)) { message('epochs: a whole number from 1 to 1000', 6000); return; }
+  try {
+    const st = await (await api('/api/finetune', { method: 'POST', body: JSON.stringify({ epochs }) })).json();
+    showFinetune(st);
+    pollFinetune();
+  } catch (e) { message('fine-tune: ' + e.message, 8000); }
+}
+
+async function finetuneAction(action, done) {
+  try {
+    showFinetune(await (await api('/api/finetune/' + action, { method: 'POST' })).json());
+    if (done) message(done);
+    pollFinetune();
+  } catch (e) { message('fine-tune: ' + e.message, 8000); }
+}
+
 // ------------------------------------------------------------ segment all
 
 async function segmentAll() {
@@ -929,6 +976,9 @@ $('file-select').ondblclick = () => openImage($('file-select').value);
 $('refresh-btn').onclick = () => loadFiles();
 $('upload-input').onchange = (e) => { if (e.target.files[0]) uploadFile(e.target.files[0]); e.target.value = ''; };
 $('segment-btn').onclick = segmentAll;
+$('ft-start').onclick = startFinetune;
+$('ft-stop').onclick = () => finetuneAction('stop');
+$('ft-use').onclick = () => finetuneAction('use', 'the fine-tuned model now segments and prompts');
 for (const [id, fmt] of [['export-png', 'png'], ['export-tif', 'tif'], ['export-csv', 'csv']])
   $(id).onclick = async () => {
     if (!S.image) return;
@@ -957,6 +1007,7 @@ for (const id of ['nuclear-select', 'cell-select', 'grey-check'])
 
 setTool('box');
 loadInfo();
+pollFinetune();
 loadFiles(decodeURIComponent(location.hash.slice(1)) || undefined)
   .then(() => { if (location.hash.length > 1) openImage(decodeURIComponent(location.hash.slice(1))); })
   .catch((e) => message('cannot reach the server: ' + e.message, 0));

@@ -383,6 +383,24 @@ try {
   await page3.waitForFunction(() => cellsamApp.undo.length > 0 && !cellsamApp.promptBusy, null, { timeout: 20000 });
   await page3.keyboard.press('Control+z');
   await handTools(page3);
+
+  // corrections are training data: Fine-tune on the labels saved so far, then use the result
+  await page3.fill('#ft-epochs', '1');
+  await page3.click('#ft-start');
+  await page3.waitForFunction(() => /^(done|failed)/.test(document.getElementById('ft-status').textContent), null, { timeout: 180000 });
+  const ftText = await page3.textContent('#ft-status');
+  check('Fine-tune trains on the saved labels and finishes', /^done: \d+ steps? .*finetuned-1\.safetensors/.test(ftText), ftText);
+  await page3.click('#ft-use');
+  await page3.waitForFunction(() => /\(in use\)/.test(document.getElementById('ft-status').textContent), null, { timeout: 60000 });
+  check('"Use the fine-tuned model" swaps it in', await page3.isHidden('#ft-use'), await page3.textContent('#ft-status'));
+  const undoBefore = await page3.evaluate(() => cellsamApp.undo.length);
+  await page3.keyboard.press('b');
+  await page3.mouse.move(pts.a[0], pts.a[1]);
+  await page3.mouse.down();
+  await page3.mouse.move(pts.b[0], pts.b[1], { steps: 5 });
+  await page3.mouse.up();
+  await page3.waitForFunction((n) => cellsamApp.undo.length > n && !cellsamApp.promptBusy, undoBefore, { timeout: 20000 });
+  check('the fine-tuned model answers a box prompt', true, await page3.textContent('#prompt-info'));
   await page3.close();
   check('no JavaScript errors', pageErrors.length === 0, pageErrors.join(' | '));
 } catch (e) {
