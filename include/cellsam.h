@@ -99,6 +99,9 @@ typedef struct {
     int det_trunk_dim;    /* CellFinder trunk width: the image encoder's, unless widened
                              (cellsam convert --widen-trunk) */
     int det_trunk_mlp_dim;
+    const char *detector_targets; /* the detector targets the model last trained with
+                             (metadata cellsam.detector_targets: "hungarian", "anchor" or
+                             "dense"; fine-tuning continues with them), NULL: no record */
 } cellsam_model_info;
 
 int cellsam_model_get_info(const cellsam_model *model, cellsam_model_info *info);

@@ -619,6 +619,21 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
     cs_tparams_init(&t->ps);
     int rc = tp->init_model ? arch_from_checkpoint(tp->init_model, &t->arch) : arch_from_name(tp, &t->arch);
     if (rc) return rc;
+    if (tp->init_model && tp->detector_from) {
+        /* the CellFinder comes from another file, and so do its shapes (a widened trunk, another
+         * query count); its ViT shares the head count of the model's (one vit_heads) */
+        arch_config da;
+        rc = arch_from_checkpoint(tp->detector_from, &da);
+        if (!rc && da.vit_heads != t->arch.vit_heads)
+            rc = cs_error(CELLSAM_ERR_MODEL, "%s: its ViTs have %d heads, %s's have %d", tp->detector_from, da.vit_heads,
+                          tp->init_model, t->arch.vit_heads);
+        if (rc) {
+            cs_error_prefix(rc, "--detector-from");
+            return rc;
+        }
+        t->arch.det_vit = da.det_vit;
+        t->arch.det = da.det;
+    }
     /* fine-tuning with another number of queries: the head's weights do not depend on it,
      * only the anchor table does, which then starts as a fresh grid */
     const char *anchor_table = "cellfinder.decode_head.transformer.position.weight";
@@ -649,7 +664,9 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
         rc = cs_weights_open(start, &w);
         /* a resumed run already has the new table */
         const char *except = new_anchors && !resuming ? anchor_table : NULL;
-        if (!rc) rc = cs_tparams_load_except(&t->ps, w, NULL, except, &n_loaded, &n_missing);
+        /* a CellFinder taken from elsewhere is loaded below, with its own shapes */
+        const char *only = !resuming && tp->detector_from ? "model_cp." : NULL;
+        if (!rc) rc = cs_tparams_load_except(&t->ps, w, only, except, &n_loaded, &n_missing);
         /* a fine-tuned model keeps its starting point's recommendations */
         for (int h = 0; !rc && h < N_HINTS; h++) take_hint(t, w, h);
         cs_weights_free(w);

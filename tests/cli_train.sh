@@ -100,7 +100,9 @@ expect_log hmodel dense "recorded in its metadata" # the record wins over a chan
 expect_log rmodel hungarian "recorded in its metadata"
 expect_log bmodel dense "box NMS 0.2"
 expect_log officialmodel hungarian "box NMS none"
-"$CLI" info "$TMP/t_rmodel.safetensors" >/dev/null || fail "the twice fine-tuned model does not load"
+"$CLI" info "$TMP/t_rmodel.safetensors" >"$TMP/info_r" || fail "the twice fine-tuned model does not load"
+grep -q "^trained with  hungarian detector targets" "$TMP/info_r" || fail "info does not show the record: $(cat "$TMP/info_r")"
+"$CLI" info "$TMP/b.safetensors" | grep -q "^trained with" && fail "info shows a record the bundled model lacks"
 det_loss() { sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/t_$1.log"; }
 [ -n "$(det_loss mmodel)" ] && [ "$(det_loss mmodel)" = "$(det_loss mdense)" ] ||
     fail "default targets of a dense-trained model: det loss $(det_loss mmodel), dense $(det_loss mdense)"
@@ -139,7 +141,7 @@ ok "finetune --reset-detector-head --trunk-from-sam --no-decoder"
 grep -q "CellFinder taken from .*d.safetensors ([0-9]* tensors)" "$TMP/log6" || fail "detector not taken: $(head -3 "$TMP/log6")"
 "$CLI" finetune -m "$TMP/f.safetensors" --detector-from "$2/checkpoint.safetensors" --data "$TMP/data" --steps 1 \
     --out "$TMP/y.safetensors" 2>"$TMP/e"
-[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "detector-from.*shape" "$TMP/e" ||
+[ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "detector-from.*\(shape\|heads\)" "$TMP/e" ||
     fail "--detector-from with other shapes: $(cat "$TMP/e")"
 [ -e "$TMP/y.safetensors" ] && fail "an output was written after the error"
 # ... and trains that CellFinder on its own trunk's features: the first detector loss equals that
@@ -172,10 +174,18 @@ n_params() { sed -n 's/^training \([0-9]*\) parameters.*/\1/p' "$1"; }
 "$CLI" finetune -m "$TMP/w.safetensors" --data "$TMP/data" --steps 1 --matching dense --trunk-from-sam --out "$TMP/w3.safetensors" 2>"$TMP/e"
 [ $? = 1 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "trunk-from-sam" "$TMP/e" && [ ! -e "$TMP/w3.safetensors" ] ||
     fail "--trunk-from-sam on a widened trunk: $(cat "$TMP/e")"
+# a widened detector joined to a narrow model's SAM branch: the shapes come from the detector file
+"$CLI" finetune -m "$TMP/m.safetensors" --detector-from "$TMP/w2.safetensors" --data "$TMP/data" --steps 1 --batch 1 \
+    --val-fraction 0 --no-decoder --threads 2 --out "$TMP/wj.safetensors" 2>"$TMP/logwj" ||
+    fail "finetune --detector-from a widened detector: $(tail -3 "$TMP/logwj")"
+"$CLI" info "$TMP/wj.safetensors" | grep -q "^image encoder ViT dim 32,.*" && "$CLI" info "$TMP/wj.safetensors" |
+    grep -q "^cellfinder .*; trunk dim 64, mlp 256$" || fail "joined model: $("$CLI" info "$TMP/wj.safetensors")"
+"$CLI" segment -m "$TMP/wj.safetensors" "$TMP/data/0280fa8f60f6bcae0f97d93c28f60be194f9309ff610dc5845e60455b0f87c21_img.png" \
+    -o "$TMP/wj.png" --quiet 2>"$TMP/e" || fail "segment with the joined model: $(cat "$TMP/e")"
 "$CLI" convert "$TMP/m.safetensors" "$TMP/w5.safetensors" --widen-trunk 5 2>"$TMP/e"
 [ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "widen-trunk" "$TMP/e" && [ ! -e "$TMP/w5.safetensors" ] ||
     fail "--widen-trunk 5: $(cat "$TMP/e")"
-ok "convert --widen-trunk 2: a wider CellFinder trunk fine-tunes and segments ($(n_params "$TMP/logw") parameters)"
+ok "convert --widen-trunk 2: a wider CellFinder trunk fine-tunes, joins a narrow SAM branch and segments ($(n_params "$TMP/logw") parameters)"
 
 # over-fitting one image with the decoder alone lowers its loss
 mkdir "$TMP/one"

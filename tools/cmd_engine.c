@@ -37,6 +37,9 @@ static void print_info(const cellsam_model_info *in) {
            in->cell_diameter);
     if (in->auto_diameter)
         printf("cell sizing   per image, --diameter auto (recommended by the model)\n");
+    if (in->detector_targets)
+        printf("trained with  %s detector targets (recorded; finetune --matching model continues with them)\n",
+               in->detector_targets);
 }
 
 int cmd_info(int argc, char **argv) {
