@@ -1458,11 +1458,10 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
     p.remove_boundaries = rb;
     cellsam_model_info mi;
     pthread_mutex_lock(&s->mu);
-    int info_rc = cellsam_model_get_info(s->model, &mi);
-    pthread_mutex_unlock(&s->mu);
-    if (info_rc == 0 && !mi.has_detector)
+    if (cellsam_model_get_info(s->model, &mi) == 0 && !mi.has_detector) {
+        pthread_mutex_unlock(&s->mu);
         return respond_error(c, 501, "the model was loaded without its detector: segment-all is not available");
-    pthread_mutex_lock(&s->mu);
+    }
     if (im->seg_state == ST_QUEUED || im->seg_state == ST_RUNNING) {
         json_t *st = status_json(s, im);
         pthread_mutex_unlock(&s->mu);
@@ -1664,8 +1663,6 @@ static enum MHD_Result h_export(cs_server *s, struct MHD_Connection *c, image *i
     const char *hdr[] = {"Content-Disposition", disp, "X-Cellsam-Labels", ncount, NULL};
     return respond(c, 200, kind == 2 ? "text/csv" : kind ? "image/tiff" : "image/png", data, len, hdr);
 }
-
-/* ------------------------------------------------------------ static files */
 
 /* ------------------------------------------------------------ fine-tuning from the page */
 
@@ -1935,6 +1932,8 @@ static enum MHD_Result h_finetune_use(cs_server *s, struct MHD_Connection *c) {
     cellsam_model_free(old_model);
     return respond_json(c, 200, st);
 }
+
+/* ------------------------------------------------------------ static files */
 
 static enum MHD_Result serve_static(cs_server *s, struct MHD_Connection *c, const char *url) {
     const char *name = url[0] == '/' ? url + 1 : url;
