@@ -311,8 +311,9 @@ typedef struct {
     /* progress lines ("epoch 1 step 20 loss ..."); NULL prints to stderr */
     void (*log)(const char *line, void *user);
     void *log_user;
-    /* called after every optimiser step and every validation, with the figures so far
-       (as the final report gives them) and the run's total steps; NULL: none */
+    /* called once before the first step (the split and the run's length are known), then
+       after every optimiser step and every validation, with the figures so far (as the
+       final report gives them) and the run's total steps; NULL: none */
     void (*progress)(const struct cellsam_train_report *so_far, int64_t total_steps, void *user);
     /* checked after every optimiser step: nonzero saves the model and stops, as the
        time limit does (a labeling tool's "stop"); NULL: never */

@@ -867,6 +867,8 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
     tlog(t, "training %zu parameters (%zu trainable) on %d images, %d held out; %d steps of %d images",
          cs_tparams_count_values(&t->ps, 0), cs_tparams_count_values(&t->ps, 1), t->train.n, t->val.n,
          (int)total_steps, tp->images_per_step);
+    report->steps = t->opt.step; /* the split and the run's length, before the first (slowest) step */
+    if (tp->progress) tp->progress(report, total_steps, tp->callback_user);
     int *order = malloc((size_t)t->train.n * sizeof *order);
     if (!order) {
         rc = cs_error(CELLSAM_ERR_NOMEM, "out of memory");

@@ -66,14 +66,15 @@ static void test_abort_saves_and_stops(void **state) {
     if (rc) fail_msg("cellsam_train: %s", cellsam_last_error());
     assert_int_equal(r.aborted, 1);
     assert_int_equal(r.steps, 3);
-    /* one image, one per step: every step ends an epoch, and each gets a call after the step
-     * and one after the epoch's (empty) validation */
-    assert_int_equal(w.calls, 6);
+    /* a call before the first step; then, one image per step, every step ends an epoch, and
+     * each gets a call after the step and one after the epoch's (empty) validation */
+    assert_int_equal(w.calls, 7);
     assert_int_equal(r.epochs_done, 3);
     assert_int_equal(w.abort_calls, 3);
     assert_true(w.monotonic);
-    assert_int_equal(w.steps[0], 1);
-    assert_int_equal(w.steps[5], 3);
+    assert_int_equal(w.steps[0], 0);
+    assert_int_equal(w.steps[1], 1);
+    assert_int_equal(w.steps[6], 3);
     assert_int_equal(w.total, 1000);
     assert_int_equal(r.train_images, 1);
     assert_int_equal(r.val_images, 0);
@@ -104,8 +105,8 @@ static void test_progress_without_abort(void **state) {
     assert_int_equal(r.aborted, 0);
     assert_int_equal(r.steps, 2);
     assert_int_equal(r.epochs_done, 2);
-    /* a call per step and one per epoch end */
-    assert_int_equal(w.calls, 4);
+    /* a call before the first step, one per step and one per epoch end */
+    assert_int_equal(w.calls, 5);
     assert_true(w.monotonic);
     assert_int_equal(w.total, 2);
     assert_true(r.val_f1 < 0); /* nothing held out */
