@@ -321,7 +321,10 @@ typedef struct {
     void *callback_user;       /* passed to progress and abort */
 } cellsam_train_params;
 
-cellsam_train_params cellsam_train_default_params(void);
+cellsam_train_params cellsam_train_default_params(void);    /* training from scratch */
+/* Fine-tuning (init_model set by the caller): frozen encoders, 5 epochs, lr 1e-4 with 10
+ * warm-up steps, the starting model's detector targets (anchor_matching -1). */
+cellsam_train_params cellsam_finetune_default_params(void);
 
 typedef struct cellsam_train_report {
     int64_t steps;             /* optimiser steps taken in total (including resumed ones) */

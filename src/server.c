@@ -1767,8 +1767,8 @@ static enum MHD_Result h_finetune_start(cs_server *s, struct MHD_Connection *c, 
     json_t *j = parse_body(rq, c, &ret, 1);
     if (!j) return ret;
     char msg[300];
-    cellsam_train_params tp = cellsam_train_default_params();
-    tp.epochs = 10; /* a few corrected images: cached embeddings make an epoch a few seconds */
+    cellsam_train_params tp = cellsam_finetune_default_params(); /* as `cellsam finetune` */
+    tp.epochs = 10; /* a few corrected images: a few steps per epoch */
     int detector = 1, decoder = 1;
     if (get_int(j, "epochs", 1, 1000, &tp.epochs, msg, sizeof msg) ||
         get_int(j, "steps", 0, 1000000, &tp.max_steps, msg, sizeof msg) ||

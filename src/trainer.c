@@ -44,6 +44,16 @@ cellsam_train_params cellsam_train_default_params(void) {
     return p;
 }
 
+cellsam_train_params cellsam_finetune_default_params(void) {
+    cellsam_train_params p = cellsam_train_default_params();
+    p.train_encoders = 0; /* frozen, features cached: only the decoder and the head train */
+    p.epochs = 5;
+    p.lr = 1e-4f;         /* a trained model: a quarter of the from-scratch rate, a short warm-up */
+    p.warmup_steps = 10;
+    p.anchor_matching = -1; /* the targets the starting model was trained with */
+    return p;
+}
+
 typedef struct {
     cs_tvit_config sam_vit, det_vit;
     cs_tdecoder_config dec;

@@ -57,15 +57,8 @@ static void usage(const char *cmd) {
 
 static int run(const char *cmd, int argc, char **argv) {
     int ft = !strcmp(cmd, "finetune");
-    cellsam_train_params p = cellsam_train_default_params();
+    cellsam_train_params p = ft ? cellsam_finetune_default_params() : cellsam_train_default_params();
     p.n_threads = cli_default_threads();
-    if (ft) {
-        p.train_encoders = 0;
-        p.epochs = 5;
-        p.lr = 1e-4f;
-        p.warmup_steps = 10;
-        p.anchor_matching = -1; /* the starting model's */
-    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
