@@ -940,9 +940,11 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
                 if (rc) break;
             }
             if (at_epoch_end) {
-                rc = validate(t, &val_f1);
+                /* a stop asked for by the caller skips the validation pass (a minute or more
+                 * with a full-size model); the time limit keeps it, as before */
+                rc = report->aborted ? CELLSAM_OK : validate(t, &val_f1);
                 if (rc) break;
-                if (val_f1 >= 0)
+                if (val_f1 >= 0 && !report->aborted)
                     tlog(t, "epoch %d: validation F1@0.5 %.4f on %d images (%.0f s elapsed)", epoch + 1, val_f1,
                          t->tp->max_val_images > 0 && t->val.n > t->tp->max_val_images ? t->tp->max_val_images : t->val.n,
                          cs_now_seconds() - t0);

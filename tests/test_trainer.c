@@ -112,12 +112,45 @@ static void test_progress_without_abort(void **state) {
     assert_true(r.val_f1 < 0); /* nothing held out */
 }
 
+/* Two pairs, one held out: a stop at an epoch end skips that epoch's validation pass;
+ * a run that ends by itself validates. */
+static void test_abort_skips_validation(void **state) {
+    (void)state;
+    const char *dir = tu_tmp("two");
+    char out[256];
+    static const char *const names[] = {"0114f484a16c152baa2d82fdd43740880a762c93f436c8988ac461c5c9dbe7d5",
+                                         "38f5cfb55fc8b048e82a5c895b25fefae7a70c71ab9990c535d1030637bf6a1f"};
+    assert_int_equal(tu_run(out, sizeof out, "mkdir -p %s", dir), 0);
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(tu_run(out, sizeof out, "ln -sf %s/dsb2018_stage1_test/%s_img.png %s/dsb2018_stage1_test/%s_masks.png %s/",
+                                tu_datadir(), names[i], tu_datadir(), names[i], dir),
+                         0);
+    for (int stop = 1; stop >= 0; stop--) {
+        watcher w = {.monotonic = 1, .stop_after = stop};
+        cellsam_train_params p = sample_params(tu_tmp("val%d.safetensors", stop), &w);
+        p.data_dir = dir;
+        p.val_fraction = 0.5f;
+        p.epochs = 1;
+        p.log = quiet_log;
+        cellsam_train_report r;
+        if (cellsam_train(&p, &r)) fail_msg("cellsam_train: %s", cellsam_last_error());
+        assert_int_equal(r.train_images, 1);
+        assert_int_equal(r.val_images, 1);
+        assert_int_equal(r.steps, 1);
+        assert_int_equal(r.aborted, stop);
+        assert_int_equal(r.epochs_done, 1);
+        if (stop) assert_true(r.val_f1 < 0);   /* not validated */
+        else assert_true(r.val_f1 >= 0);       /* validated */
+    }
+}
+
 static void test_errors_reach_the_report(void **state) {
     (void)state;
     watcher w = {.monotonic = 1};
     cellsam_train_params p = sample_params(tu_tmp("none.safetensors"), &w);
-    char empty[1024];
-    snprintf(empty, sizeof empty, "%s", tu_tmpdir());
+    char out[256];
+    const char *empty = tu_tmp("empty");
+    assert_int_equal(tu_run(out, sizeof out, "mkdir -p %s", empty), 0);
     p.data_dir = empty; /* no pairs */
     p.log = quiet_log;
     cellsam_train_report r;
@@ -133,6 +166,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_abort_saves_and_stops),
         cmocka_unit_test(test_progress_without_abort),
+        cmocka_unit_test(test_abort_skips_validation),
         cmocka_unit_test(test_errors_reach_the_report),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
