@@ -356,6 +356,8 @@ static int meta_int(const cs_weights *w, const char *path, const char *key, long
     return 1;
 }
 
+const char *const cs_detector_targets[3] = {"hungarian", "anchor", "dense"};
+
 int cellsam_model_load(const char *path, const cellsam_model_params *params, cellsam_model **out) {
     *out = NULL;
     cellsam_model_params dp = cellsam_model_default_params();
@@ -429,10 +431,9 @@ int cellsam_model_load(const char *path, const cellsam_model_params *params, cel
     m->auto_diameter = dm && !strcmp(dm, "auto");
     /* a record, not a recommendation: a value this version does not know is ignored, as the
      * trainer ignores it (it falls back to the box-NMS rule) */
-    static const char *const targets[] = {"hungarian", "anchor", "dense"};
     const char *dt = cs_weights_get_meta(w, "cellsam.detector_targets");
     for (int i = 0; dt && i < 3; i++)
-        if (!strcmp(dt, targets[i])) m->info.detector_targets = targets[i];
+        if (!strcmp(dt, cs_detector_targets[i])) m->info.detector_targets = cs_detector_targets[i];
     /* the cell diameter, in network-input pixels, that --diameter zooms cells to */
     m->cell_diameter = CELLSAM_DEFAULT_NET_CELL_DIAMETER;
     if (meta_int(w, path, "cellsam.cell_diameter", 4, 1024, "a diameter in [4, 1024] pixels", &m->cell_diameter) <

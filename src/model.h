@@ -188,6 +188,10 @@ struct cellsam_model {
     cellsam_model_info info;
 };
 
+/* The detector targets a model records (metadata cellsam.detector_targets), indexed as
+ * cellsam_train_params.anchor_matching 0..2. */
+extern const char *const cs_detector_targets[3];
+
 enum { CS_STAGE_PREPROCESS, CS_STAGE_ENCODER, CS_STAGE_DETECTOR, CS_STAGE_DECODER, CS_STAGE_COUNT };
 
 struct cellsam_context {

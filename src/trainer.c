@@ -235,7 +235,6 @@ enum { HINT_BOX_NMS, HINT_WHOLE_MAX, HINT_CELL_DIAMETER, HINT_SIZING, HINT_TARGE
 static const char *const HINT_KEYS[N_HINTS] = {"cellsam.box_nms_iou", "cellsam.whole_image_max_side",
                                                "cellsam.cell_diameter", "cellsam.diameter",
                                                "cellsam.detector_targets"};
-static const char *const MATCHING_NAMES[3] = {"hungarian", "anchor", "dense"}; /* anchor_matching 0..2 */
 
 typedef struct {
     const cellsam_train_params *tp;
@@ -715,20 +714,20 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
     t->matching = tp->anchor_matching;
     if (t->matching < 0) {
         for (int m = 0; m < 3; m++)
-            if (!strcmp(t->hint[HINT_TARGETS], MATCHING_NAMES[m])) t->matching = m;
+            if (!strcmp(t->hint[HINT_TARGETS], cs_detector_targets[m])) t->matching = m;
         if (t->matching >= 0) {
             if (tp->train_detector)
                 tlog(t, "detector targets: %s, as the starting model's (recorded in its metadata)",
-                     MATCHING_NAMES[t->matching]);
+                     cs_detector_targets[t->matching]);
         } else {
             t->matching = atof(t->hint[HINT_BOX_NMS]) > 0 ? 2 : 0; /* "" reads as 0 */
             if (tp->train_detector)
-                tlog(t, "detector targets: %s, as the starting model's (box NMS %s)", MATCHING_NAMES[t->matching],
+                tlog(t, "detector targets: %s, as the starting model's (box NMS %s)", cs_detector_targets[t->matching],
                      t->matching == 2 ? t->hint[HINT_BOX_NMS] : "none");
         }
     }
     if (tp->train_detector) {
-        snprintf(t->hint[HINT_TARGETS], sizeof t->hint[HINT_TARGETS], "%s", MATCHING_NAMES[t->matching]);
+        snprintf(t->hint[HINT_TARGETS], sizeof t->hint[HINT_TARGETS], "%s", cs_detector_targets[t->matching]);
         if (t->matching == 2)
             snprintf(t->hint[HINT_BOX_NMS], sizeof t->hint[HINT_BOX_NMS], "%s", DENSE_TARGETS_BOX_NMS);
     }
