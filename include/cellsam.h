@@ -308,6 +308,8 @@ typedef struct {
     uint64_t seed;
     double time_limit_s;       /* stop cleanly (after saving) past this wall time; 0 = none */
     int save_every_steps;      /* 0 = at epoch ends only */
+    int save_optimizer_state;  /* 1 (default): write out_path + ".state" with every save, for
+                                  resume; 0: the model only (a caller that never resumes) */
     /* progress lines ("epoch 1 step 20 loss ..."); NULL prints to stderr */
     void (*log)(const char *line, void *user);
     void *log_user;

@@ -1728,14 +1728,6 @@ static void *ft_main(void *arg) {
     int rc = cellsam_train(&s->ft_params, &r);
     char err[256] = "";
     if (rc) snprintf(err, sizeof err, "%s", cellsam_last_error()); /* the message is per thread */
-    /* the optimiser state is only for --resume, which the page does not offer */
-    size_t n = strlen(s->ft_out) + 8;
-    char *state = malloc(n);
-    if (state) {
-        snprintf(state, n, "%s.state", s->ft_out);
-        unlink(state);
-        free(state);
-    }
     pthread_mutex_lock(&s->mu);
     if (r.steps > 0 || !rc) s->ft_report = r;
     s->ft_state = rc ? ST_ERROR : ST_READY;
@@ -1822,6 +1814,7 @@ static enum MHD_Result h_finetune_start(cs_server *s, struct MHD_Connection *c, 
     /* few images: train on all; from 10 on, hold 10 % out for the F1 per epoch */
     tp.val_fraction = n_pairs >= 10 ? 0.1f : 0.0f;
     tp.train_encoders = 0; /* frozen, so the served image embeddings stay valid for the new model */
+    tp.save_optimizer_state = 0; /* only --resume reads it, which the page does not offer */
     tp.train_detector = detector;
     tp.train_decoder = decoder;
     tp.n_threads = s->o.threads;

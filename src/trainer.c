@@ -41,6 +41,7 @@ cellsam_train_params cellsam_train_default_params(void) {
     p.anchor_matching = 2;
     p.n_threads = 1;
     p.seed = 1;
+    p.save_optimizer_state = 1;
     return p;
 }
 
@@ -342,7 +343,7 @@ static int trainer_save(trainer *t) {
         }
     meta[n_meta] = NULL;
     int rc = cs_tparams_save(&t->ps, t->tp->out_path, CS_DTYPE_F32, meta);
-    if (rc) return rc;
+    if (rc || !t->tp->save_optimizer_state) return rc;
     char *sp = state_path(t->tp->out_path);
     if (!sp) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
     rc = cs_adamw_save(&t->opt, &t->ps, sp);

@@ -422,7 +422,7 @@ expect "stop" 202 "$(req POST /api/finetune/stop)"
 ft_wait stopped 120 && ok "stopped after its current step, model saved" || bad "did not stop: $(cat "$TMP/body")"
 STEPS=$(json_field step)
 [ -s "$ROOT/.cellsam/finetuned-1.safetensors" ] && [ ! -e "$ROOT/.cellsam/finetuned-1.safetensors.state" ] &&
-    [ "$STEPS" -ge 2 ] && [ "$STEPS" -lt 100000 ] && ok "model written, optimiser state removed ($STEPS steps)" ||
+    [ "$STEPS" -ge 2 ] && [ "$STEPS" -lt 100000 ] && ok "model written, no optimiser state ($STEPS steps)" ||
     bad "after stop: $(ls -a "$ROOT/.cellsam"), $STEPS steps"
 "$CLI" info -m "$ROOT/.cellsam/finetuned-1.safetensors" >"$TMP/ftinfo" 2>&1 && ok "the saved model loads" ||
     bad "info on the fine-tuned model: $(head -2 "$TMP/ftinfo")"

@@ -98,6 +98,7 @@ static void test_progress_without_abort(void **state) {
     p.data_dir = data;
     p.abort = NULL;
     p.epochs = 2; /* 1 image, 1 per step: 2 steps, each an epoch end (no validation images) */
+    p.save_optimizer_state = 0;
     p.log = quiet_log;
     cellsam_train_report r;
     int rc = cellsam_train(&p, &r);
@@ -110,6 +111,8 @@ static void test_progress_without_abort(void **state) {
     assert_true(w.monotonic);
     assert_int_equal(w.total, 2);
     assert_true(r.val_f1 < 0); /* nothing held out */
+    assert_int_equal(access(tu_tmp("full.safetensors"), R_OK), 0);
+    assert_int_not_equal(access(tu_tmp("full.safetensors.state"), F_OK), 0); /* save_optimizer_state 0 */
 }
 
 /* Two pairs, one held out: a stop at an epoch end skips that epoch's validation pass;
