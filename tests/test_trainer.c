@@ -31,8 +31,15 @@ static int should_abort(void *user) {
     return w->stop_after > 0 && w->abort_calls >= w->stop_after; /* asked once after every step */
 }
 
-static cellsam_train_params sample_params(const char *out, watcher *w) {
+static void quiet_log(const char *line, void *user) {
+    (void)line;
+    (void)user;
+}
+
+/* Fine-tune the reference checkpoint on the pairs in data_dir into out, watched by w. */
+static cellsam_train_params run_params(const char *data_dir, const char *out, watcher *w) {
     cellsam_train_params p = cellsam_train_default_params();
+    p.data_dir = data_dir;
     p.init_model = tu_path("checkpoint.safetensors");
     p.out_path = out;
     p.val_fraction = 0;
@@ -42,28 +49,30 @@ static cellsam_train_params sample_params(const char *out, watcher *w) {
     p.progress = on_progress;
     p.abort = should_abort;
     p.callback_user = w;
-    p.log = NULL;
+    p.log = quiet_log;
     return p;
 }
 
-static void quiet_log(const char *line, void *user) {
-    (void)line;
-    (void)user;
+/* The bundled sample: one pair. */
+static const char *sample_dir(void) {
+    static char dir[1024];
+    snprintf(dir, sizeof dir, "%s/stardist_example", tu_datadir());
+    return dir;
+}
+
+static cellsam_train_report train_or_fail(const cellsam_train_params *p) {
+    cellsam_train_report r;
+    if (cellsam_train(p, &r)) fail_msg("cellsam_train: %s", cellsam_last_error());
+    return r;
 }
 
 static void test_abort_saves_and_stops(void **state) {
     (void)state;
-    char data[1024];
-    snprintf(data, sizeof data, "%s/stardist_example", tu_datadir());
     const char *out = tu_tmp("abort.safetensors");
     watcher w = {.monotonic = 1, .stop_after = 3};
-    cellsam_train_params p = sample_params(out, &w);
-    p.data_dir = data;
+    cellsam_train_params p = run_params(sample_dir(), out, &w);
     p.max_steps = 1000;
-    p.log = quiet_log;
-    cellsam_train_report r;
-    int rc = cellsam_train(&p, &r);
-    if (rc) fail_msg("cellsam_train: %s", cellsam_last_error());
+    cellsam_train_report r = train_or_fail(&p);
     assert_int_equal(r.aborted, 1);
     assert_int_equal(r.steps, 3);
     /* a call before the first step; then, one image per step, every step ends an epoch, and
@@ -91,18 +100,12 @@ static void test_abort_saves_and_stops(void **state) {
 
 static void test_progress_without_abort(void **state) {
     (void)state;
-    char data[1024];
-    snprintf(data, sizeof data, "%s/stardist_example", tu_datadir());
     watcher w = {.monotonic = 1};
-    cellsam_train_params p = sample_params(tu_tmp("full.safetensors"), &w);
-    p.data_dir = data;
+    cellsam_train_params p = run_params(sample_dir(), tu_tmp("full.safetensors"), &w);
     p.abort = NULL;
     p.epochs = 2; /* 1 image, 1 per step: 2 steps, each an epoch end (no validation images) */
     p.save_optimizer_state = 0;
-    p.log = quiet_log;
-    cellsam_train_report r;
-    int rc = cellsam_train(&p, &r);
-    if (rc) fail_msg("cellsam_train: %s", cellsam_last_error());
+    cellsam_train_report r = train_or_fail(&p);
     assert_int_equal(r.aborted, 0);
     assert_int_equal(r.steps, 2);
     assert_int_equal(r.epochs_done, 2);
@@ -130,13 +133,10 @@ static void test_abort_skips_validation(void **state) {
                          0);
     for (int stop = 1; stop >= 0; stop--) {
         watcher w = {.monotonic = 1, .stop_after = stop};
-        cellsam_train_params p = sample_params(tu_tmp("val%d.safetensors", stop), &w);
-        p.data_dir = dir;
+        cellsam_train_params p = run_params(dir, tu_tmp("val%d.safetensors", stop), &w);
         p.val_fraction = 0.5f;
         p.epochs = 1;
-        p.log = quiet_log;
-        cellsam_train_report r;
-        if (cellsam_train(&p, &r)) fail_msg("cellsam_train: %s", cellsam_last_error());
+        cellsam_train_report r = train_or_fail(&p);
         assert_int_equal(r.train_images, 1);
         assert_int_equal(r.val_images, 1);
         assert_int_equal(r.steps, 1);
@@ -150,12 +150,10 @@ static void test_abort_skips_validation(void **state) {
 static void test_errors_reach_the_report(void **state) {
     (void)state;
     watcher w = {.monotonic = 1};
-    cellsam_train_params p = sample_params(tu_tmp("none.safetensors"), &w);
     char out[256];
-    const char *empty = tu_tmp("empty");
+    const char *empty = tu_tmp("empty"); /* no pairs */
     assert_int_equal(tu_run(out, sizeof out, "mkdir -p %s", empty), 0);
-    p.data_dir = empty; /* no pairs */
-    p.log = quiet_log;
+    cellsam_train_params p = run_params(empty, tu_tmp("none.safetensors"), &w);
     cellsam_train_report r;
     memset(&r, 0x55, sizeof r);
     int rc = cellsam_train(&p, &r);
