@@ -170,6 +170,11 @@ typedef struct {
                               is complete where it is connected to its box; parts cut off
                               from it by background are left out. 1: every mask on the
                               whole image, as the official code (slower per cell) */
+    int direct_decoder;    /* 0 (default): a tile's boxes, from 12 on, are decoded in
+                              factored form, sharing the image tokens' products between
+                              boxes (exact in real arithmetic; float32 rounding moves mask
+                              logits by about 1e-4). 1: each box's image tokens computed on
+                              their own, as the official code (slower per cell) */
     int remove_boundaries; /* subtract a 1-pixel outline from every label (0) */
     int normalize;         /* percentile clip + CLAHE per channel, as the official code (1) */
     const float *embedding; /* optional: this image's SAM embedding (P x 64 x 64, as

@@ -149,7 +149,13 @@ typedef struct {
      * planes holds CS_LOGIT_NOT_COMPUTED. */
     const float *boxes;
     float grow_above;
+    /* batches of at least this many prompts (with a shared dense prompt) are decoded in
+     * factored form (mask_decoder.c): each prompt costs less, the image's shared part
+     * more; once that part is ready for the image, smaller calls use it too. INT_MAX:
+     * never. */
+    int factored_from;
 } cs_decoder_options;
+#define CS_DECODER_FACTORED_FROM 12
 /* Low-res logit of pixels a box-limited decode did not compute: far below any threshold. */
 #define CS_LOGIT_NOT_COMPUTED (-1.0e4f)
 cs_decoder_options cs_decoder_default_options(const cs_mask_decoder *md);

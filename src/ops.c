@@ -28,14 +28,11 @@ void cs_gemm(int M, int N, int K, const float *A, int lda, const float *B, int l
                 ldb, beta, C, ldc);
 }
 
-void cs_linear(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y,
-               int n_threads) {
-    if (bias) {
-        for (int m = 0; m < M; m++) memcpy(Y + (size_t)m * N, bias, (size_t)N * sizeof(float));
-        cs_gemm(M, N, K, X, K, W, K, 1, 1.0f, Y, N, n_threads);
-    } else {
-        cs_gemm(M, N, K, X, K, W, K, 1, 0.0f, Y, N, n_threads);
-    }
+void cs_trmm_upper(int M, int N, const float *A, int lda, float *B, int ldb) {
+    if (M <= 0 || N <= 0) return;
+    atomic_fetch_add_explicit(&gemm_flops, (uint64_t)M * (uint64_t)M * (uint64_t)N, memory_order_relaxed);
+    omp_set_num_threads(1);
+    cblas_strmm(CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, M, N, 1.0f, A, lda, B, ldb);
 }
 
 void cs_layernorm2d_chw(float *x, int C, int HW, const float *gamma, const float *beta, float eps) {
@@ -123,6 +120,50 @@ static inline float hmax8(__m256 v) {
 }
 #endif
 
+/* Y = X W^T (+ bias) for a few rows of X: each row of W is read once, straight from
+ * the weights, against up to 8 rows of X. A BLAS call would first pack all of W, which
+ * for the mask decoder's 7 prompt tokens costs more than the product. */
+static void linear_few_rows(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y) {
+    atomic_fetch_add_explicit(&gemm_flops, 2ull * (uint64_t)M * (uint64_t)N * (uint64_t)K, memory_order_relaxed);
+    for (int m0 = 0; m0 < M; m0 += 8) {
+        const int mb = M - m0 < 8 ? M - m0 : 8;
+        for (int n = 0; n < N; n++) {
+            const float *w = W + (size_t)n * K;
+            float acc[8];
+            int k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+            __m256 c[8];
+            for (int i = 0; i < 8; i++) c[i] = _mm256_setzero_ps();
+            for (; k + 8 <= K; k += 8) {
+                const __m256 wv = _mm256_loadu_ps(w + k);
+                for (int i = 0; i < mb; i++)
+                    c[i] = _mm256_fmadd_ps(_mm256_loadu_ps(X + (size_t)(m0 + i) * K + k), wv, c[i]);
+            }
+            for (int i = 0; i < mb; i++) acc[i] = hsum8(c[i]);
+#else
+            for (int i = 0; i < mb; i++) acc[i] = 0.0f;
+#endif
+            for (; k < K; k++)
+                for (int i = 0; i < mb; i++) acc[i] += X[(size_t)(m0 + i) * K + k] * w[k];
+            for (int i = 0; i < mb; i++) Y[(size_t)(m0 + i) * N + n] = acc[i] + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+void cs_linear(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y,
+               int n_threads) {
+    if (M > 0 && M <= 16 && N > 0) {
+        linear_few_rows(X, M, K, W, bias, N, Y);
+        return;
+    }
+    if (bias) {
+        for (int m = 0; m < M; m++) memcpy(Y + (size_t)m * N, bias, (size_t)N * sizeof(float));
+        cs_gemm(M, N, K, X, K, W, K, 1, 1.0f, Y, N, n_threads);
+    } else {
+        cs_gemm(M, N, K, X, K, W, K, 1, 0.0f, Y, N, n_threads);
+    }
+}
+
 /* exp(x - max(x)) in place over one row; returns the float32 sum (over 8 lanes). */
 float cs_exp_row_sum(float *x, int n) {
     int i = 0;
@@ -157,6 +198,14 @@ float cs_exp_row_sum(float *x, int n) {
 void cs_softmax_row(float *x, int n) {
     const float inv = 1.0f / cs_exp_row_sum(x, n);
     for (int k = 0; k < n; k++) x[k] *= inv;
+}
+
+void cs_exp_nonpos(float *x, size_t n) {
+    size_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp_nonpos8(_mm256_loadu_ps(x + i)));
+#endif
+    for (; i < n; i++) x[i] = exp_nonpos(x[i]);
 }
 
 void cs_softmax_groups(float *x, int groups, int n) {

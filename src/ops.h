@@ -14,6 +14,9 @@ void cs_gemm(int M, int N, int K, const float *A, int lda, const float *B, int l
 /* Flops (2 M N K) of every cs_gemm so far, all threads together: benches read it
  * around a stage to report the arithmetic it did. */
 uint64_t cs_gemm_flops(void);
+/* B[M,N] = upper(A[M,M]) * B in place (the upper triangle of A, diagonal included;
+ * single-threaded; counted in cs_gemm_flops). */
+void cs_trmm_upper(int M, int N, const float *A, int lda, float *B, int ldb);
 /* Linear layer: Y[M,N] = X[M,K] W^T + b, W in PyTorch layout (N,K); bias may be NULL. */
 void cs_linear(const float *X, int M, int K, const float *W, const float *bias, int N, float *Y,
                int n_threads);
@@ -30,6 +33,8 @@ float cs_exp_row_sum(float *x, int n);             /* exp(x - max) in place; ret
 /* Softmax of each of `groups` consecutive runs of n values, in place: for many short
  * rows (attention over a few prompt tokens), exponentials 8 at a time across runs. */
 void cs_softmax_groups(float *x, int groups, int n);
+/* exp(x) in place, for x <= 0 (softmax arguments after the max is subtracted). */
+void cs_exp_nonpos(float *x, size_t n);
 float cs_sigmoidf(float x);
 /* out[N,C] = transpose(in[C,N]) */
 void cs_transpose(const float *in, float *out, int rows, int cols);

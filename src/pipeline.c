@@ -1,6 +1,7 @@
 /* Single-image pipeline (spec §3.2-3.4): normalise, the two network inputs, SAM
  * embedding, CellFinder boxes and the k-means threshold, batched mask decoding,
  * incremental label composition, hole filling and small-object removal. */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -272,6 +273,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
         cs_decoder_options dopt = cs_decoder_default_options(&m->md);
         dopt.mask_count = 1;
         dopt.skip_below = p->iou_threshold;
+        if (p->direct_decoder) dopt.factored_from = INT_MAX;
         if (!p->full_masks) {
             dopt.boxes = ubox;
             dopt.grow_above = CS_MASK_LOGIT_OFF;

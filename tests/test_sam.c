@@ -3,6 +3,7 @@
  * points, padding point, dense PE), mask decoder (single and multimask, IoU), on
  * every case and prompt set of the reference folder. */
 #include <dirent.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -411,6 +412,147 @@ static void test_cases_prompt_and_decoder(void **state) {
     assert_true(n_cases > 0);
 }
 
+/* Decode n prompts (n_tok tokens each) on emb with the given options, factored from
+ * `from` prompts on; returns the IoU of every token in io. */
+static void decode_with(const cs_mask_decoder *md, const float *emb, const float *dense, const float *sparse, int n,
+                        int n_tok, cs_decoder_options o, int from, cs_decoder_ws *ws, int threads, float *lg,
+                        float *io) {
+    o.factored_from = from;
+    assert_int_equal(cs_mask_decoder_forward_ex(md, emb, g_ctx->dense_pe, dense, 0, sparse, n, n_tok, &o, lg, io, ws,
+                                                threads),
+                     0);
+}
+
+/* Factored decoding of a batch (mask_decoder.c) against the reference outputs of the
+ * official code for every case, and against the direct path on all mask tokens, point
+ * prompts, box regions, decoders of depth 1 to 3 (this model's layers reused), one or
+ * two threads, and a single prompt that reuses its image's factored data. Float32
+ * rounding differs between the two (about 1e-6 of the logits here); a prompt with more
+ * tokens than the factored path takes is decoded directly. */
+static void test_decoder_factored(void **state) {
+    (void)state;
+    const int P = g_model->pe.dim, nm = g_model->md.n_mask_tokens, K = 5;
+    const size_t plane = 256 * 256, NP = (size_t)P * 4096;
+    float *emb = malloc(NP * sizeof(float)), *dense = malloc(NP * sizeof(float));
+    float *sparse = malloc((size_t)K * 40 * P * sizeof(float));
+    float *a = malloc((size_t)K * nm * plane * sizeof(float)), *b = malloc((size_t)K * nm * plane * sizeof(float));
+    float io_a[64], io_b[64];
+    assert_non_null(b);
+    assert_int_equal(cs_prompt_dense(&g_model->pe, NULL, dense, 1), 0);
+
+    /* the official outputs, every case */
+    DIR *d = opendir(tu_testdata());
+    assert_non_null(d);
+    struct dirent *de;
+    int n_cases = 0;
+    while ((de = readdir(d))) {
+        if (strncmp(de->d_name, "case_", 5) != 0) continue;
+        char name[256];
+        snprintf(name, sizeof name, "%s", de->d_name);
+        install_embedding(name);
+        cs_npy boxes, iou, low;
+        tu_load(&boxes, "%s/39_sam_box_prompts.npy", name);
+        tu_load(&iou, "%s/42_iou_predictions.npy", name);
+        tu_load(&low, "%s/41_lowres_mask_logits_first.npy", name);
+        const int nb = (int)boxes.shape[0] < K ? (int)boxes.shape[0] : K;
+        for (int k = 0; k < nb; k++) {
+            float b4[4];
+            for (int c = 0; c < 4; c++) b4[c] = (float)cs_npy_get(&boxes, 4 * k + c);
+            assert_int_equal(cs_prompt_sparse(&g_model->pe, b4, NULL, 0, sparse + (size_t)k * 2 * P), 2);
+        }
+        cs_decoder_options o = cs_decoder_default_options(&g_model->md);
+        o.mask_count = 1;
+        decode_with(&g_model->md, g_ctx->embedding, dense, sparse, nb, 2, o, 1, NULL, 2, a, io_a);
+        float *ref_iou = cs_npy_to_f32(&iou);
+        for (int k = 0; k < nb; k++) io_b[k] = io_a[k * nm];
+        tu_check_close("factored: IoU (official)", io_b, ref_iou, (size_t)nb, 1e-5);
+        tu_check_npy("factored: first box's logits (official)", a, plane, &low, 1e-4);
+        free(ref_iou);
+        cs_npy_free(&boxes);
+        cs_npy_free(&iou);
+        cs_npy_free(&low);
+        n_cases++;
+    }
+    closedir(d);
+    assert_true(n_cases > 0);
+
+    /* against the direct path: decoders of depth 1, 2 and 3 built from this one's layers */
+    for (size_t i = 0; i < NP; i++) emb[i] = (float)sin(0.37 * (double)i) * 0.8f;
+    cs_twoway_layer layers[3] = {g_model->md.layers[0], g_model->md.layers[1], g_model->md.layers[1]};
+    cellsam_point pts[2] = {{300.0f, 200.0f, 1}, {340.0f, 260.0f, 0}};
+    for (int depth = 1; depth <= 3; depth++) {
+        cs_mask_decoder md = g_model->md;
+        md.layers = layers;
+        md.depth = depth;
+        for (int with_points = 0; with_points < 2; with_points++) {
+            int n_tok = 0;
+            for (int k = 0; k < K; k++) {
+                float b4[4] = {60.0f + 150.0f * k, 100.0f, 160.0f + 150.0f * k, 240.0f + 20.0f * k};
+                n_tok = cs_prompt_sparse(&g_model->pe, b4, with_points ? pts : NULL, with_points ? 2 : 0,
+                                         sparse + (size_t)k * 4 * P);
+            }
+            if (!with_points) /* repack the 2-token prompts densely */
+                for (int k = 1; k < K; k++) memmove(sparse + (size_t)k * 2 * P, sparse + (size_t)k * 4 * P, 2 * P * sizeof(float));
+            for (int threads = 1; threads <= 2; threads++) {
+                cs_decoder_options o = cs_decoder_default_options(&md);
+                decode_with(&md, emb, dense, sparse, K, n_tok, o, 1, NULL, threads, a, io_a);
+                decode_with(&md, emb, dense, sparse, K, n_tok, o, INT_MAX, NULL, threads, b, io_b);
+                char what[96];
+                snprintf(what, sizeof what, "factored, depth %d, %d tokens, %d thread(s): logits", depth, 5 + n_tok, threads);
+                tu_check_close(what, a, b, (size_t)K * nm * plane, 1e-4);
+                tu_check_close("  IoU", io_a, io_b, (size_t)K * nm, 2e-5);
+            }
+        }
+    }
+
+    /* box regions: the same pixels computed, with the same values */
+    box_prompts(sparse, K, 40.0f, 190.0f, 120.0f, 300.0f, 420.0f);
+    float boxes[4 * K];
+    for (int k = 0; k < K; k++) {
+        boxes[4 * k] = 40.0f + 190.0f * k, boxes[4 * k + 1] = 300.0f;
+        boxes[4 * k + 2] = boxes[4 * k] + 120.0f, boxes[4 * k + 3] = 420.0f;
+    }
+    cs_decoder_options o = cs_decoder_default_options(&g_model->md);
+    o.mask_count = 1;
+    o.boxes = boxes;
+    o.grow_above = -0.4055f;
+    decode_with(&g_model->md, emb, dense, sparse, K, 2, o, 1, NULL, 2, a, io_a);
+    decode_with(&g_model->md, emb, dense, sparse, K, 2, o, INT_MAX, NULL, 2, b, io_b);
+    for (size_t i = 0; i < (size_t)K * plane; i++)
+        if ((a[i] == CS_LOGIT_NOT_COMPUTED) != (b[i] == CS_LOGIT_NOT_COMPUTED))
+            fail_msg("box regions differ at %zu", i);
+    tu_check_close("factored, box regions: logits", a, b, (size_t)K * plane, 1e-4);
+
+    /* a single prompt after a batch: the image's factored data is reused (not equal
+     * bit for bit to the direct path); after a new image, it is decoded directly */
+    cs_decoder_ws *ws = cs_decoder_ws_new();
+    o = cs_decoder_default_options(&g_model->md);
+    decode_with(&g_model->md, emb, dense, sparse, K, 2, o, 1, ws, 2, a, io_a);
+    decode_with(&g_model->md, emb, dense, sparse + 2 * P, 1, 2, o, CS_DECODER_FACTORED_FROM, ws, 2, a, io_a);
+    decode_with(&g_model->md, emb, dense, sparse + 2 * P, 1, 2, o, INT_MAX, NULL, 2, b, io_b);
+    tu_check_close("one prompt, factored data reused: logits", a, b, (size_t)nm * plane, 1e-4);
+    for (size_t i = 0; i < NP; i++) emb[i] = (float)cos(0.11 * (double)i) * 0.6f;
+    cs_decoder_ws_invalidate(ws);
+    decode_with(&g_model->md, emb, dense, sparse + 2 * P, 1, 2, o, CS_DECODER_FACTORED_FROM, ws, 2, a, io_a);
+    decode_with(&g_model->md, emb, dense, sparse + 2 * P, 1, 2, o, INT_MAX, NULL, 2, b, io_b);
+    tu_check_close("one prompt on a new image: direct, logits", a, b, (size_t)nm * plane, 0);
+    cs_decoder_ws_free(ws);
+
+    /* more tokens than the factored path takes (30 points): decoded directly */
+    cellsam_point many[30];
+    for (int i = 0; i < 30; i++) many[i] = (cellsam_point){20.0f + 30.0f * i, 500.0f + 7.0f * i, i % 2};
+    int n_tok = 0;
+    for (int k = 0; k < 2; k++) n_tok = cs_prompt_sparse(&g_model->pe, NULL, many + k, 29, sparse + (size_t)k * 30 * P);
+    decode_with(&g_model->md, emb, dense, sparse, 2, n_tok, o, 1, NULL, 2, a, io_a);
+    decode_with(&g_model->md, emb, dense, sparse, 2, n_tok, o, INT_MAX, NULL, 2, b, io_b);
+    tu_check_close("many tokens: direct, logits", a, b, (size_t)2 * nm * plane, 0);
+    free(emb);
+    free(dense);
+    free(sparse);
+    free(a);
+    free(b);
+}
+
 /* Hand-chosen prompt sets (boxes, multimask, points with padding, box plus points). */
 static void test_prompt_sets(void **state) {
     (void)state;
@@ -639,6 +781,7 @@ int main(void) {
         cmocka_unit_test(test_sam_encoder_unit_pattern),
         cmocka_unit_test(test_detector_trunk_unit_pattern),
         cmocka_unit_test(test_cases_prompt_and_decoder),
+        cmocka_unit_test(test_decoder_factored),
         cmocka_unit_test(test_prompt_sets),
         cmocka_unit_test(test_other_layouts),
         cmocka_unit_test(test_vit_heads_from_rel_pos),

@@ -2,6 +2,7 @@
  * BLAS sgemm throughput on the encoder's GEMM shapes measured in the same run as
  * the baseline (ratios, not absolute times, are what carry across machines). */
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,9 +109,11 @@ static double gemm_gflops(const cs_vit *v, int threads, int reps, int precision)
  * With `fresh_image` the per-image shared work is redone before each call, as when
  * boxes are decoded one call at a time; without it, it is reused (a labeling-tool click). */
 static double median_decode_s(cellsam_context *ctx, const float *dense, const float *sparse, const float *boxes,
-                              int nb, int reps, int fresh_image, float *lgs, float *ious, int threads) {
+                              int nb, int reps, int fresh_image, int factored_from, float *lgs, float *ious,
+                              int threads) {
     const cellsam_model *m = ctx->model;
     cs_decoder_options dopt = cs_decoder_default_options(&m->md);
+    dopt.factored_from = factored_from;
     dopt.mask_count = 1;
     dopt.boxes = boxes;
     dopt.grow_above = INFINITY;
@@ -369,34 +372,49 @@ int cmd_bench(int argc, char **argv) {
      * several calls: single short calls varied by +-30 % between runs */
     const int reps[4] = {9, 5, 3, 1};
     /* the warm-up call also counts the arithmetic of 64 boxes (GEMM flops; used below) */
+    const int FX = CS_DECODER_FACTORED_FROM, DIRECT = INT_MAX;
     const uint64_t f64_start = cs_gemm_flops();
-    median_decode_s(ctx, dense, sparse, boxes, 64, 1, 1, lgs, ious, threads);
+    median_decode_s(ctx, dense, sparse, boxes, 64, 1, 1, FX, lgs, ious, threads);
     const double f64 = (double)(cs_gemm_flops() - f64_start);
     for (int k = 0; k < 4; k++) {
-        per_box[k] = median_decode_s(ctx, dense, sparse, boxes, sizes[k], reps[k], 1, lgs, ious, threads) / sizes[k];
+        per_box[k] = median_decode_s(ctx, dense, sparse, boxes, sizes[k], reps[k], 1, FX, lgs, ious, threads) / sizes[k];
         char key[64];
         snprintf(key, sizeof key, "decoder_per_box_s_%d", sizes[k]);
         json_object_set_new(js, key, json_real(per_box[k]));
         fprintf(out, "%-34s %8.4f s per box (%d boxes in one call, median of %d)\n", "mask decoder, box region",
                 per_box[k], sizes[k], reps[k]);
     }
-    /* the decoder's arithmetic, counted in its GEMMs: the warm-up call on 64 boxes against
-     * one on 1 box separates what each box costs from what the boxes of an image share */
-    const uint64_t f0 = cs_gemm_flops();
-    median_decode_s(ctx, dense, sparse, boxes, 1, 1, 1, lgs, ious, threads);
-    const double f1 = (double)(cs_gemm_flops() - f0), flop_box = (f64 - f1) / 63, flop_shared = f1 - flop_box;
+    /* the decoder's arithmetic, counted in its GEMMs. Batches (from CS_DECODER_FACTORED_FROM
+     * boxes) decode in factored form: two batch sizes separate what each box costs from
+     * what the boxes of an image share. The direct path (one box, or --direct-decoder):
+     * 64 boxes against 1. */
+    uint64_t f0 = cs_gemm_flops();
+    median_decode_s(ctx, dense, sparse, boxes, 16, 1, 1, FX, lgs, ious, threads);
+    const double f16 = (double)(cs_gemm_flops() - f0), flop_box = (f64 - f16) / 48, flop_shared = f64 - 64 * flop_box;
+    f0 = cs_gemm_flops();
+    median_decode_s(ctx, dense, sparse, boxes, 1, 1, 1, DIRECT, lgs, ious, threads);
+    const double f1d = (double)(cs_gemm_flops() - f0);
+    f0 = cs_gemm_flops();
+    const double direct_64 = median_decode_s(ctx, dense, sparse, boxes, 64, 3, 1, DIRECT, lgs, ious, threads) / 64;
+    const double f64d = (double)(cs_gemm_flops() - f0) / 3;
+    const double flop_box_d = (f64d - f1d) / 63, flop_shared_d = f1d - flop_box_d;
     json_object_set_new(js, "decoder_gflop_per_box", json_real(flop_box / 1e9));
     json_object_set_new(js, "decoder_gflop_shared", json_real(flop_shared / 1e9));
+    json_object_set_new(js, "decoder_gflop_per_box_direct", json_real(flop_box_d / 1e9));
+    json_object_set_new(js, "decoder_gflop_shared_direct", json_real(flop_shared_d / 1e9));
+    json_object_set_new(js, "decoder_per_box_s_64_direct", json_real(direct_64));
     fprintf(out, "%-34s %8.3f GFLOP per box, %.3f GFLOP shared by an image's boxes (GEMMs, counted)\n",
-            "mask decoder arithmetic", flop_box / 1e9, flop_shared / 1e9);
+            "mask decoder arithmetic, batch", flop_box / 1e9, flop_shared / 1e9);
+    fprintf(out, "%-34s %8.3f GFLOP per box, %.3f GFLOP shared; %.4f s per box of 64 (--direct-decoder)\n",
+            "  direct, one box at a time", flop_box_d / 1e9, flop_shared_d / 1e9, direct_64);
     /* masks on the whole grid (--full-masks) */
-    const double full_1 = median_decode_s(ctx, dense, sparse, NULL, 1, 9, 1, lgs, ious, threads);
-    const double full_64 = median_decode_s(ctx, dense, sparse, NULL, 64, 3, 1, lgs, ious, threads) / 64;
+    const double full_1 = median_decode_s(ctx, dense, sparse, NULL, 1, 9, 1, FX, lgs, ious, threads);
+    const double full_64 = median_decode_s(ctx, dense, sparse, NULL, 64, 3, 1, FX, lgs, ious, threads) / 64;
     json_object_set_new(js, "decoder_per_box_s_1_full", json_real(full_1));
     json_object_set_new(js, "decoder_per_box_s_64_full", json_real(full_64));
     fprintf(out, "%-34s %8.4f s per box alone, %.4f s per box of 64 (batch speedup %.2f x)\n",
             "mask decoder, --full-masks", full_1, full_64, full_1 / full_64);
-    const double prompt_s = median_decode_s(ctx, dense, sparse, NULL, 1, 9, 0, lgs, ious, threads);
+    const double prompt_s = median_decode_s(ctx, dense, sparse, NULL, 1, 9, 0, FX, lgs, ious, threads);
     json_object_set_new(js, "decoder_prompt_s", json_real(prompt_s));
     fprintf(out, "%-34s %8.4f s  (1 box, same image: shared data reused, median of 9)\n", "mask decoder, next prompt (full)",
             prompt_s);

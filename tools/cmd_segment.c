@@ -64,6 +64,9 @@ static void usage(void) {
         "  --full-masks    upscale every mask on the whole image, as the official code, instead of\n"
         "                  around its box (grown while the mask reaches the border: only parts cut\n"
         "                  off from the box by background are lost); slower per cell\n"
+        "  --direct-decoder  decode each box's image tokens on its own, as the official code,\n"
+        "                  instead of sharing their products between a tile's boxes (12 or more):\n"
+        "                  the same in exact arithmetic, float32 rounding differs; slower per cell\n"
         "Other: --threads N (default: all cores)  --overwrite  --quiet\n"
         "       --weights f16|bf16  keep the ViT matrices in 16 bits (half the weight memory;\n"
         "                  opt-in, compute stays float32; deviation measured in README)\n"
@@ -372,6 +375,7 @@ int cmd_segment(int argc, char **argv) {
         else if (!strcmp(a, "--mirror-halo")) o.sp.halo_mirror = 1;
         else if (!strcmp(a, "--remove-boundaries")) o.sp.remove_boundaries = 1;
         else if (!strcmp(a, "--full-masks")) o.sp.full_masks = 1;
+        else if (!strcmp(a, "--direct-decoder")) o.sp.direct_decoder = 1;
         else if (!strcmp(a, "--no-normalize")) o.sp.normalize = 0;
         else if (!strcmp(a, "--grey") || !strcmp(a, "--gray")) o.grey = 1;
         else if (!strcmp(a, "--overwrite")) o.overwrite = 1;
