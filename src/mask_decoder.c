@@ -319,7 +319,7 @@ struct fx_shared {
     float *x_const[FX_MAX_DEPTH];                /* (3l + 1) x N: cross terms of the constants */
     /* step s (0: layer 0's token-to-image attention, whose keys are E + pe, so k_pe[0]
      * is NULL; depth: the final attention): W_k (E Gamma_s)^T, W_k pe^T, E Gamma_s W_v^T
-     * (N x I) */
+     * (by head: heads x N x dh) */
     float *k_img[FX_MAX_DEPTH + 1], *k_pe[FX_MAX_DEPTH + 1], *v_img[FX_MAX_DEPTH + 1];
     float *w_eff;                                /* scratch: an effective weight matrix */
     float *plain;                                /* scratch: a product before fx_block_layout */
@@ -471,16 +471,16 @@ static void head_product(const float *A, const float *B, int ldb, int T, int hea
     }
 }
 
-/* o[i][h dh + d] = sum_r W[(h nq + i) N + r] V[r I + h dh + d]: per head, nq rows of
- * attention weights against that head's columns of V (N x I), 4 rows at a time with
- * the accumulators in registers (dh = 8 or 16), or plain loops otherwise. */
+/* o[i][h dh + d] = sum_r W[(h nq + i) N + r] V[h][r][d]: per head, nq rows of
+ * attention weights against that head's N x dh block of V, 4 rows at a time with the
+ * accumulators in registers (dh = 8 or 16), or plain loops otherwise. */
 #if defined(__AVX2__) && defined(__FMA__)
-static inline __attribute__((always_inline)) void head_reduce_block(const float *const w[4], const float *V, int I,
-                                                                    int nd, float acc[4][FX_MAX_HEAD_DIM]) {
+static inline __attribute__((always_inline)) void head_reduce_block(const float *const w[4], const float *V, int nd,
+                                                                    float acc[4][FX_MAX_HEAD_DIM]) {
     __m256 c[4][2];
     for (int k = 0; k < 4; k++) c[k][0] = c[k][1] = _mm256_setzero_ps();
     for (int r = 0; r < 4096; r++) {
-        const float *v = V + (size_t)r * I;
+        const float *v = V + (size_t)r * 8 * nd;
         const __m256 v0 = _mm256_loadu_ps(v), v1 = nd > 1 ? _mm256_loadu_ps(v + 8) : v0;
         for (int k = 0; k < 4; k++) {
             const __m256 b = _mm256_broadcast_ss(w[k] + r);
@@ -504,19 +504,19 @@ static void head_reduce(const float *W, const float *V, int I, int nq, int heads
             const int ni = nq - i0 < 4 ? nq - i0 : 4;
             const float *w[4];
             for (int k = 0; k < 4; k++) w[k] = W + (size_t)(h * nq + i0 + (k < ni ? k : 0)) * N;
-            const float *Vh = V + h * dh;
+            const float *Vh = V + (size_t)h * dh * N;
 #if defined(__AVX2__) && defined(__FMA__)
             if (dh == 16)
-                head_reduce_block(w, Vh, I, 2, acc);
+                head_reduce_block(w, Vh, 2, acc);
             else if (dh == 8)
-                head_reduce_block(w, Vh, I, 1, acc);
+                head_reduce_block(w, Vh, 1, acc);
             else
 #endif
             {
                 memset(acc, 0, sizeof acc);
                 for (int r = 0; r < N; r++)
                     for (int k = 0; k < 4; k++)
-                        for (int d = 0; d < dh; d++) acc[k][d] += w[k][r] * Vh[(size_t)r * I + d];
+                        for (int d = 0; d < dh; d++) acc[k][d] += w[k][r] * Vh[(size_t)r * dh + d];
             }
             for (int k = 0; k < ni; k++) memcpy(o + (size_t)(i0 + k) * I + h * dh, acc[k], (size_t)dh * sizeof(float));
         }
@@ -617,9 +617,14 @@ static void fx_shared_compute(struct fx_shared *f, const cs_mask_decoder *md, co
             fx_project(f, a->k_w, a->internal, P, gam, E, NULL, H, f->k_img[s], n_threads);
             fx_project(f, a->k_w, a->internal, P, NULL, pe, NULL, H, f->k_pe[s], n_threads);
         }
-        for (int i = 0; i < a->internal; i++) /* v_img is N x I: head_reduce reads a head's columns */
+        /* v_img by head: N x dh per head, so that head_reduce streams it in order */
+        const int I = a->internal, dh = I / H;
+        for (int i = 0; i < I; i++)
             for (int c = 0; c < P; c++) f->w_eff[(size_t)i * P + c] = a->v_w[(size_t)i * P + c] * gam[c];
-        cs_gemm(N, a->internal, P, E, P, f->w_eff, P, 1, 0.0f, f->v_img[s], a->internal, n_threads);
+        cs_gemm(N, I, P, E, P, f->w_eff, P, 1, 0.0f, f->plain, I, n_threads);
+        for (int h = 0; h < H; h++)
+            for (int r = 0; r < N; r++)
+                memcpy(f->v_img[s] + ((size_t)h * N + r) * dh, f->plain + (size_t)r * I + h * dh, (size_t)dh * sizeof(float));
     }
     free(g);
     f->valid = 1;
@@ -1310,9 +1315,10 @@ int cs_mask_decoder_forward_ex(const cs_mask_decoder *md, const float *image_emb
         sh.vp0 = ws->vp0;
         sh.qi0 = ws->qi0;
     }
-    /* a batch (or an image whose shared factored part is ready) is decoded factored */
-    if (dense_stride == 0 && fx_supported(md, T) &&
-        (n_batch >= opt->factored_from || (ws->fx && ws->fx->valid && opt->factored_from < INT_MAX))) {
+    /* a batch is decoded factored; so is a smaller call on an image whose factored data is
+     * ready, unless it is one prompt that the direct path would split between threads */
+    const int fx_ready = ws->fx && ws->fx->valid && opt->factored_from < INT_MAX && (outer > 1 || inner == 1);
+    if (dense_stride == 0 && fx_supported(md, T) && (n_batch >= opt->factored_from || fx_ready)) {
         if (!ws->fx) ws->fx = fx_shared_new(md);
         for (int t = 0; ws->fx && t < outer; t++)
             if (!ws->items[t].fx.U && fx_item_alloc(&ws->items[t].fx, md, T)) {
