@@ -226,7 +226,7 @@ int cmd_bench(int argc, char **argv) {
                    "--e2e-4096 adds the 4096 x 4096 tiled end-to-end run (121 tiles: long).\n"
                    "--json prints one object: encoder_s, encoder_vs_sgemm, det_trunk_s, det_head_s,\n"
                    "decoder_per_box_s_{1,16,64,256}, decoder_batch_speedup, decoder_gflop_per_box,\n"
-                   "decoder_gflop_shared, end_to_end_1024_s, peak_rss_mb, ...\n");
+                   "decoder_gflop_shared, decoder_per_box_s_64_direct, end_to_end_1024_s, peak_rss_mb, ...\n");
             return 0;
         } else if ((!strcmp(argv[i], "-m") || !strcmp(argv[i], "--model")) && i + 1 < argc) ckpt = argv[++i];
         else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = argv[++i];
