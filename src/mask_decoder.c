@@ -301,11 +301,11 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
  * W^T, computed once per image, and a part of rank m per prompt; the LayerNorm
  * statistics follow from a Gram matrix of U and shared cross terms. Per prompt this
  * trades products with all 4096 x 256 token values (0.73 GFLOP at SAM's size) for
- * products with the 4096 x m coefficients (about 0.3 GFLOP), at the price of about
- * 3 GFLOP per image that its prompts share: worth it for a batch, not for one
- * interactive click. In exact arithmetic the result is the same; in float32 it
- * differs by rounding (tests/test_sam.c bounds it). Shared matrices are stored
- * transposed (internal x 4096), so that a head's rows are contiguous. */
+ * products with the 4096 x m coefficients (0.26 GFLOP), at the price of 4.5 GFLOP per
+ * image that its prompts share: worth it for a batch (from about 12 prompts), not for
+ * one interactive click. In exact arithmetic the result is the same; in float32 it
+ * differs by rounding (tests/test_sam.c bounds it). The shared matrices that meet
+ * per-head prompt rows are stored by head (fx_block_layout, v_img heads x N x dh). */
 #define FX_MAX_DEPTH 4
 #define FX_MAX_TOKENS 32
 #define FX_MAX_HEAD_DIM 128
@@ -313,13 +313,15 @@ static void mlp3(const float *x, const float *const w[3], const float *const b[3
 struct fx_shared {
     int depth, valid;
     float *gamma;                                /* (depth + 1) x P: Gamma_l */
-    float *q_img[FX_MAX_DEPTH], *q_pe[FX_MAX_DEPTH]; /* I x N: W_q (E Gamma_l)^T; W_q pe^T + b_q */
+    /* I x N, fx_block_layout: W_q (E Gamma_l)^T, W_q pe^T + b_q (layer 0: W_q (E + pe)^T
+     * + b_q in q_img, no q_pe) */
+    float *q_img[FX_MAX_DEPTH], *q_pe[FX_MAX_DEPTH];
     float *e_mean[FX_MAX_DEPTH], *e_sq[FX_MAX_DEPTH]; /* N: mean, centred squared norm of E Gamma_l */
-    float *x_attn[FX_MAX_DEPTH][FX_MAX_DEPTH];   /* [l][l'], I x N: cross terms of layer l' vectors */
-    float *x_const[FX_MAX_DEPTH];                /* (3l + 1) x N: cross terms of the constants */
+    float *x_attn[FX_MAX_DEPTH][FX_MAX_DEPTH];   /* [l][l'], I x N (blocked): cross terms of layer l' vectors */
+    float *x_const[FX_MAX_DEPTH];                /* (3l + 1) x N (plain): cross terms of the constants */
     /* step s (0: layer 0's token-to-image attention, whose keys are E + pe, so k_pe[0]
-     * is NULL; depth: the final attention): W_k (E Gamma_s)^T, W_k pe^T, E Gamma_s W_v^T
-     * (by head: heads x N x dh) */
+     * is NULL; depth: the final attention): W_k (E Gamma_s)^T and W_k pe^T (blocked),
+     * E Gamma_s W_v^T (by head: heads x N x dh) */
     float *k_img[FX_MAX_DEPTH + 1], *k_pe[FX_MAX_DEPTH + 1], *v_img[FX_MAX_DEPTH + 1];
     float *w_eff;                                /* scratch: an effective weight matrix */
     float *plain;                                /* scratch: a product before fx_block_layout */
@@ -634,9 +636,9 @@ static void fx_shared_compute(struct fx_shared *f, const cs_mask_decoder *md, co
 static int fx_max_basis(const cs_mask_decoder *md, int T) { return md->depth * (md->heads * T + 3); }
 
 /* The factored path's limits: SAM's decoders (depth 2, head width 16, 7 tokens per
- * box prompt) are far inside them. */
+ * box prompt: 118 basis rows) are far inside them. */
 static int fx_supported(const cs_mask_decoder *md, int T) {
-    if (md->depth > FX_MAX_DEPTH || T > FX_MAX_TOKENS) return 0;
+    if (md->depth > FX_MAX_DEPTH || T > FX_MAX_TOKENS || fx_max_basis(md, T) > 512) return 0;
     for (int s = 0; s <= md->depth; s++) {
         const cs_attn *a[2] = {s < md->depth ? &md->layers[s].i2t : NULL, s ? fx_step_attn(md, s) : NULL};
         for (int k = 0; k < 2; k++)
