@@ -26,7 +26,8 @@ enum cellsam_status {
     CELLSAM_ERR_INVALID = 4,     /* invalid argument */
     CELLSAM_ERR_UNSUPPORTED = 5, /* valid input that this build cannot handle */
     CELLSAM_ERR_LIMIT = 6,       /* a size limit was exceeded */
-    CELLSAM_ERR_MODEL = 7        /* checkpoint lacks tensors or has wrong shapes */
+    CELLSAM_ERR_MODEL = 7,       /* checkpoint lacks tensors or has wrong shapes */
+    CELLSAM_ERR_ABORTED = 8      /* stopped by the caller's abort callback */
 };
 
 const char *cellsam_last_error(void);
@@ -204,7 +205,11 @@ typedef struct {
     int n_threads;
     /* progress: called after each tile with (done, total); may be NULL */
     void (*progress)(int done, int total, void *user);
-    void *progress_user;
+    void *progress_user;   /* passed to progress and abort */
+    /* abort: polled before each tile and between the stages of a tile (detector, encoder,
+       each batch of boxes); non-zero stops the call with CELLSAM_ERR_ABORTED and no
+       result. May be NULL. A server stops a running segmentation with it. */
+    int (*abort)(void *user);
 } cellsam_segment_params;
 
 cellsam_segment_params cellsam_segment_default_params(void);

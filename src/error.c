@@ -60,6 +60,7 @@ const char *cellsam_status_string(int status) {
     case CELLSAM_ERR_UNSUPPORTED: return "unsupported";
     case CELLSAM_ERR_LIMIT: return "size limit exceeded";
     case CELLSAM_ERR_MODEL: return "model mismatch";
+    case CELLSAM_ERR_ABORTED: return "aborted";
     default: return "unknown error";
     }
 }

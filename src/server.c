@@ -485,6 +485,15 @@ static void seg_progress(int done, int total, void *user) {
     pthread_mutex_unlock(&p->s->mu);
 }
 
+/* A running segment-all stops between tiles and stages when the server shuts down. */
+static int seg_should_abort(void *user) {
+    progress_ctx *p = user;
+    pthread_mutex_lock(&p->s->mu);
+    const int quit = p->s->quit;
+    pthread_mutex_unlock(&p->s->mu);
+    return quit;
+}
+
 static void *worker_main(void *arg) {
     cs_server *s = arg;
     pthread_mutex_lock(&s->mu);
@@ -533,6 +542,7 @@ static void *worker_main(void *arg) {
             progress_ctx pc = {s, im};
             sp.n_threads = s->o.threads;
             sp.progress = seg_progress;
+            sp.abort = seg_should_abort;
             sp.progress_user = &pc;
             float *hw3 = NULL, *emb = NULL;
             cellsam_result *r = NULL;

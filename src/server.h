@@ -66,7 +66,9 @@ cs_server_options cs_server_default_options(void);
 int cs_server_start(const cs_server_options *opt, cs_server **out);
 /* The bound port (useful with port 0). */
 int cs_server_port(const cs_server *s);
-/* Stop accepting, finish the running job, free everything. */
+/* Stop accepting; stop a running segment-all between its tiles or stages (an embedding
+ * pass in progress finishes) and a fine-tune after its step (saved first); free
+ * everything. */
 void cs_server_stop(cs_server *s);
 
 #endif

@@ -104,6 +104,7 @@ static cs_tile_params tile_params(const cellsam_segment_params *p) {
     tp.minmax_normalize = 1;
     tp.progress = p->progress;
     tp.progress_user = p->progress_user;
+    tp.abort = p->abort;
     return tp;
 }
 

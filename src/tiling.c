@@ -668,7 +668,9 @@ static int process_tile(tl_engine *e, int i, int j) {
 
     memset(e->lab, 0, tpx * sizeof(uint32_t));
     int n_reported = 0;
-    const int failed = e->segment(e->segment_user, e->tile, th, tw, e->lab, &n_reported) != 0;
+    const int seg_rc = e->segment(e->segment_user, e->tile, th, tw, e->lab, &n_reported);
+    if (seg_rc == CELLSAM_ERR_ABORTED) return seg_rc; /* the caller's stop, not a failed tile */
+    const int failed = seg_rc != 0;
     if (failed) { /* official: any exception -> all-zero tile */
         memset(e->lab, 0, tpx * sizeof(uint32_t));
         e->n_failed++;
@@ -762,6 +764,8 @@ static int engine_run(tl_engine *e) {
     int done = 0;
     for (int i = 0; i < e->nty; i++) {
         for (int j = 0; j < e->ntx; j++) {
+            if (e->p.abort && e->p.abort(e->p.progress_user))
+                return cs_error(CELLSAM_ERR_ABORTED, "segmentation aborted");
             rc = process_tile(e, i, j);
             if (rc) return rc;
             done++;

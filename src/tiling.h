@@ -65,7 +65,11 @@ typedef struct {
                            * x -> (x-min)/(max-min) (float32) where max-min != 0, as
                            * cellsam_pipeline does; 0 (default): the caller did it */
     void (*progress)(int done, int total, void *user); /* after each tile; may be NULL */
-    void *progress_user;
+    void *progress_user;  /* passed to progress and abort */
+    /* polled before each tile; non-zero ends the run with CELLSAM_ERR_ABORTED, as does a
+     * segmenter returning CELLSAM_ERR_ABORTED (any other error only fails its tile).
+     * May be NULL. */
+    int (*abort)(void *user);
     /* Optional, after each tile's offset is applied: its raw labels are
      * offset+1 .. offset+n_labels (n = its max label; 0 if it failed). With
      * raw_to_final (cs_tiled_segment_mem_ex) this carries per-label data such as

@@ -459,7 +459,9 @@ expect "upload with GET" 405 "$(req GET /api/upload)"
 [ "$(ls "$ROOT/uploads" | wc -l)" = 4 ] && ok "only the accepted uploads were written" || bad "uploads: $(ls "$ROOT/uploads")"
 
 # ---------------------------------------------------------------- stop
-# with a fine-tune still running: the server stops it (it saves first) and exits cleanly
+# with a fine-tune and a tiled segment-all still running: the server stops the fine-tune (it
+# saves first) and the segment-all (between its tiles), and exits cleanly
+expect "a tiled segment-all left running at shutdown" 202 "$(req POST "/api/images/$A/segment" -d '{"tiled":true}')"
 expect "a long fine-tune left running at shutdown" 202 "$(req POST /api/finetune -d '{"steps":100000}')"
 kill -TERM $PID
 t=0

@@ -698,6 +698,60 @@ static void test_degenerate_images(void **state) {
     free(strip);
 }
 
+/* The abort callback: polled before each tile and between the stages of a tile; a
+ * non-zero answer ends the call with CELLSAM_ERR_ABORTED, no result and nothing leaked
+ * (the sanitizer build runs this too). */
+typedef struct {
+    int polls, stop_at, tiles_done;
+} abort_probe;
+
+static int probe_abort(void *user) {
+    abort_probe *a = user;
+    return ++a->polls == a->stop_at;
+}
+
+static void probe_progress(int done, int total, void *user) {
+    (void)total;
+    ((abort_probe *)user)->tiles_done = done;
+}
+
+static void test_abort(void **state) {
+    (void)state;
+    const int W = 700, H = 500;
+    float *img = malloc((size_t)W * H * sizeof(float));
+    for (int i = 0; i < W * H; i++) img[i] = (float)(((long long)i * 7919) % 251);
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.n_threads = 2;
+    sp.abort = probe_abort;
+    sp.progress = probe_progress;
+    for (int tiled = 0; tiled <= 1; tiled++) {
+        sp.tiled = tiled;
+        abort_probe a = {0, 0, 0};
+        sp.progress_user = &a;
+        cellsam_result *r = NULL;
+        assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &r), 0); /* never stops */
+        const int polls = a.polls, tiles = a.tiles_done;
+        printf("  %s: %d polls, %d tiles, %d cells\n", tiled ? "tiled" : "whole image", polls, tiles, r->n_cells);
+        cellsam_result_free(r);
+        assert_true(polls >= (tiled ? 2 * tiles : 2));
+        /* stop at a poll: the call ends there (whole image: every poll; tiled: the first
+         * two, one in the middle and the last) */
+        const int ks[4] = {1, 2, polls / 2 + 1, polls};
+        for (int i = 0; i < (tiled ? 4 : polls); i++) {
+            const int k = tiled ? ks[i] : i + 1;
+            abort_probe b = {0, k, 0};
+            sp.progress_user = &b;
+            r = NULL;
+            assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &r), CELLSAM_ERR_ABORTED);
+            assert_null(r);
+            assert_int_equal(b.polls, k);
+            assert_true(b.tiles_done < tiles || !tiled);
+        }
+        printf("  %s: %s\n", tiled ? "tiled" : "whole image", cellsam_last_error());
+    }
+    free(img);
+}
+
 /* Greedy box NMS on a case worked by hand: B overlaps A by IoU 81/119 = 0.68; C overlaps
  * A by 72/128 = 0.5625 and B by 90/110 = 0.82; D is apart. At 0.6, C survives because
  * the box it overlaps most (B) was itself suppressed. */
@@ -780,6 +834,7 @@ int main(void) {
         cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_int8_compute_labels),
         cmocka_unit_test(test_degenerate_images),
+        cmocka_unit_test(test_abort),
         cmocka_unit_test(test_box_nms),
         cmocka_unit_test(test_box_nms_hint),
     };
