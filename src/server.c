@@ -38,8 +38,8 @@
 #define LABEL_MAX_VALUE 65535u  /* autosave is a 16-bit PNG */
 #define LOWRES (CS_LOWRES_SIZE * CS_LOWRES_SIZE)
 
-enum { ST_NONE, ST_QUEUED, ST_RUNNING, ST_READY, ST_ERROR };
-static const char *const k_state[] = {"none", "queued", "running", "ready", "error"};
+enum { ST_NONE, ST_QUEUED, ST_RUNNING, ST_READY, ST_ERROR, ST_STOPPED };
+static const char *const k_state[] = {"none", "queued", "running", "ready", "error", "stopped"};
 enum { JOB_EMBED, JOB_SEGMENT };
 
 typedef struct {
@@ -68,6 +68,7 @@ typedef struct image {
     cellsam_segment_params seg_params;
     double seg_t0, seg_seconds;
     int seg_done, seg_total;
+    int seg_stop; /* POST .../segment/stop asked the running segment-all to stop */
     cellsam_result *seg;
     char seg_error[256];
     logit_slot slots[LOGIT_SLOTS];
@@ -485,13 +486,14 @@ static void seg_progress(int done, int total, void *user) {
     pthread_mutex_unlock(&p->s->mu);
 }
 
-/* A running segment-all stops between tiles and stages when the server shuts down. */
+/* A running segment-all stops between tiles and stages when it is asked to, or when the
+ * server shuts down. */
 static int seg_should_abort(void *user) {
     progress_ctx *p = user;
     pthread_mutex_lock(&p->s->mu);
-    const int quit = p->s->quit;
+    const int stop = p->s->quit || p->im->seg_stop;
     pthread_mutex_unlock(&p->s->mu);
-    return quit;
+    return stop;
 }
 
 static void *worker_main(void *arg) {
@@ -535,6 +537,7 @@ static void *worker_main(void *arg) {
             }
         } else {
             im->seg_state = ST_RUNNING;
+            im->seg_stop = 0;
             im->seg_t0 = t0;
             im->seg_done = im->seg_total = 0;
             cellsam_segment_params sp = im->seg_params;
@@ -560,9 +563,14 @@ static void *worker_main(void *arg) {
             }
             int rc = abs ? load_model_input(im, abs, &hw3, err, sizeof err) : -1;
             if (!abs) snprintf(err, sizeof err, "out of memory");
-            if (!rc && cellsam_segment(s->worker_ctx, hw3, im->width, im->height, 3, &sp, &r)) {
-                snprintf(err, sizeof err, "%s", cellsam_last_error());
-                rc = -1;
+            int aborted = 0;
+            if (!rc) {
+                const int src = cellsam_segment(s->worker_ctx, hw3, im->width, im->height, 3, &sp, &r);
+                if (src) {
+                    snprintf(err, sizeof err, "%s", cellsam_last_error());
+                    aborted = src == CELLSAM_ERR_ABORTED;
+                    rc = -1;
+                }
             }
             free(hw3);
             free(emb);
@@ -573,6 +581,8 @@ static void *worker_main(void *arg) {
                 im->seg_state = ST_READY;
                 im->seg_seconds = cs_now_seconds() - t0;
                 s->seg_estimate = im->seg_seconds;
+            } else if (aborted) {
+                im->seg_state = ST_STOPPED;
             } else {
                 im->seg_state = ST_ERROR;
                 snprintf(im->seg_error, sizeof im->seg_error, "%s", err);
@@ -1478,6 +1488,7 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
         return respond_json(c, 202, st);
     }
     im->seg_params = p;
+    im->seg_stop = 0;
     queue_job(s, im, JOB_SEGMENT);
     json_t *st = status_json(s, im);
     pthread_mutex_unlock(&s->mu);
@@ -1495,6 +1506,35 @@ static char *cells_info_from_result(const cellsam_result *r) {
     char *txt = json_dumps(o, JSON_COMPACT);
     json_decref(o);
     return txt;
+}
+
+/* POST /api/images/ID/segment/stop: a queued segment-all leaves the queue, a running one
+ * stops between its tiles or stages; either way the state becomes "stopped" (409 when
+ * none is queued or running). */
+static enum MHD_Result h_segment_stop(cs_server *s, struct MHD_Connection *c, image *im) {
+    pthread_mutex_lock(&s->mu);
+    if (im->seg_state == ST_QUEUED) {
+        for (job **pp = &s->jobs_head, *prev = NULL; *pp; prev = *pp, pp = &(*pp)->next) {
+            job *j = *pp;
+            if (j->im != im || j->kind != JOB_SEGMENT) continue;
+            *pp = j->next;
+            if (s->jobs_tail == j) s->jobs_tail = prev;
+            im->refs--;
+            free(j);
+            break;
+        }
+        im->seg_state = ST_STOPPED;
+    } else if (im->seg_state == ST_RUNNING) {
+        im->seg_stop = 1; /* the worker sets "stopped" when the pipeline returns */
+    } else {
+        json_t *st = status_json(s, im);
+        pthread_mutex_unlock(&s->mu);
+        json_object_set_new(st, "error", json_string("no segment-all is queued or running"));
+        return respond_json(c, 409, st);
+    }
+    json_t *st = status_json(s, im);
+    pthread_mutex_unlock(&s->mu);
+    return respond_json(c, 202, st);
 }
 
 static enum MHD_Result h_segment_result(cs_server *s, struct MHD_Connection *c, image *im) {
@@ -2000,14 +2040,14 @@ static enum MHD_Result dispatch(cs_server *s, struct MHD_Connection *c, const ch
     const char *id = r + 7, *slash = strchr(id, '/');
     size_t idn = slash ? (size_t)(slash - id) : strlen(id);
     const char *action = slash ? slash + 1 : "";
-    static const char *const actions[] = {"", "pixels", "prompt", "segment", "labels", "export"};
+    static const char *const actions[] = {"", "pixels", "prompt", "segment", "labels", "export", "segment/stop"};
     int a = -1;
     for (int i = 0; i < (int)(sizeof actions / sizeof actions[0]); i++)
         if (!strcmp(action, actions[i])) a = i;
     if (a < 0) return respond_error(c, 404, "no such API endpoint");
     if (!valid_id(id, idn)) return respond_error(c, 404, "unknown image id");
-    static const char *const allow[] = {"GET", "GET", "POST", "GET, POST", "GET, PUT", "GET"};
-    int ok = (a == 2) ? post : (a == 3) ? (get || post) : (a == 4) ? (get || put) : get;
+    static const char *const allow[] = {"GET", "GET", "POST", "GET, POST", "GET, PUT", "GET", "POST"};
+    int ok = (a == 2 || a == 6) ? post : (a == 3) ? (get || post) : (a == 4) ? (get || put) : get;
     if (!ok) return method_not_allowed(c, allow[a]);
     image *im = acquire_image(s, id, idn);
     if (!im) return respond_error(c, 404, "unknown image id (open the image first)");
@@ -2018,7 +2058,8 @@ static enum MHD_Result dispatch(cs_server *s, struct MHD_Connection *c, const ch
     case 2: ret = h_prompt(s, c, rq, im); break;
     case 3: ret = post ? h_segment_start(s, c, rq, im) : h_segment_result(s, c, im); break;
     case 4: ret = put ? h_labels_put(s, c, rq, im) : h_labels_get(s, c, im); break;
-    default: ret = h_export(s, c, im); break;
+    case 5: ret = h_export(s, c, im); break;
+    default: ret = h_segment_stop(s, c, im); break;
     }
     release_image(s, im);
     return ret;

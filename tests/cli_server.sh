@@ -300,6 +300,14 @@ ERRS=$(cat "$TMP"/load.[0-9]* | awk '{n+=$1; e+=$2} END {print e+0}')
     bad "load: $TOTAL prompts, $ERRS errors"
 expect "server answers after the load" 200 "$(req GET /api/info)"
 
+# stop: a running segment-all stops between its tiles, with no result; nothing to stop: 409
+expect "stop with nothing running" 409 "$(req POST "/api/images/$C/segment/stop")"
+expect "stop with GET" 405 "$(req GET "/api/images/$C/segment/stop")"
+expect "a segment-all to stop" 202 "$(req POST "/api/images/$C/segment" -d '{"tiled":true,"diameter":"auto"}')"
+expect "stop it" 202 "$(req POST "/api/images/$C/segment/stop")"
+wait_state "$C" segment stopped 60 && ok "segment-all stopped" || bad "segment-all did not stop"
+expect "no result after a stop" 409 "$(req GET "/api/images/$C/segment")"
+expect "stop when already stopped" 409 "$(req POST "/api/images/$C/segment/stop")"
 
 expect "segment-all in tiled mode, box NMS 0.3" 202 "$(req POST "/api/images/$C/segment" -d '{"tiled":true,"box_nms_iou":0.3}')"
 wait_state "$C" segment ready 240 && ok "tiled segment-all finished" || bad "tiled segment-all did not finish"

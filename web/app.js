@@ -436,10 +436,10 @@ function showEmbedding(img) {
 function showSegment(img) {
   const s = img.segment, p = $('seg-progress'), btn = $('segment-btn');
   const busy = s.state === 'queued' || s.state === 'running';
-  btn.disabled = busy;
   p.hidden = !busy;
   p.value = s.progress || 0;
-  btn.textContent = busy ? 'Segmenting…' : 'Segment all';
+  btn.textContent = busy ? 'Stop segmenting' : 'Segment all';
+  btn.title = busy ? 'stop the running segment-all' : 'run the full CellSAM pipeline (G)';
   if (s.state === 'error') message('segment all failed: ' + s.error, 6000);
 }
 
@@ -460,6 +460,7 @@ async function pollStatus() {
   showSegment(img);
   if (S.awaitSegment && st.segment.state === 'ready' && wasSeg !== 'ready') { S.awaitSegment = false; fetchSegmentResult(); }
   if (S.awaitSegment && st.segment.state === 'error') S.awaitSegment = false;
+  if (S.awaitSegment && st.segment.state === 'stopped') { S.awaitSegment = false; message('segment all stopped'); }
   const busy = ['queued', 'running'].includes(st.embedding.state) || ['queued', 'running'].includes(st.segment.state);
   if (busy || st.embedding.state === 'none') S.pollTimer = setTimeout(pollStatus, busy ? 250 : 1000);
 }
@@ -540,6 +541,18 @@ async function segmentAll() {
     showSegment(S.image);
     pollStatus();
   } catch (e) { S.awaitSegment = false; message('segment all: ' + e.message, 6000); }
+}
+
+// the button starts a segment-all, or stops the one that is queued or running
+async function segmentButton() {
+  const s = S.image && S.image.segment;
+  if (!s || !['queued', 'running'].includes(s.state)) return segmentAll();
+  try {
+    const st = await (await api(`/api/images/${S.image.id}/segment/stop`, { method: 'POST' })).json();
+    S.image.segment = st.segment;
+    showSegment(S.image);
+    pollStatus();
+  } catch (e) { message('stop: ' + e.message, 6000); }
 }
 
 async function fetchSegmentResult() {
@@ -975,7 +988,7 @@ $('open-btn').onclick = () => openImage($('file-select').value);
 $('file-select').ondblclick = () => openImage($('file-select').value);
 $('refresh-btn').onclick = () => loadFiles();
 $('upload-input').onchange = (e) => { if (e.target.files[0]) uploadFile(e.target.files[0]); e.target.value = ''; };
-$('segment-btn').onclick = segmentAll;
+$('segment-btn').onclick = segmentButton;
 $('ft-start').onclick = startFinetune;
 $('ft-stop').onclick = () => finetuneAction('stop');
 $('ft-use').onclick = () => finetuneAction('use', 'the fine-tuned model now segments and prompts');
