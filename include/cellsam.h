@@ -149,7 +149,10 @@ cellsam_prompt cellsam_default_prompt(void);
 
 /* Decode masks for the context's embedding. Outputs (free with cellsam_free):
  * logits: n_batch x n_masks x 256 x 256 low-resolution mask logits;
- * iou:    n_batch x n_masks predicted IoU. */
+ * iou:    n_batch x n_masks predicted IoU.
+ * From 12 boxes on, the boxes share their image-token products (factored decoding, as
+ * segment's default): the same in exact arithmetic, float32 rounding differs (~1e-5 in
+ * the logits). Later calls on the same embedding on one thread reuse that shared work. */
 int cellsam_decode(cellsam_context *ctx, const cellsam_prompt *prompt, float **logits,
                    float **iou, int *n_batch, int *n_masks);
 
