@@ -152,7 +152,8 @@ cellsam_prompt cellsam_default_prompt(void);
  * iou:    n_batch x n_masks predicted IoU.
  * From 12 boxes on, the boxes share their image-token products (factored decoding, as
  * segment's default): the same in exact arithmetic, float32 rounding differs (~1e-5 in
- * the logits). Later calls on the same embedding on one thread reuse that shared work. */
+ * the logits). Smaller later calls on the same embedding reuse that shared work, except
+ * a single prompt on several threads (which splits the direct path between them). */
 int cellsam_decode(cellsam_context *ctx, const cellsam_prompt *prompt, float **logits,
                    float **iou, int *n_batch, int *n_masks);
 
