@@ -131,5 +131,8 @@ const uint16_t *cs_bind16f(cs_binder *b, cs_dtype dtype, int ndim, const int64_t
         return NULL;
     }
     for (size_t i = 0; i < n; i++) h[i] = dtype == CS_DTYPE_F16 ? cs_f32_to_f16(f[i]) : cs_f32_to_bf16(f[i]);
+    /* the float32 source in the file mapping is not read again: its pages leave the
+     * resident set (a later touch would re-read them from the file) */
+    if ((const void *)f == e->data) cs_weights_drop_pages(b->w, f, n * sizeof(float));
     return h;
 }
