@@ -401,6 +401,34 @@ try {
   await page3.mouse.up();
   await page3.waitForFunction((n) => cellsamApp.undo.length > n && !cellsamApp.promptBusy, undoBefore, { timeout: 20000 });
   check('the fine-tuned model answers a box prompt', true, await page3.textContent('#prompt-info'));
+
+  // while a segment-all runs, its button reads "Stop segmenting" and stops it. The server's
+  // answers are mocked here (a real run of the tiny model may end before the click); the
+  // endpoint itself is checked by cli_server.
+  const imgId = await page3.evaluate(() => cellsamApp.image.id);
+  let segState = 'running', stopPosted = false;
+  const withSegment = (j) => ({ ...j, segment: { state: segState, progress: 0.4 } });
+  await page3.route(new RegExp(`/api/images/${imgId}$`), async (route) => {
+    const r = await route.fetch();
+    await route.fulfill({ response: r, json: withSegment(await r.json()) });
+  });
+  await page3.route(new RegExp(`/api/images/${imgId}/segment$`), async (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    await route.fulfill({ status: 202, json: { segment: { state: 'running', progress: 0 } } });
+  });
+  await page3.route(new RegExp(`/api/images/${imgId}/segment/stop$`), async (route) => {
+    stopPosted = route.request().method() === 'POST';
+    segState = 'stopped';
+    await route.fulfill({ status: 202, json: { segment: { state: 'stopped', progress: 0 } } });
+  });
+  await page3.click('#segment-btn');
+  await page3.waitForFunction(() => document.getElementById('segment-btn').textContent === 'Stop segmenting', null, { timeout: 10000 });
+  check('the Segment all button reads "Stop segmenting" while one runs', true);
+  await page3.click('#segment-btn');
+  await page3.waitForFunction(() => document.getElementById('message').textContent === 'segment all stopped', null, { timeout: 10000 });
+  check('it posts .../segment/stop and reports the stop', stopPosted, await page3.textContent('#message'));
+  check('the button reads "Segment all" again', (await page3.textContent('#segment-btn')) === 'Segment all');
+  await page3.unrouteAll();
   await page3.close();
   check('no JavaScript errors', pageErrors.length === 0, pageErrors.join(' | '));
 } catch (e) {
