@@ -338,7 +338,7 @@ static int fx_max_basis(const cs_mask_decoder *md, int T) { return md->depth * (
 int cs_fx_supported(const cs_mask_decoder *md, int T) {
     if (md->depth > FX_MAX_DEPTH || T > FX_MAX_TOKENS || fx_max_basis(md, T) > 512) return 0;
     for (int s = 0; s <= md->depth; s++) {
-        const cs_attn *a[2] = {s < md->depth ? &md->layers[s].i2t : NULL, s ? fx_step_attn(md, s) : NULL};
+        const cs_attn *a[2] = {s < md->depth ? &md->layers[s].i2t : NULL, fx_step_attn(md, s)};
         for (int k = 0; k < 2; k++)
             if (a[k] && (a[k]->internal % md->heads || a[k]->internal / md->heads > FX_MAX_HEAD_DIM)) return 0;
     }
