@@ -1488,7 +1488,6 @@ static enum MHD_Result h_segment_start(cs_server *s, struct MHD_Connection *c, r
         return respond_json(c, 202, st);
     }
     im->seg_params = p;
-    im->seg_stop = 0;
     queue_job(s, im, JOB_SEGMENT);
     json_t *st = status_json(s, im);
     pthread_mutex_unlock(&s->mu);
