@@ -44,6 +44,11 @@ int cs_dims_product(const int64_t *dims, int n, size_t cap, size_t *out);
 void *cs_alloc(size_t n, size_t elem_size);
 void *cs_calloc(size_t n, size_t elem_size);
 void cs_free(void *p);
+/* A set of float buffers, all or none: *bufs[i] gets count[i] floats. On failure the
+ * ones already allocated are freed, every pointer is NULL, and the result is
+ * CELLSAM_ERR_NOMEM. cs_free_floats frees a set and sets its pointers to NULL. */
+int cs_alloc_floats(float **const *bufs, const size_t *count, size_t n);
+void cs_free_floats(float **const *bufs, size_t n);
 
 /* Output files are written to "<path>.tmp.<pid>" and renamed on success, so an
  * interrupted run never leaves a half-written result under the final name. */

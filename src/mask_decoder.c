@@ -301,7 +301,7 @@ typedef struct {
 
 static void item_ws_free(item_ws *w) {
     ITEM_BUFFERS(w);
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
+    cs_free_floats(bufs, sizeof bufs / sizeof *bufs);
     free(w->tok);
     free(w->done);
     cs_fx_item_free(&w->fx);
@@ -316,34 +316,30 @@ static int item_ws_alloc(item_ws *w, const cs_mask_decoder *md, int T) {
     const size_t count[] = {N * P, N * P, N * P, T * P, T * P, T * P, T * P, T * (size_t)md->mlp,
                             4 * N * (P / 8 * 4), 16 * N * md->n_mask_tokens, T * P, T * P, T * P, T * P, T * N,
                             T * P, T * P, T * P, T * P, R * P, R * P, R, R * P, R * P};
-    int ok = sizeof count / sizeof *count == sizeof bufs / sizeof *bufs;
-    for (size_t i = 0; ok && i < sizeof bufs / sizeof *bufs; i++) ok = (*bufs[i] = cs_alloc(count[i], sizeof(float))) != NULL;
+    _Static_assert(sizeof count / sizeof *count == sizeof bufs / sizeof *bufs, "a count per item buffer");
+    const int rc = cs_alloc_floats(bufs, count, sizeof bufs / sizeof *bufs);
     w->tok = cs_alloc(N, sizeof(int));
     w->done = cs_alloc(N, 1);
-    if (!ok || !w->tok || !w->done) {
+    if (rc || !w->tok || !w->done) {
         item_ws_free(w);
         return CELLSAM_ERR_NOMEM;
     }
     return CELLSAM_OK;
 }
 
+#define BLOCK_BUFFERS(b) float **bufs[] = {&(b)->kpe_in, &(b)->kpe, &(b)->sc, &(b)->out, &(b)->s, &(b)->m, &(b)->l, &(b)->acc}
+
 static void block_ws_free(block_ws *b) {
-    float **bufs[] = {&b->kpe_in, &b->kpe, &b->sc, &b->out, &b->s, &b->m, &b->l, &b->acc};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
-    memset(b, 0, sizeof *b);
+    BLOCK_BUFFERS(b);
+    cs_free_floats(bufs, sizeof bufs / sizeof *bufs);
 }
 
 static int block_ws_alloc(block_ws *b, const cs_mask_decoder *md, int T) {
     const size_t B = IMG_BLOCK, P = (size_t)md->dim, R = (size_t)T * md->heads;
-    float **bufs[] = {&b->kpe_in, &b->kpe, &b->sc, &b->out, &b->s, &b->m, &b->l, &b->acc};
+    BLOCK_BUFFERS(b);
     const size_t count[] = {B * P, B * P, B * R, B * P, R * B, R, R, R * P};
-    memset(b, 0, sizeof *b);
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (!(*bufs[i] = cs_alloc(count[i], sizeof(float)))) {
-            block_ws_free(b);
-            return CELLSAM_ERR_NOMEM;
-        }
-    return CELLSAM_OK;
+    _Static_assert(sizeof count / sizeof *count == sizeof bufs / sizeof *bufs, "a count per block buffer");
+    return cs_alloc_floats(bufs, count, sizeof bufs / sizeof *bufs);
 }
 
 /* Shared, read-only inputs of one decoder call. */

@@ -345,26 +345,25 @@ int cs_fx_supported(const cs_mask_decoder *md, int T) {
     return 1;
 }
 
+/* Every buffer of a prompt's state, for allocation and release in one place. */
+#define FX_ITEM_BUFFERS(x)                                                                                  \
+    float **bufs[] = {&(x)->U,  &(x)->C,     &(x)->Y, &(x)->S,  &(x)->alpha, &(x)->mean, &(x)->cross, &(x)->quad, \
+                      &(x)->cu, &(x)->G,     &(x)->umean, &(x)->M, &(x)->UV, &(x)->AC, &(x)->vp, &(x)->gath}
+
 void cs_fx_item_free(cs_fx_item *x) {
-    float **bufs[] = {&x->U, &x->C, &x->Y, &x->S, &x->alpha, &x->mean, &x->cross, &x->quad, &x->cu,
-                      &x->G, &x->umean, &x->M, &x->UV, &x->AC, &x->vp, &x->gath};
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
-    memset(x, 0, sizeof *x);
+    FX_ITEM_BUFFERS(x);
+    cs_free_floats(bufs, sizeof bufs / sizeof *bufs);
+    x->m = 0;
 }
 
 int cs_fx_item_alloc(cs_fx_item *x, const cs_mask_decoder *md, int T) {
     const size_t N = 4096, P = (size_t)md->dim, m = (size_t)fx_max_basis(md, T), R = (size_t)T * md->heads;
-    float **bufs[] = {&x->U, &x->C, &x->Y, &x->S, &x->alpha, &x->mean, &x->cross, &x->quad, &x->cu,
-                      &x->G, &x->umean, &x->M, &x->UV, &x->AC, &x->vp, &x->gath};
+    FX_ITEM_BUFFERS(x);
     const size_t count[] = {m * P, m * N, m * N, R * N, N, N, N, N, m * P,
                             m * m, m, R * m, m * P, R * m, (size_t)md->depth * T * P, N * m};
-    memset(x, 0, sizeof *x);
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
-        if (!(*bufs[i] = cs_alloc(count[i], sizeof(float)))) {
-            cs_fx_item_free(x);
-            return CELLSAM_ERR_NOMEM;
-        }
-    return CELLSAM_OK;
+    _Static_assert(sizeof count / sizeof *count == sizeof bufs / sizeof *bufs, "a count per state buffer");
+    x->m = 0;
+    return cs_alloc_floats(bufs, count, sizeof bufs / sizeof *bufs);
 }
 
 /* Layer l's image-to-token attention and LayerNorm on the factored tokens. fw holds

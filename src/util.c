@@ -44,6 +44,23 @@ void *cs_calloc(size_t n, size_t elem_size) {
 
 void cs_free(void *p) { free(p); }
 
+void cs_free_floats(float **const *bufs, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        free(*bufs[i]);
+        *bufs[i] = NULL;
+    }
+}
+
+int cs_alloc_floats(float **const *bufs, const size_t *count, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!(*bufs[i] = cs_alloc(count[i], sizeof(float)))) {
+            cs_free_floats(bufs, i);
+            for (size_t j = i; j < n; j++) *bufs[j] = NULL;
+            return CELLSAM_ERR_NOMEM;
+        }
+    return CELLSAM_OK;
+}
+
 void cellsam_free(void *p) { free(p); }
 
 int cs_atomic_open(cs_atomic_file *af, const char *path) {

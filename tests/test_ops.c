@@ -1,11 +1,12 @@
 /* Inference tensor ops (ops.c) against double-precision reference loops: the linear
  * layer on few rows (its own kernel, up to 16 rows) and on more (through the BLAS),
  * the triangular product the factored decoder uses for its Gram matrix, and the
- * vectorised exponential. */
+ * vectorised exponential; and the all-or-none buffer sets (util.c) of the decoder. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
 #include "ops.h"
 #include "testutil.h"
 
@@ -112,11 +113,32 @@ static void test_exp_nonpos(void **state) {
     free(x), free(ref);
 }
 
+/* A buffer set is allocated all or none: when one allocation fails, none is left. */
+static void test_alloc_floats(void **state) {
+    (void)state;
+    float *a = (float *)1, *b = (float *)1, *c = (float *)1;
+    float **bufs[] = {&a, &b, &c};
+    const size_t ok[] = {10, 20, 30}, too_big[] = {10, SIZE_MAX / 2, 30};
+    assert_int_equal(cs_alloc_floats(bufs, too_big, 3), CELLSAM_ERR_NOMEM);
+    assert_null(a);
+    assert_null(b);
+    assert_null(c);
+    assert_int_equal(cs_alloc_floats(bufs, ok, 3), CELLSAM_OK);
+    assert_non_null(a);
+    assert_non_null(c);
+    c[29] = a[9] = b[19] = 1.0f; /* the sizes asked for (ASan checks the bounds) */
+    cs_free_floats(bufs, 3);
+    assert_null(a);
+    assert_null(b);
+    assert_null(c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_linear_rows),
         cmocka_unit_test(test_trmm_upper),
         cmocka_unit_test(test_exp_nonpos),
+        cmocka_unit_test(test_alloc_floats),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
