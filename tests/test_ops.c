@@ -12,19 +12,7 @@
 
 static uint64_t rng_state = 0x2545f4914f6cdd1dULL;
 
-static float urand(float lo, float hi) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return lo + (hi - lo) * (float)((rng_state >> 40) * (1.0 / 16777216.0));
-}
-
-static float *rand_buf(size_t n) {
-    float *p = malloc((n ? n : 1) * sizeof(float));
-    assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = urand(-1.0f, 1.0f);
-    return p;
-}
+static float *rand_buf(size_t n) { return tu_rand_buf(&rng_state, n, -1.0f, 1.0f); }
 
 /* Largest |got - ref| / (1 + |ref|). */
 static double max_rel_err(const float *got, const double *ref, size_t n) {

@@ -27,19 +27,7 @@
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
 
-static float urand(float lo, float hi) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return lo + (hi - lo) * (float)((rng_state >> 40) * (1.0 / 16777216.0));
-}
-
-static float *rand_buf(size_t n, float lo, float hi) {
-    float *p = malloc(n * sizeof(float));
-    assert_non_null(p);
-    for (size_t i = 0; i < n; i++) p[i] = urand(lo, hi);
-    return p;
-}
+static float *rand_buf(size_t n, float lo, float hi) { return tu_rand_buf(&rng_state, n, lo, hi); }
 
 static float *const_buf(size_t n, float v) {
     float *p = malloc(n * sizeof(float));

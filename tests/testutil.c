@@ -43,6 +43,20 @@ void tu_load(cs_npy *out, const char *fmt, ...) {
     if (cs_npy_load(p, out) != 0) fail_msg("cannot load reference %s", p);
 }
 
+float tu_urand(uint64_t *state, float lo, float hi) {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return lo + (hi - lo) * (float)((*state >> 40) * (1.0 / 16777216.0));
+}
+
+float *tu_rand_buf(uint64_t *state, size_t n, float lo, float hi) {
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    assert_non_null(p);
+    for (size_t i = 0; i < n; i++) p[i] = tu_urand(state, lo, hi);
+    return p;
+}
+
 double tu_check_close(const char *what, const float *got, const float *ref, size_t n, double atol) {
     double maxerr = 0;
     size_t at = 0;
