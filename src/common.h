@@ -44,6 +44,10 @@ int cs_dims_product(const int64_t *dims, int n, size_t cap, size_t *out);
 void *cs_alloc(size_t n, size_t elem_size);
 void *cs_calloc(size_t n, size_t elem_size);
 void cs_free(void *p);
+/* A caller's abort callback (may be NULL), polled between units of work:
+ * CELLSAM_ERR_ABORTED with the error message set when it asks to stop, else 0. */
+int cs_poll_abort(int (*abort)(void *user), void *user);
+
 /* A set of float buffers, all or none: *bufs[i] gets count[i] floats. On failure the
  * ones already allocated are freed, every pointer is NULL, and the result is
  * CELLSAM_ERR_NOMEM. cs_free_floats frees a set and sets its pointers to NULL. */

@@ -146,11 +146,6 @@ done:
     return rc;
 }
 
-int cs_segment_aborted(const cellsam_segment_params *p) {
-    if (p->abort && p->abort(p->progress_user)) return cs_error(CELLSAM_ERR_ABORTED, "segmentation aborted");
-    return 0;
-}
-
 int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                    cs_tile_result *out) {
     const cellsam_model *m = ctx->model;
@@ -210,7 +205,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
             query[i] = i;
         }
     } else {
-        rc = cs_segment_aborted(p);
+        rc = cs_poll_abort(p->abort, p->progress_user);
         if (!rc) rc = detect_boxes(ctx, det_in, p, &boxes, &scores, &query, &K);
         free(det_in);
         det_in = NULL;
@@ -221,7 +216,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     /* the SAM branch runs after the detector, and only when there is a box to
      * decode: empty tiles of a slide (background) cost one ViT pass, not two */
     if (K > 0) {
-        rc = cs_segment_aborted(p);
+        rc = cs_poll_abort(p->abort, p->progress_user);
         if (rc) goto done;
         if (p->embedding)
             rc = cellsam_set_embedding(ctx, p->embedding, m->pe.dim, m->pe.grid, m->pe.grid);
@@ -256,7 +251,7 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
     if (rc) goto done;
     int n_pass = 0;
     for (int k0 = 0; k0 < K; k0 += DECODE_CHUNK) {
-        rc = cs_segment_aborted(p);
+        rc = cs_poll_abort(p->abort, p->progress_user);
         if (rc) goto done;
         int kn = K - k0 < DECODE_CHUNK ? K - k0 : DECODE_CHUNK;
         /* a query kept twice (once per class) has the same box: decode it once */

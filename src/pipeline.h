@@ -21,9 +21,6 @@ int cs_segment_hw3(cellsam_context *ctx, const float *hw3, int H, int W, const c
                    cs_tile_result *out);
 void cs_tile_result_free(cs_tile_result *r);
 
-/* CELLSAM_ERR_ABORTED (with the error message set) when p->abort asks to stop, else 0. */
-int cs_segment_aborted(const cellsam_segment_params *p);
-
 /* Greedy box NMS over xyxy boxes in descending score order, in place (query may be
  * NULL); returns the number kept. */
 int cs_box_nms(float *xyxy, float *scores, int *query, int n, float iou);

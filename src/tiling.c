@@ -764,9 +764,8 @@ static int engine_run(tl_engine *e) {
     int done = 0;
     for (int i = 0; i < e->nty; i++) {
         for (int j = 0; j < e->ntx; j++) {
-            if (e->p.abort && e->p.abort(e->p.progress_user))
-                return cs_error(CELLSAM_ERR_ABORTED, "segmentation aborted");
-            rc = process_tile(e, i, j);
+            rc = cs_poll_abort(e->p.abort, e->p.progress_user);
+            if (!rc) rc = process_tile(e, i, j);
             if (rc) return rc;
             done++;
             if (e->p.progress) e->p.progress(done, n_tiles, e->p.progress_user);

@@ -44,6 +44,11 @@ void *cs_calloc(size_t n, size_t elem_size) {
 
 void cs_free(void *p) { free(p); }
 
+int cs_poll_abort(int (*abort)(void *user), void *user) {
+    if (abort && abort(user)) return cs_error(CELLSAM_ERR_ABORTED, "segmentation aborted");
+    return 0;
+}
+
 void cs_free_floats(float **const *bufs, size_t n) {
     for (size_t i = 0; i < n; i++) {
         free(*bufs[i]);
