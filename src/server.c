@@ -1900,6 +1900,103 @@ static enum MHD_Result h_finetune_status(cs_server *s, struct MHD_Connection *c)
     return respond_json(c, 200, st);
 }
 
+static int compare_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Distinct non-zero values of labels (n pixels); -1 when out of memory. */
+static long count_label_values(const uint32_t *labels, size_t n) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) k += labels[i] != 0;
+    if (!k) return 0;
+    uint32_t *v = malloc(k * sizeof *v);
+    if (!v) return -1;
+    k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (labels[i]) v[k++] = labels[i];
+    qsort(v, k, sizeof *v, compare_u32);
+    long distinct = 1;
+    for (size_t i = 1; i < k; i++) distinct += v[i] != v[i - 1];
+    free(v);
+    return distinct;
+}
+
+/* Cells of a segment-all result that the saved labels leave mostly (more than half of
+ * their pixels) unlabelled: each is either a false detection the user deleted or a
+ * cell still to label, which fine-tuning would teach as background. -1: out of memory. */
+static long count_unlabelled_cells(const cellsam_result *r, const uint32_t *saved) {
+    uint32_t max_label = 0;
+    for (int k = 0; k < r->n_cells; k++)
+        if (r->cells[k].label > max_label) max_label = r->cells[k].label;
+    if (!max_label) return 0;
+    int64_t *area = calloc((size_t)max_label + 1, 2 * sizeof *area); /* [label][total, labelled] */
+    if (!area) return -1;
+    size_t n = (size_t)r->width * r->height;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t l = r->labels[i];
+        if (!l || l > max_label) continue;
+        area[2 * l]++;
+        area[2 * l + 1] += saved[i] != 0;
+    }
+    long unlabelled = 0;
+    for (uint32_t l = 1; l <= max_label; l++) unlabelled += area[2 * l] > 0 && 2 * area[2 * l + 1] < area[2 * l];
+    free(area);
+    return unlabelled;
+}
+
+/* What a fine-tune would train on: every image/labels pair under the root, with its
+ * number of labelled cells and, where this server holds a segment-all result of the
+ * image, how many of the model's cells have no label. An image is "partial" when a
+ * fifth of the model's cells or more are unlabelled: the page asks before training. */
+static enum MHD_Result h_finetune_data(cs_server *s, struct MHD_Connection *c) {
+    cs_dataset ds;
+    memset(&ds, 0, sizeof ds);
+    if (cs_dataset_open(s->root, &ds)) ds.n = 0; /* nothing labelled yet: an empty list */
+    json_t *list = json_array();
+    long total_cells = 0;
+    int n_partial = 0;
+    size_t root_len = strlen(s->root);
+    for (int i = 0; list && i < ds.n; i++) {
+        const char *img = ds.img_paths[i];
+        const char *rel = !strncmp(img, s->root, root_len) && img[root_len] == '/' ? img + root_len + 1 : img;
+        uint32_t *saved = NULL;
+        int W = 0, H = 0;
+        json_t *e = json_pack("{s:s}", "image", rel);
+        if (cs_read_labels(ds.mask_paths[i], &saved, &W, &H)) {
+            json_object_set_new(e, "error", json_string(cellsam_last_error()));
+            json_array_append_new(list, e);
+            continue;
+        }
+        long cells = count_label_values(saved, (size_t)W * H);
+        json_object_set_new(e, "cells", json_integer(cells));
+        if (cells > 0) total_cells += cells;
+        pthread_mutex_lock(&s->mu); /* the result stays valid while the lock is held */
+        const image *seg_of = NULL;
+        for (const image *x = s->images; x; x = x->next)
+            if (x->seg_state == ST_READY && x->seg && !strcmp(x->abs, img) && x->seg->width == W &&
+                x->seg->height == H && (!seg_of || x->last_used > seg_of->last_used))
+                seg_of = x;
+        if (seg_of) {
+            long unlabelled = count_unlabelled_cells(seg_of->seg, saved);
+            int partial = unlabelled > 0 && 5 * unlabelled >= seg_of->seg->n_cells;
+            json_object_set_new(e, "model_cells", json_integer(seg_of->seg->n_cells));
+            json_object_set_new(e, "unlabelled", json_integer(unlabelled));
+            json_object_set_new(e, "partial", json_boolean(partial));
+            n_partial += partial;
+        }
+        pthread_mutex_unlock(&s->mu);
+        free(saved);
+        json_array_append_new(list, e);
+    }
+    int n_images = ds.n;
+    cs_dataset_free(&ds);
+    if (!list) return respond_error(c, 500, "out of memory");
+    return respond_json(c, 200,
+                        json_pack("{s:o,s:i,s:I,s:i}", "images", list, "n_images", n_images, "cells",
+                                  (json_int_t)total_cells, "partial", n_partial));
+}
+
 static enum MHD_Result h_finetune_stop(cs_server *s, struct MHD_Connection *c) {
     pthread_mutex_lock(&s->mu);
     int running = s->ft_state == ST_RUNNING;
@@ -2034,6 +2131,7 @@ static enum MHD_Result dispatch(cs_server *s, struct MHD_Connection *c, const ch
     if (!strcmp(r, "finetune"))
         return post ? h_finetune_start(s, c, rq) : get ? h_finetune_status(s, c) : method_not_allowed(c, "GET, POST");
     if (!strcmp(r, "finetune/stop")) return post ? h_finetune_stop(s, c) : method_not_allowed(c, "POST");
+    if (!strcmp(r, "finetune/data")) return get ? h_finetune_data(s, c) : method_not_allowed(c, "GET");
     if (!strcmp(r, "finetune/use")) return post ? h_finetune_use(s, c) : method_not_allowed(c, "POST");
     if (strncmp(r, "images/", 7) != 0) return respond_error(c, 404, "no such API endpoint");
     const char *id = r + 7, *slash = strchr(id, '/');

@@ -388,6 +388,24 @@ grep -q " on 2 images, 0 held out" "$TMP/ft.log" && grep -q "step 1/1 loss" "$TM
 "$CLI" segment -m "$TMP/ft.safetensors" "$ROOT/sub/b.png" -o "$TMP/ft_b.png" --quiet 2>"$TMP/ft.err" &&
     ok "the fine-tuned model segments" || bad "segment with the fine-tuned model: $(cat "$TMP/ft.err")"
 
+# ---------------------------------------------------------------- what a fine-tune would train on
+# GET /api/finetune/data lists the pairs with their cell counts; where the server holds a
+# segment-all result, it counts the model's cells left without a label (a.png's saved labels
+# are its segment-all result: none; all-zero labels: every one, "partial")
+expect "training data" 200 "$(req GET /api/finetune/data)"
+body_has '"n_images":2' && body_has '{"image":"sub/b.png","cells":2}' &&
+    ok "both pairs listed; sub/b.png has its 2 hand-made cells and no model result" || bad "data: $(cat "$TMP/body")"
+NM=$(json_field model_cells)
+[ "$NM" -ge 1 ] 2>/dev/null && body_has "{\"image\":\"a.png\",\"cells\":$NM,\"model_cells\":$NM,\"unlabelled\":0,\"partial\":false}" &&
+    body_has '"partial":0}' && ok "a.png: all $NM model cells labelled" || bad "a.png: $(cat "$TMP/body")"
+{ printf CSL1; le32 1024; le32 1022; le32 1; le32 $((1024 * 1022)); le32 0; } >"$TMP/zeros.bin"
+expect "save all-zero labels for a" 200 "$(req PUT "/api/images/$A/labels" --data-binary @"$TMP/zeros.bin")"
+expect "training data with a unlabelled" 200 "$(req GET /api/finetune/data)"
+body_has "{\"image\":\"a.png\",\"cells\":0,\"model_cells\":$NM,\"unlabelled\":$NM,\"partial\":true}" &&
+    body_has '"partial":1}' && ok "a.png: all $NM model cells unlabelled, flagged partial" || bad "partial: $(cat "$TMP/body")"
+expect "restore a's labels" 200 "$(req PUT "/api/images/$A/labels" --data-binary @"$TMP/seg.bin")"
+expect "training data with POST" 405 "$(req POST /api/finetune/data -d '{}')"
+
 # ---------------------------------------------------------------- fine-tuning from the page
 # POST /api/finetune trains the serving model on the same saved labels in the server, on its own
 # thread; prompts go on meanwhile; /stop saves and stops; /use swaps the result in

@@ -504,10 +504,26 @@ async function pollFinetune() {
   if (st.state === 'running') S.ftTimer = setTimeout(pollFinetune, 1000);
 }
 
+// Fine-tuning teaches every pixel without a label as background, so an image whose
+// model cells are mostly unlabelled (a labelling left half done) would teach the model
+// to miss cells. Ask first; deleted false detections count too, hence a question.
+async function confirmTrainingData() {
+  let d;
+  try { d = await (await api('/api/finetune/data')).json(); } catch (e) { return true; } // starting reports real errors
+  if (!d.partial) return true;
+  const shown = d.images.filter((i) => i.partial).slice(0, 8)
+    .map((i) => `  ${i.image}: ${i.unlabelled} of the model's ${i.model_cells} cells have no label`);
+  if (d.partial > shown.length) shown.push(`  and ${d.partial - shown.length} more`);
+  return confirm(`${d.partial} of ${d.n_images} labelled image${d.n_images === 1 ? '' : 's'} may be partly labelled:\n` +
+    shown.join('\n') + '\n\nFine-tuning teaches unlabelled cells as background. If those were false detections ' +
+    'you deleted, go on. Fine-tune now?');
+}
+
 async function startFinetune() {
   await save();   // train on what is on screen now
   const epochs = Number($('ft-epochs').value);
   if (!(Number.isInteger(epochs) && epochs >= 1 && epochs <= 1000)) { message('epochs: a whole number from 1 to 1000', 6000); return; }
+  if (!(await confirmTrainingData())) return;
   try {
     const st = await (await api('/api/finetune', { method: 'POST', body: JSON.stringify({ epochs }) })).json();
     showFinetune(st);

@@ -384,8 +384,25 @@ try {
   await page3.keyboard.press('Control+z');
   await handTools(page3);
 
-  // corrections are training data: Fine-tune on the labels saved so far, then use the result
+  // corrections are training data: Fine-tune on the labels saved so far, then use the result.
+  // First, an image the model found cells in that have no label (the answer is mocked): the
+  // page asks before training, and Cancel starts nothing
+  const ftData = /\/api\/finetune\/data$/, ftStart = /\/api\/finetune$/;
+  let ftPosted = false;
+  const dialogs = [];
+  await page3.route(ftData, (route) => route.fulfill({ json: {
+    images: [{ image: 'phase.png', cells: 1, model_cells: 9, unlabelled: 8, partial: true }], n_images: 1, cells: 1, partial: 1 } }));
+  await page3.route(ftStart, (route) => { ftPosted ||= route.request().method() === 'POST'; return route.continue(); });
+  page3.once('dialog', (d) => { dialogs.push(d.message()); d.dismiss(); });
   await page3.fill('#ft-epochs', '1');
+  await page3.click('#ft-start');
+  for (let i = 0; i < 100 && !dialogs.length; i++) await page3.waitForTimeout(50);
+  await page3.waitForTimeout(300);
+  check('a partly labelled image: the page asks before fine-tuning', /phase\.png: 8 of the model's 9 cells have no label/.test(dialogs[0] || ''), dialogs[0]);
+  check('Cancel starts no fine-tune', !ftPosted && !(await page3.isDisabled('#ft-start')), `posted ${ftPosted}`);
+  await page3.unroute(ftData);
+  await page3.unroute(ftStart);
+  page3.on('dialog', (d) => d.accept()); // the real labels: train whatever they are
   await page3.click('#ft-start');
   await page3.waitForFunction(() => /^(done|failed)/.test(document.getElementById('ft-status').textContent), null, { timeout: 180000 });
   const ftText = await page3.textContent('#ft-status');
