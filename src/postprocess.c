@@ -458,6 +458,14 @@ static int find_label_boxes(const uint32_t *labels, int H, int W, label_box **ou
 
 enum { PX_BACKGROUND = 0, PX_MASK = 1, PX_OUTSIDE = 2 };
 
+int cs_count_labels(const uint32_t *labels, int H, int W, size_t *n_out) {
+    label_box *boxes = NULL;
+    *n_out = 0;
+    int rc = find_label_boxes(labels, H, W, &boxes, n_out);
+    cs_free(boxes);
+    return rc;
+}
+
 int cs_fill_holes_remove_small(uint32_t *labels, int H, int W, int min_size) {
     if (!labels) return cs_error(CELLSAM_ERR_INVALID, "fill holes: NULL labels");
     int rc = check_size(H, W, "fill holes");

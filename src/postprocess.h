@@ -117,6 +117,9 @@ void cs_composer_free(cs_label_composer *c);
  * there). Output labels are 1..j. Work per label is proportional to its box. */
 int cs_fill_holes_remove_small(uint32_t *labels, int H, int W, int min_size);
 
+/* Number of distinct non-zero values of a label image (H x W). */
+int cs_count_labels(const uint32_t *labels, int H, int W, size_t *n_out);
+
 /* CellSAM subtract_boundaries: a pixel is zeroed if its label differs from its
  * left neighbour, or from the pixel below it. */
 int cs_subtract_boundaries(uint32_t *labels, int H, int W);

@@ -1900,28 +1900,6 @@ static enum MHD_Result h_finetune_status(cs_server *s, struct MHD_Connection *c)
     return respond_json(c, 200, st);
 }
 
-static int compare_u32(const void *a, const void *b) {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* Distinct non-zero values of labels (n pixels); -1 when out of memory. */
-static long count_label_values(const uint32_t *labels, size_t n) {
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) k += labels[i] != 0;
-    if (!k) return 0;
-    uint32_t *v = malloc(k * sizeof *v);
-    if (!v) return -1;
-    k = 0;
-    for (size_t i = 0; i < n; i++)
-        if (labels[i]) v[k++] = labels[i];
-    qsort(v, k, sizeof *v, compare_u32);
-    long distinct = 1;
-    for (size_t i = 1; i < k; i++) distinct += v[i] != v[i - 1];
-    free(v);
-    return distinct;
-}
-
 /* Cells of a segment-all result that the saved labels leave mostly (more than half of
  * their pixels) unlabelled: each is either a false detection the user deleted or a
  * cell still to label, which fine-tuning would teach as background. -1: out of memory. */
@@ -1968,9 +1946,15 @@ static enum MHD_Result h_finetune_data(cs_server *s, struct MHD_Connection *c) {
             json_array_append_new(list, e);
             continue;
         }
-        long cells = count_label_values(saved, (size_t)W * H);
-        json_object_set_new(e, "cells", json_integer(cells));
-        if (cells > 0) total_cells += cells;
+        size_t cells = 0;
+        if (cs_count_labels(saved, H, W, &cells)) {
+            json_object_set_new(e, "error", json_string("out of memory counting its labels"));
+            json_array_append_new(list, e);
+            free(saved);
+            continue;
+        }
+        json_object_set_new(e, "cells", json_integer((json_int_t)cells));
+        total_cells += (long)cells;
         pthread_mutex_lock(&s->mu); /* the result stays valid while the lock is held */
         const image *seg_of = NULL;
         for (const image *x = s->images; x; x = x->next)

@@ -690,6 +690,22 @@ static void test_fill_holes_hand(void **state) {
     }
 }
 
+/* distinct non-zero values, counted against a hand-made image: gaps, repeats, and values
+ * far above the pixel count (the sorted path instead of the direct table) */
+static void test_count_labels(void **state) {
+    (void)state;
+    const uint32_t lab[12] = {0, 7, 7, 3, 0, 0, 4000000000u, 3, 9, 9, 7, 0};
+    size_t n = 99;
+    assert_int_equal(cs_count_labels(lab, 3, 4, &n), CELLSAM_OK);
+    assert_int_equal(n, 4); /* 3, 7, 9, 4000000000 */
+    const uint32_t empty[6] = {0};
+    assert_int_equal(cs_count_labels(empty, 2, 3, &n), CELLSAM_OK);
+    assert_int_equal(n, 0);
+    const uint32_t dense[4] = {1, 2, 3, 4};
+    assert_int_equal(cs_count_labels(dense, 2, 2, &n), CELLSAM_OK);
+    assert_int_equal(n, 4);
+}
+
 static void test_subtract_boundaries_hand(void **state) {
     (void)state;
     uint32_t lab[] = {
@@ -769,6 +785,7 @@ int main(void) {
         cmocka_unit_test(test_support_constant_maps),
         cmocka_unit_test(test_fill_holes_hand),
         cmocka_unit_test(test_subtract_boundaries_hand),
+        cmocka_unit_test(test_count_labels),
         cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
