@@ -729,6 +729,12 @@ static char *store_path(const cs_server *s, const char *rel, const char *suffix,
     return p;
 }
 
+/* A path under the root as the API shows it: relative to the root (else unchanged). */
+static const char *root_relative(const cs_server *s, const char *path) {
+    size_t rl = strlen(s->root);
+    return !strncmp(path, s->root, rl) && path[rl] == '/' ? path + rl + 1 : path;
+}
+
 /* Saved labels of an image: 0 ok, 404 none, other status on error. */
 static int load_saved_locked(const cs_server *s, const char *rel, int W, int H, uint32_t **lab_out,
                              json_t **info_out, char *msg, size_t msz) {
@@ -1739,9 +1745,7 @@ static json_t *ft_status_json(const cs_server *s) {
     json_object_set_new(o, "seconds", json_real(cs_now_seconds() - s->ft_t0));
     json_object_set_new(o, "log", json_string(s->ft_log));
     if (s->ft_out) {
-        size_t rl = strlen(s->root);
-        const char *rel = !strncmp(s->ft_out, s->root, rl) && s->ft_out[rl] == '/' ? s->ft_out + rl + 1 : s->ft_out;
-        json_object_set_new(o, "model", json_string(rel));
+        json_object_set_new(o, "model", json_string(root_relative(s, s->ft_out)));
     }
     if (s->ft_state == ST_ERROR) json_object_set_new(o, "error", json_string(s->ft_error));
     return o;
@@ -1934,13 +1938,11 @@ static enum MHD_Result h_finetune_data(cs_server *s, struct MHD_Connection *c) {
     json_t *list = json_array();
     long total_cells = 0;
     int n_partial = 0;
-    size_t root_len = strlen(s->root);
     for (int i = 0; list && i < ds.n; i++) {
         const char *img = ds.img_paths[i];
-        const char *rel = !strncmp(img, s->root, root_len) && img[root_len] == '/' ? img + root_len + 1 : img;
         uint32_t *saved = NULL;
         int W = 0, H = 0;
-        json_t *e = json_pack("{s:s}", "image", rel);
+        json_t *e = json_pack("{s:s}", "image", root_relative(s, img));
         if (cs_read_labels(ds.mask_paths[i], &saved, &W, &H)) {
             json_object_set_new(e, "error", json_string(cellsam_last_error()));
             json_array_append_new(list, e);
