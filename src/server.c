@@ -1963,8 +1963,10 @@ static enum MHD_Result h_finetune_data(cs_server *s, struct MHD_Connection *c) {
             if (x->seg_state == ST_READY && x->seg && !strcmp(x->abs, img) && x->seg->width == W &&
                 x->seg->height == H && (!seg_of || x->last_used > seg_of->last_used))
                 seg_of = x;
-        if (seg_of) {
-            long unlabelled = count_unlabelled_cells(seg_of->seg, saved);
+        long unlabelled = seg_of ? count_unlabelled_cells(seg_of->seg, saved) : 0;
+        if (unlabelled < 0) {
+            json_object_set_new(e, "error", json_string("out of memory comparing it with the model's cells"));
+        } else if (seg_of) {
             int partial = unlabelled > 0 && 5 * unlabelled >= seg_of->seg->n_cells;
             json_object_set_new(e, "model_cells", json_integer(seg_of->seg->n_cells));
             json_object_set_new(e, "unlabelled", json_integer(unlabelled));
