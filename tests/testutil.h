@@ -20,11 +20,11 @@ const char *tu_datadir(void);
 const char *tu_path(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Load a reference array; fails the test if it is missing. */
 void tu_load(cs_npy *out, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* max |a-b| over n, and fail (with a message) if it exceeds atol. NaN fails. */
 /* Deterministic test data: xorshift64 on *state, uniform in [lo, hi) (24 bits). */
 float tu_urand(uint64_t *state, float lo, float hi);
 /* n such values in a malloc'd buffer (asserted non-NULL). */
 float *tu_rand_buf(uint64_t *state, size_t n, float lo, float hi);
+/* max |a-b| over n, and fail (with a message) if it exceeds atol. NaN fails. */
 double tu_check_close(const char *what, const float *got, const float *ref, size_t n, double atol);
 /* Compare got (float32) with a loaded reference of the same element count. */
 double tu_check_npy(const char *what, const float *got, size_t n, const cs_npy *ref, double atol);
