@@ -185,7 +185,10 @@ typedef struct {
     const float *embedding; /* optional: this image's SAM embedding (P x 64 x 64, as
                                cellsam_get_embedding gives it after encoding the same
                                image); whole-image mode then skips the SAM encoder */
-    const cellsam_box *boxes; /* optional user boxes in image pixels: skip CellFinder */
+    const cellsam_box *boxes; /* optional user boxes in image pixels: skip CellFinder. Each
+                                 is prompted once: on the whole image (diameter 0, the
+                                 official way), or at the cell size `diameter` gives, in
+                                 the network-input window around it on large images */
     int n_boxes;
     /* tiled (whole-slide) mode, the official default: blocks with halos, IoU linking */
     int tiled;             /* 1 tiled, 0 whole image (official segment_cellular_image); -1
@@ -204,7 +207,8 @@ typedef struct {
        tiled at that zoom (overlap and iou_depth scaled by 2 / zoom). CELLSAM_DIAMETER_AUTO:
        estimated by a first pass (cellsam_estimate_diameter), then as above.
        CELLSAM_DIAMETER_MODEL (default): auto when the model recommends it and `tiled` is
-       -1 (the model's mode), else 0. Ignored with user boxes. Zoom clamped to [1/4, 4] */
+       -1 (the model's mode), else 0. With user boxes, auto takes the median of their
+       sqrt(width x height) instead of a first pass. Zoom clamped to [1/4, 4] */
     float diameter;
     int n_threads;
     /* progress: called after each tile with (done, total); may be NULL */

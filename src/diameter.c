@@ -56,61 +56,185 @@ float cellsam_model_diameter(const cellsam_model *m, float diameter, int tiled) 
     return m && m->auto_diameter && tiled == -1 ? CELLSAM_DIAMETER_AUTO : 0;
 }
 
+/* An S x S canvas holding the w x h region at (x0, y0) of an H x W x 3 image in its
+ * top-left corner, the rest repeating the region's last row and column (zeros would
+ * add a dark edge, and a mirror would add cells that overlap the real ones). */
+static float *zoom_canvas(const float *hw3, int W, int x0, int y0, int w, int h, int S) {
+    float *canvas = cs_alloc((size_t)S * (size_t)S, 3 * sizeof(float));
+    if (!canvas) {
+        cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d zoom canvas", S, S);
+        return NULL;
+    }
+    for (int y = 0; y < S; y++) {
+        const float *src = hw3 + ((size_t)(y0 + (y < h ? y : h - 1)) * W + x0) * 3;
+        float *dst = canvas + (size_t)y * S * 3;
+        memcpy(dst, src, (size_t)w * 3 * sizeof(float));
+        for (int x = w; x < S; x++) memcpy(dst + (size_t)x * 3, src + (size_t)(w - 1) * 3, 3 * sizeof(float));
+    }
+    return canvas;
+}
+
+/* Labels of one segmented canvas pasted into the image's label image at (x0, y0),
+ * w x h of it, onto pixels still background; each canvas label that lands gets the
+ * next image label (so labels come out 1..n in paste order), its score and IoU. */
+typedef struct {
+    uint32_t *labels; /* H x W */
+    float *score, *iou;
+    uint32_t n, cap;  /* labels given, room in score / iou */
+} label_paste;
+
+static int paste_labels(label_paste *lp, int W, const cs_tile_result *tr, int S, int x0, int y0, int w, int h) {
+    uint32_t *map = cs_calloc((size_t)tr->n_labels + 1, sizeof *map);
+    if (!map) return cs_error(CELLSAM_ERR_NOMEM, "out of memory");
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            const uint32_t l = tr->labels[(size_t)y * S + x];
+            uint32_t *dst = lp->labels + (size_t)(y0 + y) * W + (x0 + x);
+            if (!l || *dst) continue;
+            if (!map[l]) {
+                if (lp->n >= lp->cap) { /* not reached: one image label per canvas label at most */
+                    free(map);
+                    return cs_error(CELLSAM_ERR_LIMIT, "zoomed segmentation: more labels than boxes");
+                }
+                map[l] = ++lp->n;
+                lp->score[lp->n - 1] = tr->score ? tr->score[l - 1] : 0;
+                lp->iou[lp->n - 1] = tr->iou ? tr->iou[l - 1] : 0;
+            }
+            *dst = map[l];
+        }
+    free(map);
+    return CELLSAM_OK;
+}
+
+static void paste_free(label_paste *lp) {
+    free(lp->labels);
+    free(lp->score);
+    free(lp->iou);
+    memset(lp, 0, sizeof *lp);
+}
+
+static int paste_init(label_paste *lp, int H, int W, size_t max_labels) {
+    memset(lp, 0, sizeof *lp);
+    if (max_labels > UINT32_MAX - 1) return cs_error(CELLSAM_ERR_LIMIT, "too many labels");
+    lp->labels = cs_calloc((size_t)W * (size_t)H, sizeof *lp->labels);
+    lp->score = cs_alloc(max_labels + 1, sizeof *lp->score);
+    lp->iou = cs_alloc(max_labels + 1, sizeof *lp->iou);
+    lp->cap = (uint32_t)max_labels;
+    if (lp->labels && lp->score && lp->iou) return CELLSAM_OK;
+    paste_free(lp);
+    return cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d label image", W, H);
+}
+
+/* The window of S image pixels (at most the image's side) around the block [b0, b0 + B)
+ * of an axis of n pixels, `halo` wide on each side where the image allows. */
+static int window_origin(int b0, int halo, int S, int n) {
+    if (n <= S) return 0;
+    int o = b0 - halo;
+    return o < 0 ? 0 : o > n - S ? n - S : o;
+}
+
+/* User boxes on an image larger than one network input at the zoom: the image is cut
+ * into blocks as the zoomed tiling cuts it (cs_zoom_tiling), and each box is prompted
+ * once, in the S x S window around the block that holds its centre; blocks without a
+ * box cost nothing. Windows get the image-wide per-channel min-max, as tiles do. */
+static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, int W, cellsam_segment_params q,
+                                 double zoom, label_paste *lp, int *n_boxes) {
+    const cellsam_box *boxes = q.boxes;
+    const int nb = q.n_boxes, S = cs_zoom_side(zoom);
+    cs_zoom_tiling(zoom, &q);
+    const int B = q.block_size, halo = q.overlap;
+    const int nbx = (W + B - 1) / B, nby = (H + B - 1) / B;
+    float mn[3] = {INFINITY, INFINITY, INFINITY}, mx[3] = {-INFINITY, -INFINITY, -INFINITY};
+    for (size_t i = 0; i < (size_t)W * H; i++)
+        for (int c = 0; c < 3; c++) {
+            const float v = hw3[i * 3 + c];
+            if (v < mn[c]) mn[c] = v;
+            if (v > mx[c]) mx[c] = v;
+        }
+    int *block_of = cs_alloc((size_t)nb, sizeof *block_of);
+    cellsam_box *win = cs_alloc((size_t)nb, sizeof *win);
+    if (!block_of || !win) {
+        free(block_of);
+        free(win);
+        return cs_error(CELLSAM_ERR_NOMEM, "out of memory for %d boxes", nb);
+    }
+    for (int i = 0; i < nb; i++) {
+        const double cx = 0.5 * ((double)boxes[i].x1 + boxes[i].x2), cy = 0.5 * ((double)boxes[i].y1 + boxes[i].y2);
+        const int bx = cx < 0 ? 0 : cx >= W ? nbx - 1 : (int)(cx / B);
+        const int by = cy < 0 ? 0 : cy >= H ? nby - 1 : (int)(cy / B);
+        block_of[i] = by * nbx + bx;
+    }
+    int rc = CELLSAM_OK;
+    *n_boxes = 0;
+    for (int blk = 0; blk < nbx * nby && !rc; blk++) {
+        const int x0 = window_origin((blk % nbx) * B, halo, S, W), y0 = window_origin((blk / nbx) * B, halo, S, H);
+        const int w = W < S ? W : S, h = H < S ? H : S;
+        int k = 0;
+        for (int i = 0; i < nb; i++)
+            if (block_of[i] == blk)
+                win[k++] = (cellsam_box){boxes[i].x1 - x0, boxes[i].y1 - y0, boxes[i].x2 - x0, boxes[i].y2 - y0};
+        if (!k) continue;
+        rc = cs_poll_abort(q.abort, q.progress_user);
+        float *canvas = rc ? NULL : zoom_canvas(hw3, W, x0, y0, w, h, S);
+        if (!rc && !canvas) rc = CELLSAM_ERR_NOMEM;
+        if (rc) break;
+        cs_tile_apply_minmax(canvas, (size_t)S * S, mn, mx);
+        cellsam_segment_params wq = q;
+        wq.boxes = win;
+        wq.n_boxes = k;
+        cs_tile_result tr;
+        rc = cs_segment_hw3(ctx, canvas, S, S, &wq, &tr);
+        free(canvas);
+        if (rc) break;
+        *n_boxes += tr.n_boxes;
+        rc = paste_labels(lp, W, &tr, S, x0, y0, w, h);
+        cs_tile_result_free(&tr);
+    }
+    free(block_of);
+    free(win);
+    return rc;
+}
+
 int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                       double zoom, uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes) {
     cellsam_segment_params q = *p;
     q.diameter = 0;
     q.embedding = NULL; /* an embedding of the unzoomed image describes another input */
     const int S = cs_zoom_side(zoom);
-    if (S < W || S < H) { /* more than one network input: tiles of S pixels, halo included */
+    const int fits = S >= W && S >= H;
+    if (!fits && !q.boxes) { /* more than one network input: tiles of S pixels, halo included */
         cs_zoom_tiling(zoom, &q);
         return cs_segment_tiled(ctx, hw3, H, W, &q, labels, score, iou, n_labels, n_boxes);
     }
-    /* One network input: the image in the top-left corner of an S x S canvas, the rest
-     * repeating its last row and column (zeros would add a dark edge, and a mirror
-     * would add cells that overlap the real ones). */
-    float *canvas = cs_alloc((size_t)S * (size_t)S, 3 * sizeof(float));
-    if (!canvas) return cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d zoom canvas", S, S);
-    for (int y = 0; y < S; y++) {
-        const float *src = hw3 + (size_t)(y < H ? y : H - 1) * W * 3;
-        float *dst = canvas + (size_t)y * S * 3;
-        memcpy(dst, src, (size_t)W * 3 * sizeof(float));
-        for (int x = W; x < S; x++) memcpy(dst + (size_t)x * 3, src + (size_t)(W - 1) * 3, 3 * sizeof(float));
-    }
-    cs_tile_result tr;
-    int rc = cs_segment_hw3(ctx, canvas, S, S, &q, &tr);
-    free(canvas);
-    if (rc) return rc;
-    /* crop, and renumber the labels left in the image 1..n in their order */
-    uint32_t *map = cs_calloc((size_t)tr.n_labels + 1, sizeof *map);
-    uint32_t *out = cs_alloc((size_t)W * (size_t)H, sizeof *out);
-    float *sc = cs_alloc((size_t)tr.n_labels + 1, sizeof *sc), *io = cs_alloc((size_t)tr.n_labels + 1, sizeof *io);
-    if (!map || !out || !sc || !io) {
-        free(map);
-        free(out);
-        free(sc);
-        free(io);
+    label_paste lp;
+    int rc;
+    if (!fits) {
+        rc = paste_init(&lp, H, W, (size_t)q.n_boxes);
+        if (!rc) rc = segment_boxes_windows(ctx, hw3, H, W, q, zoom, &lp, n_boxes);
+    } else {
+        /* One network input: the image in the top-left corner of an S x S canvas (user
+         * boxes keep their coordinates there); the labels left in the image are
+         * renumbered 1..n in raster order. */
+        memset(&lp, 0, sizeof lp);
+        float *canvas = zoom_canvas(hw3, W, 0, 0, W, H, S);
+        if (!canvas) return CELLSAM_ERR_NOMEM;
+        cs_tile_result tr;
+        rc = cs_segment_hw3(ctx, canvas, S, S, &q, &tr);
+        free(canvas);
+        if (rc) return rc;
+        *n_boxes = tr.n_boxes;
+        rc = paste_init(&lp, H, W, (size_t)tr.n_labels);
+        if (!rc) rc = paste_labels(&lp, W, &tr, S, 0, 0, W, H);
         cs_tile_result_free(&tr);
-        return cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d label image", W, H);
     }
-    uint32_t n = 0;
-    for (int y = 0; y < H; y++)
-        for (int x = 0; x < W; x++) {
-            uint32_t l = tr.labels[(size_t)y * S + x];
-            if (l && !map[l]) {
-                map[l] = ++n;
-                sc[n - 1] = tr.score ? tr.score[l - 1] : 0;
-                io[n - 1] = tr.iou ? tr.iou[l - 1] : 0;
-            }
-            out[(size_t)y * W + x] = l ? map[l] : 0;
-        }
-    *labels = out;
-    *score = sc;
-    *iou = io;
-    *n_labels = (int)n;
-    *n_boxes = tr.n_boxes;
-    free(map);
-    cs_tile_result_free(&tr);
+    if (rc) {
+        paste_free(&lp);
+        return rc;
+    }
+    *labels = lp.labels;
+    *score = lp.score;
+    *iou = lp.iou;
+    *n_labels = (int)lp.n;
     return CELLSAM_OK;
 }
 
@@ -123,6 +247,27 @@ float cs_median_diameter(int64_t *area, size_t n) {
     if (!n) return 0;
     qsort(area, n, sizeof *area, cmp_int64);
     return (float)(2.0 * sqrt((double)area[n / 2] / M_PI));
+}
+
+static int cmp_double(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+float cs_boxes_diameter(const cellsam_box *boxes, int n) {
+    if (n <= 0) return 0;
+    double *side = cs_alloc((size_t)n, sizeof *side);
+    if (!side) return 0; /* then the boxes are prompted unzoomed */
+    for (int i = 0; i < n; i++) {
+        /* sqrt(w h): the equivalent diameter 2 sqrt(a / pi) of the ellipse the box bounds,
+         * as the estimate measures cells; degenerate boxes count as one pixel wide */
+        const double w = fmax((double)boxes[i].x2 - boxes[i].x1, 1.0), h = fmax((double)boxes[i].y2 - boxes[i].y1, 1.0);
+        side[i] = sqrt(w * h);
+    }
+    qsort(side, (size_t)n, sizeof *side, cmp_double);
+    const float d = (float)side[n / 2];
+    free(side);
+    return d;
 }
 
 int cs_estimate_diameter(cellsam_context *ctx, const float *image, int width, int height, int channels,

@@ -471,8 +471,10 @@ int cellsam_segment(cellsam_context *ctx, const float *image, int width, int hei
     if (cs_mul_size((size_t)width, (size_t)height, &npix) || npix > ((size_t)1 << 34))
         return cs_error(CELLSAM_ERR_LIMIT, "image of %d x %d pixels is too large", width, height);
     double t0 = cs_now_seconds();
-    /* cell size: given, or estimated by a first pass at the mode's own scale */
-    float diameter = p->boxes ? 0 : cellsam_model_diameter(ctx->model, p->diameter, p->tiled);
+    /* cell size: given, taken from the user's boxes, or estimated by a first pass at the
+     * mode's own scale */
+    float diameter = cellsam_model_diameter(ctx->model, p->diameter, p->tiled);
+    if (p->boxes && diameter < 0) diameter = cs_boxes_diameter(p->boxes, p->n_boxes);
     double first_s[CS_STAGE_COUNT] = {0};
     if (diameter < 0) {
         cellsam_result *first = NULL;

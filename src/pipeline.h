@@ -65,9 +65,14 @@ int cs_zoom_side(double z); /* image pixels one network input spans at zoom z */
  * the upper median of the n areas (sorted in place); 0 when n = 0. */
 float cs_median_diameter(int64_t *area, size_t n);
 void cs_zoom_tiling(double z, cellsam_segment_params *q);
+/* The cells' size that n user boxes show: the upper median of sqrt(w h) (what
+ * cs_median_diameter gives for the ellipses they bound); 0 for no boxes. */
+float cs_boxes_diameter(const cellsam_box *boxes, int n);
 int cs_diameter_check(float diameter);
 /* Segment at zoom z: one edge-padded square canvas when the image fits one network
- * input at that zoom, else tiled as cs_zoom_tiling says. Outputs as cs_segment_tiled. */
+ * input at that zoom, else tiled as cs_zoom_tiling says; user boxes (p->boxes) are
+ * then each prompted once, in the window around the tiling block holding the box's
+ * centre. Outputs as cs_segment_tiled. */
 int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, const cellsam_segment_params *p,
                       double zoom, uint32_t **labels, float **score, float **iou, int *n_labels, int *n_boxes);
 /* cellsam_estimate_diameter, also handing back the first pass's result when it

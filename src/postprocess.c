@@ -1,6 +1,7 @@
 /* Mask post-processing: logits upsampling (bit-exact with PyTorch CPU), support
  * rectangles, incremental label composition, fill holes / remove small
  * labels, boundary subtraction. See postprocess.h for the arithmetic. */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -464,6 +465,32 @@ int cs_count_labels(const uint32_t *labels, int H, int W, size_t *n_out) {
     int rc = find_label_boxes(labels, H, W, &boxes, n_out);
     cs_free(boxes);
     return rc;
+}
+
+int cs_label_boxes(const uint32_t *labels, int H, int W, cellsam_box **boxes_out, int *n_out) {
+    *boxes_out = NULL;
+    *n_out = 0;
+    int rc = check_size(H, W, "label boxes");
+    if (rc) return rc;
+    label_box *lb = NULL;
+    size_t n = 0;
+    rc = find_label_boxes(labels, H, W, &lb, &n);
+    if (rc) return cs_error(rc, "out of memory for the boxes of a %d x %d label image", W, H);
+    if (n > INT_MAX) {
+        cs_free(lb);
+        return cs_error(CELLSAM_ERR_LIMIT, "%zu labels: too many boxes", n);
+    }
+    cellsam_box *b = cs_alloc(n ? n : 1, sizeof *b);
+    if (!b) {
+        cs_free(lb);
+        return cs_error(CELLSAM_ERR_NOMEM, "out of memory for %zu boxes", n);
+    }
+    for (size_t i = 0; i < n; i++)
+        b[i] = (cellsam_box){(float)lb[i].x0, (float)lb[i].y0, (float)lb[i].x1 + 1, (float)lb[i].y1 + 1};
+    cs_free(lb);
+    *boxes_out = b;
+    *n_out = (int)n;
+    return CELLSAM_OK;
 }
 
 int cs_fill_holes_remove_small(uint32_t *labels, int H, int W, int min_size) {

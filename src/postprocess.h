@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cellsam.h"
+
 #define CS_LOWRES_SIZE 256   /* SAM low-resolution mask side */
 #define CS_SAM_INPUT_SIZE 1024 /* SAM input side (intermediate map) */
 #define CS_MASK_THRESHOLD 0.4f /* CellSAM mask_threshold (on the sigmoid) */
@@ -116,6 +118,11 @@ void cs_composer_free(cs_label_composer *c);
  * mask in the box is set to the next label j+1 (overwriting whatever was
  * there). Output labels are 1..j. Work per label is proportional to its box. */
 int cs_fill_holes_remove_small(uint32_t *labels, int H, int W, int min_size);
+
+/* The bounding box of every label of an H x W label image, in increasing label
+ * order, as pixel edges (x2 = last column + 1), for prompting with existing labels;
+ * free *boxes with free(). */
+int cs_label_boxes(const uint32_t *labels, int H, int W, cellsam_box **boxes, int *n_boxes);
 
 /* Number of distinct non-zero values of a label image (H x W). */
 int cs_count_labels(const uint32_t *labels, int H, int W, size_t *n_out);

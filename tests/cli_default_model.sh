@@ -24,6 +24,8 @@ SAMPLE_FLOOR=0.72 # bundled sample (StarDist example crop); measured 0.761 (bf16
 OFF_FLOOR=0.65    # the sample with --diameter 0 (no cell sizing); measured 0.709
 DSB_FLOOR=0.60    # mean over dsb2018_stage1_test; measured 0.635 (--diameter 0: 0.598)
 TILED_FLOOR=0.62  # the sample with --tiled (the official mode); measured 0.678
+BOXES_FLOOR=0.93  # the sample prompted with its true boxes at cell size; measured 0.951
+STRETCH_FLOOR=0.89 # the same boxes on the whole image stretched (--diameter 0); measured 0.921
 
 [ -f "$SRC/models/cellsam-small.safetensors" ] || fail "models/cellsam-small.safetensors is missing"
 
@@ -99,7 +101,43 @@ echo "dsb2018_stage1_test: mean F1@0.5 $f1 over $n images (floor $DSB_FLOOR)"
 [ "$n" -ge 30 ] || fail "only $n DSB images scored"
 awk -v f="$f1" -v m="$DSB_FLOOR" 'BEGIN { exit !(f + 0 >= m + 0) }' || fail "DSB mean F1 $f1 below $DSB_FLOOR"
 
-# 3. CELLSAM_MODEL overrides the default; a bad one is a one-line error
+# 3. box prompts (the mask branch alone): --boxes-from prompts with the bounding box of
+# every true label. The model recommends cell sizing, so the boxes' own median size sets
+# the zoom (reported: about the true cells' 23.7 px) and each box is decoded in the
+# window around it (the sample is larger than one network input at that zoom);
+# --diameter 0 stretches the whole image to the network input, as the official code
+GT="$DATA/stardist_example/img2d_masks.png"
+"$CLI" segment "$SRC/samples/nuclei_img2d.png" --boxes-from "$GT" -o "$TMP/sample_gtboxes.png" --threads 2 \
+    2>"$TMP/gtb.txt" || fail "segment --boxes-from exited non-zero: $(cat "$TMP/gtb.txt")"
+grep -q "(125 boxes)" "$TMP/gtb.txt" || fail "--boxes-from: not the sample's 125 labels as boxes: $(cat "$TMP/gtb.txt")"
+d=$(sed -n 's/.*cell diameter \([0-9.]*\) px.*/\1/p' "$TMP/gtb.txt")
+awk -v d="$d" 'BEGIN { exit !(d + 0 >= 20 && d + 0 <= 28) }' || fail "box-sized diameter '$d' not in 20..28 px"
+score_sample gtboxes "$BOXES_FLOOR" --boxes-from "$GT"
+score_sample gtstretch "$STRETCH_FLOOR" --boxes-from "$GT" --diameter 0
+# --boxes takes a text file: the default run's cell boxes (CSV x0,y0,x1,y1) as prompts
+"$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/csvrun.png" --csv "$TMP/cells.csv" --threads 2 --quiet ||
+    fail "segment --csv failed"
+awk -F, 'NR > 1 { print $2 "," $3 "," $4 "," $5 }' "$TMP/cells.csv" >"$TMP/boxes.txt"
+nb=$(wc -l <"$TMP/boxes.txt")
+"$CLI" segment "$SRC/samples/nuclei_img2d.png" --boxes "$TMP/boxes.txt" -o "$TMP/fromboxes.png" \
+    --csv "$TMP/fromboxes.csv" --threads 2 2>"$TMP/err.txt" || fail "segment --boxes failed: $(cat "$TMP/err.txt")"
+nc=$(($(wc -l <"$TMP/fromboxes.csv") - 1))
+echo "--boxes with the default run's $nb cell boxes: $nc cells"
+[ "$nc" -ge $((nb * 9 / 10)) ] && [ "$nc" -le "$nb" ] || fail "--boxes: $nc cells from $nb boxes"
+# refused: labels of another size (exit 1), both options, a tiled or streamed mode (2)
+"$CLI" segment "$SRC/samples/nuclei_img2d.png" --boxes-from "$(ls "$DATA"/dsb2018_stage1_test/*_masks.png | head -n 1)" \
+    -o "$TMP/z.png" 2>"$TMP/err.txt"
+[ $? -eq 1 ] && [ "$(wc -l <"$TMP/err.txt")" -eq 1 ] && grep -q "boxes-from" "$TMP/err.txt" ||
+    fail "--boxes-from labels of another size: not exit 1 with one line: $(cat "$TMP/err.txt")"
+[ -e "$TMP/z.png" ] && fail "an output was left after the size error"
+for extra in "--boxes $TMP/boxes.txt" --tiled --stream; do
+    # shellcheck disable=SC2086 # the option and its value are two words
+    "$CLI" segment "$SRC/samples/nuclei_img2d.png" --boxes-from "$GT" $extra -o "$TMP/z.png" 2>"$TMP/err.txt"
+    [ $? -eq 2 ] && [ "$(wc -l <"$TMP/err.txt")" -eq 1 ] ||
+        fail "--boxes-from with $extra: not exit 2 with one line: $(cat "$TMP/err.txt")"
+done
+
+# 4. CELLSAM_MODEL overrides the default; a bad one is a one-line error
 CELLSAM_MODEL="$TMP/none.safetensors" "$CLI" segment "$SRC/samples/nuclei_img2d.png" -o "$TMP/x.png" \
     2>"$TMP/err.txt" && fail "a missing CELLSAM_MODEL was accepted"
 [ "$(wc -l <"$TMP/err.txt")" -eq 1 ] || fail "missing CELLSAM_MODEL: not one error line: $(cat "$TMP/err.txt")"

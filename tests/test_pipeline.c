@@ -491,6 +491,103 @@ static void test_diameter(void **state) {
     cellsam_model_free(m);
 }
 
+/* User boxes at a cell size (src/diameter.c). Auto takes the upper median of the
+ * boxes' sqrt(w h). Each box is prompted once, exactly as the explicit whole-image run
+ * with the boxes on the network-input canvas it lands in: the edge-padded image when
+ * it fits one input, else the window around the tiling block holding the box's centre
+ * (image-wide min-max, as tiles), pasted back; blocks without a box are skipped. */
+static void test_diameter_boxes(void **state) {
+    (void)state;
+    /* sqrt(w h) = 8, 16, 16, 40 and a degenerate box (1 x 1 -> 1): upper median 16 */
+    const cellsam_box sized[5] = {{0, 0, 8, 8}, {10, 10, 42, 18}, {0, 0, 4, 64}, {5, 5, 45, 45}, {3, 3, 3, 3}};
+    assert_float_equal(cs_boxes_diameter(sized, 5), 16, 1e-6);
+    assert_float_equal(cs_boxes_diameter(sized, 4), 16, 1e-6);
+    assert_float_equal(cs_boxes_diameter(sized, 1), 8, 1e-6);
+    assert_float_equal(cs_boxes_diameter(sized, 0), 0, 0);
+
+    /* 600 x 200 at diameter 16: zoom 64 / 16 = 4, windows of 256 px, halo 56 x 2 / 4 =
+     * 28, blocks of 200: three blocks along x, the middle one's window at x = 172 */
+    const int W = 600, H = 200, S = 256, X0 = 172;
+    float *img = checker_image(W, H);
+    const cellsam_box mid[2] = {{240, 40, 272, 76}, {300, 120, 330, 150}}; /* sqrt(w h) 33.9, 30 */
+    cellsam_segment_params sp = cellsam_segment_default_params();
+    sp.n_threads = 2;
+    sp.boxes = mid;
+    sp.n_boxes = 2;
+    sp.diameter = 16;
+    cellsam_result *got = NULL, *ref = NULL;
+    assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
+    assert_float_equal(got->zoom, 4.0f, 0);
+    assert_int_equal(got->n_boxes_detected, 2);
+    /* the explicit run: the window, min-max over the whole image, padded to S x S */
+    float mn = img[0], mx = img[0];
+    for (int i = 0; i < W * H; i++) {
+        mn = img[i] < mn ? img[i] : mn;
+        mx = img[i] > mx ? img[i] : mx;
+    }
+    float *canvas = malloc((size_t)S * S * sizeof(float));
+    for (int y = 0; y < S; y++)
+        for (int x = 0; x < S; x++) canvas[y * S + x] = (img[(y < H ? y : H - 1) * W + X0 + x] - mn) / (mx - mn);
+    cellsam_box shifted[2];
+    for (int i = 0; i < 2; i++) shifted[i] = (cellsam_box){mid[i].x1 - X0, mid[i].y1, mid[i].x2 - X0, mid[i].y2};
+    cellsam_segment_params ep = cellsam_segment_default_params();
+    ep.n_threads = 2;
+    ep.boxes = shifted;
+    ep.n_boxes = 2;
+    ep.diameter = 0;
+    assert_int_equal(cellsam_segment(g_ctx, canvas, S, S, 1, &ep, &ref), 0);
+    uint32_t *expect = calloc((size_t)W * H, sizeof *expect);
+    for (int y = 0; y < H; y++) memcpy(expect + (size_t)y * W + X0, ref->labels + (size_t)y * S, S * sizeof(uint32_t));
+    assert_labels_renumbered(got->labels, expect, (size_t)W * H);
+    printf("  boxes in windows: %d cells from 2 boxes (explicit window run: %d)\n", got->n_cells, ref->n_cells);
+    cellsam_result_free(got);
+    cellsam_result_free(ref);
+
+    /* auto: the boxes' diameter (upper median of 33.9 and 30), no first pass */
+    sp.diameter = CELLSAM_DIAMETER_AUTO;
+    assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
+    assert_float_equal(got->diameter, cs_boxes_diameter(mid, 2), 0);
+    assert_float_equal(got->zoom, (float)(64.0 / cs_boxes_diameter(mid, 2)), 1e-6);
+    cellsam_result_free(got);
+
+    /* a box in each block, and one whose centre lies off the image: each decoded once */
+    const cellsam_box spread[4] = {{20, 20, 50, 50}, {260, 90, 290, 120}, {560, 150, 590, 180}, {590, -20, 640, 10}};
+    sp.boxes = spread;
+    sp.n_boxes = 4;
+    sp.diameter = 16;
+    assert_int_equal(cellsam_segment(g_ctx, img, W, H, 1, &sp, &got), 0);
+    assert_int_equal(got->n_boxes_detected, 4);
+    assert_true(got->n_cells <= 4);
+    cellsam_result_free(got);
+
+    /* a small image fits one input: the boxes keep their coordinates on the padded canvas */
+    const int w = 160, h = 96;
+    for (int y = 0; y < S; y++)
+        for (int x = 0; x < S; x++) canvas[y * S + x] = img[(y < h ? y : h - 1) * W + (x < w ? x : w - 1)];
+    float *small = malloc((size_t)w * h * sizeof(float));
+    for (int y = 0; y < h; y++) memcpy(small + (size_t)y * w, img + (size_t)y * W, w * sizeof(float));
+    const cellsam_box two[2] = {{20, 20, 52, 52}, {90, 30, 122, 62}};
+    sp.boxes = ep.boxes = two;
+    sp.n_boxes = ep.n_boxes = 2;
+    assert_int_equal(cellsam_segment(g_ctx, small, w, h, 1, &sp, &got), 0);
+    assert_int_equal(cellsam_segment(g_ctx, canvas, S, S, 1, &ep, &ref), 0);
+    assert_float_equal(got->zoom, 4.0f, 0);
+    for (int y = 0; y < h; y++) memcpy(expect + (size_t)y * w, ref->labels + (size_t)y * S, w * sizeof(uint32_t));
+    assert_labels_renumbered(got->labels, expect, (size_t)w * h);
+    assert_true(got->n_cells > 0);
+    cellsam_result_free(got);
+    cellsam_result_free(ref);
+    /* diameter 0: the official way, the image stretched to the input (not the canvas) */
+    sp.diameter = 0;
+    assert_int_equal(cellsam_segment(g_ctx, small, w, h, 1, &sp, &got), 0);
+    assert_float_equal(got->zoom, 0, 0);
+    cellsam_result_free(got);
+    free(small);
+    free(expect);
+    free(canvas);
+    free(img);
+}
+
 /* A model can recommend cell sizing per image (metadata cellsam.diameter = "auto"):
  * the default diameter (CELLSAM_DIAMETER_MODEL) is then auto in the model's own mode
  * (tiled = -1), and off when a mode is chosen (the official modes stay exact); the
@@ -537,6 +634,21 @@ static void test_diameter_hint(void **state) {
     cellsam_result_free(dflt);
     cellsam_result_free(expl);
     cellsam_result_free(whole);
+    cellsam_result_free(off);
+    /* user boxes: the recommended auto sizes them from the boxes; an explicit mode, not */
+    const cellsam_box boxes[3] = {{10, 10, 30, 30}, {100, 100, 124, 124}, {200, 40, 228, 68}};
+    cellsam_segment_params bp = cellsam_segment_default_params();
+    bp.boxes = boxes;
+    bp.n_boxes = 3;
+    bp.n_threads = 2;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &bp, &dflt), 0);
+    assert_float_equal(dflt->diameter, 24, 0);
+    assert_float_equal(dflt->zoom, (float)(CELLSAM_DEFAULT_NET_CELL_DIAMETER / 24.0), 1e-6);
+    bp.tiled = 0;
+    assert_int_equal(cellsam_segment(ctx, img, W, H, 1, &bp, &off), 0);
+    assert_float_equal(off->zoom, 0, 0);
+    assert_int_equal(off->n_boxes_detected, 3);
+    cellsam_result_free(dflt);
     cellsam_result_free(off);
     free(img);
     cellsam_context_free(ctx);
@@ -831,6 +943,7 @@ int main(void) {
         cmocka_unit_test(test_whole_image_hint),
         cmocka_unit_test(test_diameter),
         cmocka_unit_test(test_diameter_hint),
+        cmocka_unit_test(test_diameter_boxes),
         cmocka_unit_test(test_bf16_compute_labels),
         cmocka_unit_test(test_int8_compute_labels),
         cmocka_unit_test(test_degenerate_images),

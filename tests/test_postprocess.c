@@ -706,6 +706,33 @@ static void test_count_labels(void **state) {
     assert_int_equal(n, 4);
 }
 
+/* Label bounding boxes as pixel edges, in increasing label order, for values sparse
+ * (the sorted path of find_label_boxes) and dense alike; no labels, no boxes. */
+static void test_label_boxes(void **state) {
+    (void)state;
+    /* 3 x 4: label 7 at (1,0), (2,0), (2,2); 3 at (3,0), (3,1); 9 at (0,2), (1,2);
+     * 4000000000 at (2,1) */
+    const uint32_t lab[12] = {0, 7, 7, 3, 0, 0, 4000000000u, 3, 9, 9, 7, 0};
+    cellsam_box *b = NULL;
+    int n = -1;
+    assert_int_equal(cs_label_boxes(lab, 3, 4, &b, &n), CELLSAM_OK);
+    assert_int_equal(n, 4);
+    const float want[4][4] = {{3, 0, 4, 2}, {1, 0, 3, 3}, {0, 2, 2, 3}, {2, 1, 3, 2}};
+    for (int i = 0; i < 4; i++) {
+        assert_float_equal(b[i].x1, want[i][0], 0);
+        assert_float_equal(b[i].y1, want[i][1], 0);
+        assert_float_equal(b[i].x2, want[i][2], 0);
+        assert_float_equal(b[i].y2, want[i][3], 0);
+    }
+    free(b);
+    const uint32_t empty[6] = {0};
+    assert_int_equal(cs_label_boxes(empty, 2, 3, &b, &n), CELLSAM_OK);
+    assert_int_equal(n, 0);
+    free(b);
+    assert_int_equal(cs_label_boxes(empty, 0, 3, &b, &n), CELLSAM_ERR_INVALID);
+    assert_null(b);
+}
+
 static void test_subtract_boundaries_hand(void **state) {
     (void)state;
     uint32_t lab[] = {
@@ -784,6 +811,7 @@ int main(void) {
         cmocka_unit_test(test_support_and_composer),
         cmocka_unit_test(test_support_constant_maps),
         cmocka_unit_test(test_fill_holes_hand),
+        cmocka_unit_test(test_label_boxes),
         cmocka_unit_test(test_subtract_boundaries_hand),
         cmocka_unit_test(test_count_labels),
         cmocka_unit_test(test_errors),

@@ -12,10 +12,12 @@
 #include "image_io.h"
 #include "model.h"
 #include "pipeline.h"
+#include "postprocess.h"
 
 typedef struct {
-    const char *model, *config, *out, *csv, *overlay, *boxes_file;
+    const char *model, *config, *out, *csv, *overlay, *boxes_file, *boxes_labels;
     int nuclear, cell, grey, threads, overwrite, quiet, stream, weights, precision;
+    int labels_w, labels_h; /* size of the --boxes-from label image (the image's, checked) */
     cellsam_segment_params sp;
 } seg_opts;
 
@@ -29,7 +31,12 @@ static void usage(void) {
         "  --csv FILE      one row per cell: label, bbox, area, centroid, detector score, predicted IoU\n"
         "  --overlay PNG   outlines over the contrast-stretched image\n"
         "  --boxes FILE    skip CellFinder and prompt with your boxes (one 'x1,y1,x2,y2' per line,\n"
-        "                  image pixels); implies --no-tiling\n"
+        "                  image pixels), each once: at the cell size --diameter gives (default: the\n"
+        "                  model's; 'auto' = the boxes' median sqrt(w h)), in the network-input\n"
+        "                  window around the box on large images; with --diameter 0 or --no-tiling,\n"
+        "                  on the whole image stretched to 1024 x 1024, as the official code\n"
+        "  --boxes-from LABELS  the same, with the bounding box of every label of a label image of\n"
+        "                  the same size (re-segment existing labels; score the mask branch alone)\n"
         "Channels (1-based, 0 = none; like Cellpose --chan/--chan2):\n"
         "  --nuclear N     channel holding the nuclear stain\n"
         "  --cell N        channel holding the whole-cell / membrane / cytoplasm stain\n"
@@ -122,6 +129,16 @@ static int read_boxes(const char *path, cellsam_box **boxes, int *n) {
     *boxes = b;
     *n = k;
     return CELLSAM_OK;
+}
+
+/* --boxes-from: the bounding box of every label of a label image. */
+static int read_label_boxes(const char *path, cellsam_box **boxes, int *n, int *w, int *h) {
+    uint32_t *labels = NULL;
+    int rc = cs_read_labels(path, &labels, w, h);
+    if (rc) return rc;
+    rc = cs_label_boxes(labels, *h, *w, boxes, n);
+    free(labels);
+    return rc; /* no labels: no boxes, and zero cells, as with an empty --boxes file */
 }
 
 static int write_csv(const char *path, const cellsam_result *r) {
@@ -250,8 +267,10 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
     int pw, ph, pc;
     const int probed = cs_image_probe(in, &pw, &ph, &pc) == 0;
     const int big = probed && (int64_t)pw * ph > STREAM_PIXELS;
-    /* streaming is a tiled mode: --stream and whole-slide sizes tile unless told not to */
-    const int tiled = o->sp.tiled >= 0 ? o->sp.tiled
+    /* streaming is a tiled mode: --stream and whole-slide sizes tile unless told not to;
+     * user boxes are prompted on the image in memory */
+    const int tiled = o->sp.boxes ? 0
+                      : o->sp.tiled >= 0 ? o->sp.tiled
                       : (o->stream || big) ? 1
                       : cellsam_model_tiling(ctx->model, -1, probed ? pw : 1 << 30, probed ? ph : 1 << 30);
     if (tiled && (o->stream || big)) {
@@ -264,6 +283,12 @@ static int segment_file(cellsam_context *ctx, const seg_opts *o, const char *in,
     cs_image img;
     if (cs_image_read(in, &img)) {
         cli_error("segment", "%s", cellsam_last_error());
+        return 1;
+    }
+    if (o->labels_w && (img.width != o->labels_w || img.height != o->labels_h)) {
+        cli_error("segment", "%s is %d x %d but the --boxes-from labels are %d x %d", in, img.width, img.height,
+                  o->labels_w, o->labels_h);
+        cs_image_free(&img);
         return 1;
     }
     float *hw3 = NULL;
@@ -370,6 +395,7 @@ int cmd_segment(int argc, char **argv) {
         else if (!strcmp(a, "--csv")) { NEED_VALUE(); o.csv = v; }
         else if (!strcmp(a, "--overlay")) { NEED_VALUE(); o.overlay = v; }
         else if (!strcmp(a, "--boxes")) { NEED_VALUE(); o.boxes_file = v; }
+        else if (!strcmp(a, "--boxes-from")) { NEED_VALUE(); o.boxes_labels = v; }
         else if (!strcmp(a, "--no-tiling")) o.sp.tiled = 0;
         else if (!strcmp(a, "--tiled")) o.sp.tiled = 1;
         else if (!strcmp(a, "--mirror-halo")) o.sp.halo_mirror = 1;
@@ -436,17 +462,23 @@ int cmd_segment(int argc, char **argv) {
         return 2;
     }
     o.sp.n_threads = o.threads;
-    if (o.boxes_file) {
-        if (folder) {
-            cli_error("segment", "--boxes works on a single image");
+    if (o.boxes_file || o.boxes_labels) {
+        const char *flag = o.boxes_file ? "--boxes" : "--boxes-from";
+        if (o.boxes_file && o.boxes_labels) {
+            cli_error("segment", "give --boxes or --boxes-from, not both");
             return 2;
         }
-        if (read_boxes(o.boxes_file, &boxes, &o.sp.n_boxes)) {
+        if (folder || o.stream || o.sp.tiled == 1) {
+            cli_error("segment", "%s works on a single image held in memory (not with a folder, --stream or --tiled)",
+                      flag);
+            return 2;
+        }
+        if (o.boxes_file ? read_boxes(o.boxes_file, &boxes, &o.sp.n_boxes)
+                         : read_label_boxes(o.boxes_labels, &boxes, &o.sp.n_boxes, &o.labels_w, &o.labels_h)) {
             cli_error("segment", "%s", cellsam_last_error());
             return 1;
         }
         o.sp.boxes = boxes;
-        o.sp.tiled = 0;
     }
     cellsam_model_params mp = cellsam_model_default_params();
     mp.config_path = o.config;
