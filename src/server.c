@@ -48,6 +48,22 @@ typedef struct {
     float *logits; /* n_masks x 256 x 256 */
 } logit_slot;
 
+/* A segment-all result, shared by its image and the requests reading it: a reader takes
+ * a reference under the server lock and reads without it, so that a pass over a
+ * slide's labels does not stall every other request. References change under the lock;
+ * the last one frees it. */
+typedef struct {
+    cellsam_result *r;
+    int refs;
+} shared_result;
+
+static void shared_result_release(shared_result *sr) {
+    if (sr && --sr->refs == 0) {
+        cellsam_result_free(sr->r);
+        free(sr);
+    }
+}
+
 typedef struct image {
     char id[16];
     char *rel, *abs;
@@ -69,7 +85,7 @@ typedef struct image {
     double seg_t0, seg_seconds;
     int seg_done, seg_total;
     int seg_stop; /* POST .../segment/stop asked the running segment-all to stop */
-    cellsam_result *seg;
+    shared_result *seg;
     char seg_error[256];
     logit_slot slots[LOGIT_SLOTS];
     int slot_next;
@@ -338,7 +354,7 @@ static void image_free(image *im) {
     free(im->rel);
     free(im->abs);
     free(im->emb);
-    cellsam_result_free(im->seg);
+    shared_result_release(im->seg);
     free_slots(im);
     free(im);
 }
@@ -416,7 +432,7 @@ static json_t *status_json(const cs_server *s, const image *im) {
     json_object_set_new(seg, "progress", json_real(sp));
     if (im->seg_state == ST_READY && im->seg) {
         json_object_set_new(seg, "seconds", json_real(im->seg_seconds));
-        json_object_set_new(seg, "n_cells", json_integer(im->seg->n_cells));
+        json_object_set_new(seg, "n_cells", json_integer(im->seg->r->n_cells));
     }
     if (im->seg_state == ST_ERROR) json_object_set_new(seg, "error", json_string(im->seg_error));
     return json_pack("{s:s,s:s,s:i,s:i,s:i,s:i,s:i,s:b,s:o,s:o}", "id", im->id, "path", im->rel, "width",
@@ -574,10 +590,17 @@ static void *worker_main(void *arg) {
             }
             free(hw3);
             free(emb);
+            shared_result *held = rc ? NULL : malloc(sizeof *held);
+            if (!rc && !held) {
+                cellsam_result_free(r);
+                snprintf(err, sizeof err, "out of memory");
+                rc = -1;
+            }
             pthread_mutex_lock(&s->mu);
             if (!rc) {
-                cellsam_result_free(im->seg);
-                im->seg = r;
+                shared_result_release(im->seg);
+                *held = (shared_result){r, 1};
+                im->seg = held;
                 im->seg_state = ST_READY;
                 im->seg_seconds = cs_now_seconds() - t0;
                 s->seg_estimate = im->seg_seconds;
@@ -1550,13 +1573,17 @@ static enum MHD_Result h_segment_result(cs_server *s, struct MHD_Connection *c, 
         json_object_set_new(st, "error", json_string("no segment-all result (start one with POST)"));
         return respond_json(c, im->seg_state == ST_NONE ? 404 : 409, st);
     }
-    /* the result stays owned by the image; it is only replaced by the worker under
-       the lock, so encode while holding it (one pass over the labels) */
-    char *info = cells_info_from_result(im->seg);
-    size_t len = 0;
-    unsigned char *b = encode_labels(im->seg->labels, im->seg->width, im->seg->height, info, &len);
+    shared_result *held = im->seg; /* encoded without the lock: see shared_result */
+    held->refs++;
     pthread_mutex_unlock(&s->mu);
+    const cellsam_result *r = held->r;
+    char *info = cells_info_from_result(r);
+    size_t len = 0;
+    unsigned char *b = encode_labels(r->labels, r->width, r->height, info, &len);
     free(info);
+    pthread_mutex_lock(&s->mu);
+    shared_result_release(held);
+    pthread_mutex_unlock(&s->mu);
     if (!b) return respond_error(c, 500, "out of memory");
     return respond(c, 200, "application/octet-stream", b, len, NULL);
 }
@@ -1957,22 +1984,27 @@ static enum MHD_Result h_finetune_data(cs_server *s, struct MHD_Connection *c) {
         }
         json_object_set_new(e, "cells", json_integer((json_int_t)cells));
         total_cells += (long)cells;
-        pthread_mutex_lock(&s->mu); /* the result stays valid while the lock is held */
+        pthread_mutex_lock(&s->mu);
         const image *seg_of = NULL;
         for (const image *x = s->images; x; x = x->next)
-            if (x->seg_state == ST_READY && x->seg && !strcmp(x->abs, img) && x->seg->width == W &&
-                x->seg->height == H && (!seg_of || x->last_used > seg_of->last_used))
+            if (x->seg_state == ST_READY && x->seg && !strcmp(x->abs, img) && x->seg->r->width == W &&
+                x->seg->r->height == H && (!seg_of || x->last_used > seg_of->last_used))
                 seg_of = x;
-        long unlabelled = seg_of ? count_unlabelled_cells(seg_of->seg, saved) : 0;
+        shared_result *held = seg_of ? seg_of->seg : NULL; /* compared without the lock */
+        if (held) held->refs++;
+        pthread_mutex_unlock(&s->mu);
+        long unlabelled = held ? count_unlabelled_cells(held->r, saved) : 0;
         if (unlabelled < 0) {
             json_object_set_new(e, "error", json_string("out of memory comparing it with the model's cells"));
-        } else if (seg_of) {
-            int partial = unlabelled > 0 && 5 * unlabelled >= seg_of->seg->n_cells;
-            json_object_set_new(e, "model_cells", json_integer(seg_of->seg->n_cells));
+        } else if (held) {
+            int partial = unlabelled > 0 && 5 * unlabelled >= held->r->n_cells;
+            json_object_set_new(e, "model_cells", json_integer(held->r->n_cells));
             json_object_set_new(e, "unlabelled", json_integer(unlabelled));
             json_object_set_new(e, "partial", json_boolean(partial));
             n_partial += partial;
         }
+        pthread_mutex_lock(&s->mu);
+        shared_result_release(held);
         pthread_mutex_unlock(&s->mu);
         free(saved);
         json_array_append_new(list, e);
