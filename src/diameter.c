@@ -56,10 +56,9 @@ float cellsam_model_diameter(const cellsam_model *m, float diameter, int tiled) 
     return m && m->auto_diameter && tiled == -1 ? CELLSAM_DIAMETER_AUTO : 0;
 }
 
-/* An S x S canvas holding the w x h region at (x0, y0) of an H x W x 3 image in its
- * top-left corner, the rest repeating the region's last row and column (zeros would
- * add a dark edge, and a mirror would add cells that overlap the real ones). */
-static float *zoom_canvas(const float *hw3, int W, int x0, int y0, int w, int h, int S) {
+/* The rest of the canvas repeats the region's last row and column: zeros would add a
+ * dark edge, and a mirror would add cells that overlap the real ones. */
+float *cs_zoom_canvas(const float *hw3, int W, int x0, int y0, int w, int h, int S) {
     float *canvas = cs_alloc((size_t)S * (size_t)S, 3 * sizeof(float));
     if (!canvas) {
         cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d zoom canvas", S, S);
@@ -125,9 +124,20 @@ static int paste_init(label_paste *lp, int H, int W, size_t max_labels) {
     return cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d label image", W, H);
 }
 
-/* The window of S image pixels (at most the image's side) around the block [b0, b0 + B)
- * of an axis of n pixels, `halo` wide on each side where the image allows. */
-static int window_origin(int b0, int halo, int S, int n) {
+void cs_hw3_minmax(const float *hw3, size_t n_pixels, float mn[3], float mx[3]) {
+    for (int c = 0; c < 3; c++) {
+        mn[c] = INFINITY;
+        mx[c] = -INFINITY;
+    }
+    for (size_t i = 0; i < n_pixels; i++)
+        for (int c = 0; c < 3; c++) {
+            const float v = hw3[i * 3 + c];
+            if (v < mn[c]) mn[c] = v;
+            if (v > mx[c]) mx[c] = v;
+        }
+}
+
+int cs_window_origin(int b0, int halo, int S, int n) {
     if (n <= S) return 0;
     int o = b0 - halo;
     return o < 0 ? 0 : o > n - S ? n - S : o;
@@ -144,13 +154,8 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
     cs_zoom_tiling(zoom, &q);
     const int B = q.block_size, halo = q.overlap;
     const int nbx = (W + B - 1) / B, nby = (H + B - 1) / B;
-    float mn[3] = {INFINITY, INFINITY, INFINITY}, mx[3] = {-INFINITY, -INFINITY, -INFINITY};
-    for (size_t i = 0; i < (size_t)W * H; i++)
-        for (int c = 0; c < 3; c++) {
-            const float v = hw3[i * 3 + c];
-            if (v < mn[c]) mn[c] = v;
-            if (v > mx[c]) mx[c] = v;
-        }
+    float mn[3], mx[3];
+    cs_hw3_minmax(hw3, (size_t)W * H, mn, mx);
     int *block_of = cs_alloc((size_t)nb, sizeof *block_of);
     cellsam_box *win = cs_alloc((size_t)nb, sizeof *win);
     if (!block_of || !win) {
@@ -167,7 +172,7 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
     int rc = CELLSAM_OK;
     *n_boxes = 0;
     for (int blk = 0; blk < nbx * nby && !rc; blk++) {
-        const int x0 = window_origin((blk % nbx) * B, halo, S, W), y0 = window_origin((blk / nbx) * B, halo, S, H);
+        const int x0 = cs_window_origin((blk % nbx) * B, halo, S, W), y0 = cs_window_origin((blk / nbx) * B, halo, S, H);
         const int w = W < S ? W : S, h = H < S ? H : S;
         int k = 0;
         for (int i = 0; i < nb; i++)
@@ -175,7 +180,7 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
                 win[k++] = (cellsam_box){boxes[i].x1 - x0, boxes[i].y1 - y0, boxes[i].x2 - x0, boxes[i].y2 - y0};
         if (!k) continue;
         rc = cs_poll_abort(q.abort, q.progress_user);
-        float *canvas = rc ? NULL : zoom_canvas(hw3, W, x0, y0, w, h, S);
+        float *canvas = rc ? NULL : cs_zoom_canvas(hw3, W, x0, y0, w, h, S);
         if (!rc && !canvas) rc = CELLSAM_ERR_NOMEM;
         if (rc) break;
         cs_tile_apply_minmax(canvas, (size_t)S * S, mn, mx);
@@ -216,7 +221,7 @@ int cs_segment_zoomed(cellsam_context *ctx, const float *hw3, int H, int W, cons
          * boxes keep their coordinates there); the labels left in the image are
          * renumbered 1..n in raster order. */
         memset(&lp, 0, sizeof lp);
-        float *canvas = zoom_canvas(hw3, W, 0, 0, W, H, S);
+        float *canvas = cs_zoom_canvas(hw3, W, 0, 0, W, H, S);
         if (!canvas) return CELLSAM_ERR_NOMEM;
         cs_tile_result tr;
         rc = cs_segment_hw3(ctx, canvas, S, S, &q, &tr);

@@ -30,6 +30,9 @@
 #define MAX_PATH_LEN 1024
 #define MAX_POINTS 64
 #define LOGIT_SLOTS 4           /* low-res logits kept per image for refinement */
+#define VIEWS 8                 /* window embeddings kept per image for prompts at cell size */
+#define PROMPT_VIEW_BAND 1.5    /* whole-image prompts while cells show within 1/1.5..1.5 x the
+                                   model's cell diameter (README: 1.25 and 1 no better, 2 worse) */
 #define LIST_MAX_FILES 5000
 #define LIST_MAX_VISITED 50000
 #define LIST_MAX_DEPTH 8
@@ -42,11 +45,25 @@ enum { ST_NONE, ST_QUEUED, ST_RUNNING, ST_READY, ST_ERROR, ST_STOPPED };
 static const char *const k_state[] = {"none", "queued", "running", "ready", "error", "stopped"};
 enum { JOB_EMBED, JOB_SEGMENT };
 
+/* The network input a prompt decodes in: the whole image stretched to 1024 x 1024
+ * (side 0), or a window of side x side image pixels at (x0, y0), edge-padded where the
+ * image is smaller, for cells too small in the whole-image input (see prompt_view). */
+typedef struct {
+    int x0, y0, side;
+} view;
+
 typedef struct {
     uint64_t ref;
     int n_masks;
     float *logits; /* n_masks x 256 x 256 */
+    view v;        /* the input they were decoded in */
 } logit_slot;
+
+typedef struct {
+    view v;        /* side 0: unused */
+    float *emb;    /* its embedding */
+    uint64_t serial, last_used;
+} view_emb;
 
 /* A segment-all result, shared by its image and the requests reading it: a reader takes
  * a reference under the server lock and reads without it, so that a pass over a
@@ -89,6 +106,7 @@ typedef struct image {
     char seg_error[256];
     logit_slot slots[LOGIT_SLOTS];
     int slot_next;
+    view_emb views[VIEWS];
     struct image *next;
 } image;
 
@@ -341,11 +359,16 @@ static image *find_image(cs_server *s, const char *id, size_t n) {
     return NULL;
 }
 
+/* Drop an image's prompt state: logits kept for refinement and window embeddings. */
 static void free_slots(image *im) {
     for (int i = 0; i < LOGIT_SLOTS; i++) {
         free(im->slots[i].logits);
         im->slots[i].logits = NULL;
         im->slots[i].ref = 0;
+    }
+    for (int i = 0; i < VIEWS; i++) {
+        free(im->views[i].emb);
+        memset(&im->views[i], 0, sizeof im->views[i]);
     }
 }
 
@@ -463,19 +486,37 @@ static int load_model_input(const image *im, const char *abs, float **hw3, char 
     return rc;
 }
 
-static int compute_embedding(cs_server *s, const image *im, const char *abs, float **emb, int *C, int *h, int *w,
-                             char *err, size_t esz) {
-    float *hw3 = NULL, *chw = NULL, *sam = NULL;
+/* The SAM embedding of an image (v NULL or whole) or of a window of it, computed
+ * with ctx (which then holds it). A window is seen as segment --boxes sees it at cell
+ * size: edge-padded, min-max normalised with the whole image's range. */
+static int compute_embedding(cs_server *s, cellsam_context *ctx, const image *im, const char *abs, const view *v,
+                             float **emb, int *C, int *h, int *w, char *err, size_t esz) {
+    float *hw3 = NULL, *chw = NULL, *sam = NULL, *win = NULL;
     if (load_model_input(im, abs, &hw3, err, esz)) return -1;
     int rc = CELLSAM_OK;
-    chw = cs_alloc((size_t)im->width * im->height, 3 * sizeof(float));
+    const float *in = hw3;
+    int iw = im->width, ih = im->height;
+    if (v && v->side) {
+        const int S = v->side, vw = im->width - v->x0 < S ? im->width - v->x0 : S,
+                  vh = im->height - v->y0 < S ? im->height - v->y0 : S;
+        win = cs_zoom_canvas(hw3, im->width, v->x0, v->y0, vw, vh, S);
+        if (!win) rc = CELLSAM_ERR_NOMEM;
+        else {
+            float mn[3], mx[3];
+            cs_hw3_minmax(hw3, (size_t)im->width * im->height, mn, mx);
+            cs_tile_apply_minmax(win, (size_t)S * S, mn, mx);
+        }
+        in = win;
+        iw = ih = S;
+    }
+    chw = cs_alloc((size_t)iw * ih, 3 * sizeof(float));
     sam = cs_alloc((size_t)3 * CS_PREP_SIZE, CS_PREP_SIZE * sizeof(float));
     if (!chw || !sam) rc = CELLSAM_ERR_NOMEM;
-    if (!rc) rc = cs_normalize_image(hw3, im->height, im->width, chw);
-    if (!rc) rc = cs_prep_branches(chw, im->height, im->width, sam, NULL);
-    if (!rc) rc = cellsam_encode(s->worker_ctx, sam, s->o.threads);
+    if (!rc) rc = cs_normalize_image(in, ih, iw, chw);
+    if (!rc) rc = cs_prep_branches(chw, ih, iw, sam, NULL);
+    if (!rc) rc = cellsam_encode(ctx, sam, s->o.threads);
     const float *e = NULL;
-    if (!rc) rc = cellsam_get_embedding(s->worker_ctx, &e, C, h, w);
+    if (!rc) rc = cellsam_get_embedding(ctx, &e, C, h, w);
     if (!rc) {
         size_t n = (size_t)*C * *h * *w;
         *emb = malloc(n * sizeof(float));
@@ -484,6 +525,7 @@ static int compute_embedding(cs_server *s, const image *im, const char *abs, flo
     }
     if (rc) snprintf(err, esz, "%s", rc == CELLSAM_ERR_NOMEM ? "out of memory" : cellsam_last_error());
     free(hw3);
+    free(win);
     cs_free(chw);
     cs_free(sam);
     return rc ? -1 : 0;
@@ -532,7 +574,7 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&s->mu);
             float *emb = NULL;
             int C = 0, h = 0, w = 0;
-            int rc = abs ? compute_embedding(s, im, abs, &emb, &C, &h, &w, err, sizeof err) : -1;
+            int rc = abs ? compute_embedding(s, s->worker_ctx, im, abs, NULL, &emb, &C, &h, &w, err, sizeof err) : -1;
             if (!abs) snprintf(err, sizeof err, "out of memory");
             pthread_mutex_lock(&s->mu);
             if (!rc) {
@@ -1228,10 +1270,15 @@ static int parse_xy(json_t *a, int n, double *v) {
 
 static double clampd(double v, double lo, double hi) { return v < lo ? lo : v > hi ? hi : v; }
 
-/* One mask: tight box and run lengths (alternating off/on from off) inside it. */
-static json_t *mask_json(const float *lg, int W, int H, float iou, char *msg, size_t msz) {
+/* One mask of a W x H image, decoded in view v: tight box and run lengths (alternating
+ * off/on from off) inside it, in image pixels (a window's padding cut off). */
+static json_t *mask_json(const float *lg, int W, int H, const view *vw, float iou, char *msg, size_t msz) {
+    const int fw = vw->side ? vw->side : W, fh = vw->side ? vw->side : H; /* the frame decoded */
+    const int cw = vw->side && W - vw->x0 < fw ? W - vw->x0 : fw, ch = vw->side && H - vw->y0 < fh ? H - vw->y0 : fh;
     int x0, y0, x1, y1;
-    int nlow = cs_mask_support_region(lg, H, W, CS_MASK_LOGIT_OFF, &x0, &y0, &x1, &y1);
+    int nlow = cs_mask_support_region(lg, fh, fw, CS_MASK_LOGIT_OFF, &x0, &y0, &x1, &y1);
+    if (x1 > cw) x1 = cw;
+    if (y1 > ch) y1 = ch;
     json_t *counts = json_array();
     long long area = 0;
     int bx0 = 0, by0 = 0, bx1 = 0, by1 = 0;
@@ -1244,7 +1291,7 @@ static json_t *mask_json(const float *lg, int W, int H, float iou, char *msg, si
         }
         float *buf = malloc(rw * rh * sizeof *buf);
         uint8_t *on = malloc(rw * rh);
-        if (!buf || !on || cs_upsample_logits_region(lg, H, W, x0, y0, x1, y1, buf)) {
+        if (!buf || !on || cs_upsample_logits_region(lg, fh, fw, x0, y0, x1, y1, buf)) {
             free(buf);
             free(on);
             json_decref(counts);
@@ -1265,10 +1312,10 @@ static json_t *mask_json(const float *lg, int W, int H, float iou, char *msg, si
                 }
             }
         if (area) {
-            bx0 = x0 + tx0;
-            by0 = y0 + ty0;
-            bx1 = x0 + tx1 + 1;
-            by1 = y0 + ty1 + 1;
+            bx0 = vw->x0 + x0 + tx0;
+            by0 = vw->y0 + y0 + ty0;
+            bx1 = vw->x0 + x0 + tx1 + 1;
+            by1 = vw->y0 + y0 + ty1 + 1;
             uint8_t cur = 0;
             long long run = 0;
             for (int y = ty0; y <= ty1; y++)
@@ -1313,6 +1360,47 @@ static ctx_slot *pool_acquire(cs_server *s, uint64_t serial) {
     }
 }
 
+/* The view a box prompt decodes in. With a model that recommends cell sizing (as
+ * segment --boxes does then), a box the whole-image input shows at more than 1.5 times
+ * the model's cell diameter or less than 1/1.5 of it (small cells on large images,
+ * large cells on small ones) is decoded in the window that shows it at the cell
+ * diameter: zoom = cell diameter / sqrt(w h), in quarter octaves so that cells of a
+ * size share windows, within [1/4, 4]; a kept window of that side holding the box with
+ * a margin of an eighth is reused, else one is centred on the box and moved inside the
+ * image. Otherwise the whole-image input (no encoder pass per prompt), as the official
+ * checkpoint always does. Called with the lock held (the model may be swapped). */
+static view prompt_view(const cs_server *s, const image *im, double bx0, double by0, double bx1, double by1) {
+    view v = {0, 0, 0};
+    cellsam_model_info info;
+    if (cellsam_model_get_info(s->model, &info) || info.cell_diameter <= 0 || !info.auto_diameter) return v;
+    const double bw = fmax(bx1 - bx0, 1), bh = fmax(by1 - by0, 1), cd = info.cell_diameter;
+    const double whole = sqrt(bw * CS_SAM_INPUT_SIZE / im->width * bh * CS_SAM_INPUT_SIZE / im->height);
+    if (whole >= cd / PROMPT_VIEW_BAND && whole <= cd * PROMPT_VIEW_BAND) return v;
+    const double z = cs_zoom_clamp(pow(2.0, round(4 * log2(cd / sqrt(bw * bh))) / 4));
+    const int S = cs_zoom_side(z), margin = S / 8;
+    for (int i = 0; i < VIEWS; i++) {
+        const view *k = &im->views[i].v;
+        if (k->side == S && bx0 >= k->x0 + margin && by0 >= k->y0 + margin && bx1 <= k->x0 + S - margin &&
+            by1 <= k->y0 + S - margin)
+            return *k;
+    }
+    v.side = S;
+    v.x0 = cs_window_origin((int)floor(0.5 * (bx0 + bx1)), S / 2, S, im->width);
+    v.y0 = cs_window_origin((int)floor(0.5 * (by0 + by1)), S / 2, S, im->height);
+    return v;
+}
+
+static view_emb *find_view_emb(image *im, const view *v) {
+    for (int i = 0; i < VIEWS; i++)
+        if (im->views[i].emb && !memcmp(&im->views[i].v, v, sizeof *v)) return &im->views[i];
+    return NULL;
+}
+
+/* Image pixels to the 1024 x 1024 input of view v. */
+static float to_view(double p, int origin, int side, int extent) {
+    return (float)(side ? (p - origin) * CS_SAM_INPUT_SIZE / side : p * CS_SAM_INPUT_SIZE / extent);
+}
+
 static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request *rq, image *im) {
     double t0 = cs_now_seconds();
     enum MHD_Result ret = MHD_NO;
@@ -1320,6 +1408,8 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     if (!j) return ret;
     char msg[300];
     const int W = im->width, H = im->height;
+    double box_px[4] = {0, 0, 0, 0}; /* x0, y0, x1, y1 in image pixels */
+    double pt_px[MAX_POINTS][2];
     cellsam_box box;
     cellsam_point pts[MAX_POINTS];
     int has_box = 0, np = 0, multimask = 0;
@@ -1331,12 +1421,10 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
             json_decref(j);
             return respond_error(c, 400, "'box' must be [x0, y0, x1, y1] in image pixels");
         }
-        double xa = clampd(fmin(b[0], b[2]), 0, W), xb = clampd(fmax(b[0], b[2]), 0, W);
-        double ya = clampd(fmin(b[1], b[3]), 0, H), yb = clampd(fmax(b[1], b[3]), 0, H);
-        box.x1 = (float)(xa * CS_SAM_INPUT_SIZE / W);
-        box.y1 = (float)(ya * CS_SAM_INPUT_SIZE / H);
-        box.x2 = (float)(xb * CS_SAM_INPUT_SIZE / W);
-        box.y2 = (float)(yb * CS_SAM_INPUT_SIZE / H);
+        box_px[0] = clampd(fmin(b[0], b[2]), 0, W);
+        box_px[2] = clampd(fmax(b[0], b[2]), 0, W);
+        box_px[1] = clampd(fmin(b[1], b[3]), 0, H);
+        box_px[3] = clampd(fmax(b[1], b[3]), 0, H);
         has_box = 1;
     }
     if (pv && !json_is_null(pv)) {
@@ -1356,8 +1444,8 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
                 return respond_error(c, 400, "point %zu must be [x, y, label] with label 1 (positive) or 0 (negative)",
                                      i);
             }
-            pts[np].x = (float)(clampd(xy[0], 0, W) * CS_SAM_INPUT_SIZE / W);
-            pts[np].y = (float)(clampd(xy[1], 0, H) * CS_SAM_INPUT_SIZE / H);
+            pt_px[np][0] = clampd(xy[0], 0, W);
+            pt_px[np][1] = clampd(xy[1], 0, H);
             pts[np].label = (int)json_integer_value(lv);
             np++;
         }
@@ -1386,30 +1474,74 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
         json_object_set_new(st, "error", json_string("the image embedding is not ready yet"));
         return respond_json(c, 409, st);
     }
-    ctx_slot *slot = pool_acquire(s, im->emb_serial);
-    if (im->emb_state != ST_READY) { /* evicted while waiting */
-        slot->busy = 0;
-        pthread_cond_broadcast(&s->ctx_cv);
-        pthread_mutex_unlock(&s->mu);
-        return respond_error(c, 409, "the image embedding is not ready yet");
-    }
-    int rc = CELLSAM_OK;
-    if (slot->serial != im->emb_serial) {
-        rc = cellsam_set_embedding(slot->ctx, im->emb, im->emb_c, im->emb_h, im->emb_w);
-        slot->serial = rc ? 0 : im->emb_serial;
-    }
+    /* the view: the refined mask's, else the box's (points alone: the whole image) */
     float *mask_in = NULL;
-    int mask_used = 0;
+    int mask_used = 0, from_ref = 0;
+    view v = {0, 0, 0};
     if (mref >= 0)
         for (int i = 0; i < LOGIT_SLOTS; i++)
             if (im->slots[i].logits && (long long)im->slots[i].ref == mref && midx >= 0 &&
                 midx < im->slots[i].n_masks) {
+                v = im->slots[i].v;
+                from_ref = 1;
                 mask_in = malloc(LOWRES * sizeof(float));
                 if (mask_in) memcpy(mask_in, im->slots[i].logits + (size_t)midx * LOWRES, LOWRES * sizeof(float));
                 mask_used = mask_in != NULL;
             }
+    if (!from_ref && has_box) v = prompt_view(s, im, box_px[0], box_px[1], box_px[2], box_px[3]);
+    view_emb *ve = v.side ? find_view_emb(im, &v) : NULL;
+    const uint64_t want = v.side ? (ve ? ve->serial : 0) : im->emb_serial;
+    ctx_slot *slot = pool_acquire(s, want);
+    int rc = CELLSAM_OK, view_encoded = 0;
+    if (im->emb_state == ST_READY && v.side && !ve) {
+        /* a new window: encoded with this context, outside the lock (the handler's
+           reference keeps the image), then kept in place of the least recently used */
+        pthread_mutex_unlock(&s->mu);
+        float *emb = NULL;
+        int C, eh, ew;
+        rc = compute_embedding(s, slot->ctx, im, im->abs, &v, &emb, &C, &eh, &ew, msg, sizeof msg) ? -1 : 0;
+        pthread_mutex_lock(&s->mu);
+        slot->serial = 0;
+        if (!rc && im->emb_state == ST_READY) { /* (not dropped or re-channelled meanwhile) */
+            ve = &im->views[0];
+            for (int i = 1; i < VIEWS; i++)
+                if (im->views[i].last_used < ve->last_used) ve = &im->views[i];
+            free(ve->emb);
+            ve->v = v;
+            ve->emb = emb;
+            ve->serial = ++s->serial;
+            slot->serial = ve->serial;
+            view_encoded = 1;
+        } else {
+            free(emb);
+        }
+    }
+    if (im->emb_state != ST_READY || (!rc && v.side && !ve)) { /* evicted while waiting */
+        slot->busy = 0;
+        slot->serial = slot->serial == want ? want : 0;
+        pthread_cond_broadcast(&s->ctx_cv);
+        pthread_mutex_unlock(&s->mu);
+        free(mask_in);
+        return respond_error(c, 409, "the image embedding is not ready yet");
+    }
+    if (!rc) {
+        const uint64_t serial = v.side ? ve->serial : im->emb_serial;
+        if (slot->serial != serial) {
+            rc = cellsam_set_embedding(slot->ctx, v.side ? ve->emb : im->emb, im->emb_c, im->emb_h, im->emb_w);
+            if (rc) snprintf(msg, sizeof msg, "%s", cellsam_last_error());
+            slot->serial = rc ? 0 : serial;
+        }
+        if (ve) ve->last_used = ++s->clock;
+    }
     pthread_mutex_unlock(&s->mu);
 
+    if (has_box)
+        box = (cellsam_box){to_view(box_px[0], v.x0, v.side, W), to_view(box_px[1], v.y0, v.side, H),
+                            to_view(box_px[2], v.x0, v.side, W), to_view(box_px[3], v.y0, v.side, H)};
+    for (int i = 0; i < np; i++) {
+        pts[i].x = to_view(pt_px[i][0], v.x0, v.side, W);
+        pts[i].y = to_view(pt_px[i][1], v.y0, v.side, H);
+    }
     float *logits = NULL, *iou = NULL;
     int nb = 0, nm = 0;
     double td = cs_now_seconds();
@@ -1424,9 +1556,9 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
         /* latency over throughput: one prompt may use every core (~3.6 GFLOP per box at full size) */
         pr.n_threads = s->o.threads;
         rc = cellsam_decode(slot->ctx, &pr, &logits, &iou, &nb, &nm);
+        if (rc) snprintf(msg, sizeof msg, "%s", cellsam_last_error());
     }
     double decode_ms = (cs_now_seconds() - td) * 1000;
-    if (rc) snprintf(msg, sizeof msg, "%s", cellsam_last_error());
     free(mask_in);
     pthread_mutex_lock(&s->mu);
     slot->busy = 0;
@@ -1440,6 +1572,7 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
             free(ls->logits);
             ls->logits = copy;
             ls->n_masks = nm;
+            ls->v = v;
             ls->ref = ref = ++s->next_ref;
             im->slot_next = (im->slot_next + 1) % LOGIT_SLOTS;
         }
@@ -1453,7 +1586,7 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     json_t *masks = json_array();
     int best = 0;
     for (int k = 0; k < nm && masks; k++) {
-        json_t *m = mask_json(logits + (size_t)k * LOWRES, W, H, iou[k], msg, sizeof msg);
+        json_t *m = mask_json(logits + (size_t)k * LOWRES, W, H, &v, iou[k], msg, sizeof msg);
         if (!m) {
             json_decref(masks);
             masks = NULL;
@@ -1465,10 +1598,11 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     cellsam_free(logits);
     cellsam_free(iou);
     if (!masks) return respond_error(c, 413, "%s", msg);
+    json_t *vj = v.side ? json_pack("[iii]", v.x0, v.y0, v.side) : json_null();
     return respond_json(c, 200,
-                        json_pack("{s:o,s:i,s:I,s:b,s:f,s:f}", "masks", masks, "best", best, "ref", (json_int_t)ref,
-                                  "mask_input_used", mask_used, "decode_ms", decode_ms,
-                                  "total_ms", (cs_now_seconds() - t0) * 1000));
+                        json_pack("{s:o,s:i,s:I,s:b,s:f,s:f,s:o,s:b}", "masks", masks, "best", best, "ref",
+                                  (json_int_t)ref, "mask_input_used", mask_used, "decode_ms", decode_ms, "total_ms",
+                                  (cs_now_seconds() - t0) * 1000, "view", vj, "view_encoded", view_encoded));
 }
 
 /* "diameter": a cell diameter in pixels (0 = off) or "auto" (segment --diameter) */

@@ -229,6 +229,11 @@ expect "number out of range" 400 "$(prompt "$A" '{"box":[1e999,1,9,9]}')"
 expect "prompt malformed JSON" 400 "$(prompt "$A" '{"box":[1,')"
 expect "prompt with GET" 405 "$(req GET "/api/images/$A/prompt")"
 expect "prompt unknown id" 404 "$(prompt i999 '{"box":[1,1,9,9]}')"
+# the model recommends no cell sizing (as the official checkpoint): every box decodes in the
+# whole-image input, a small one too (windows at cell size: the last section)
+expect "small box, no sizing recommended" 200 "$(prompt "$A" '{"box":[500,500,510,511]}')"
+body_has '"view":null' && body_has '"view_encoded":false' && ok "no window without the model's recommendation" ||
+    bad "view: $(head -c 300 "$TMP/body")"
 
 # ---------------------------------------------------------------- several images, LRU cache (--cache 2)
 expect "open sub/b.png" 200 "$(open_status '{"path":"sub/b.png"}')"
@@ -499,6 +504,76 @@ if grep -q 'ERROR: AddressSanitizer\|runtime error:\|LeakSanitizer' "$TMP/err"; 
     bad "sanitizer report: $(grep -m3 'ERROR\|runtime error' "$TMP/err")"
 else
     ok "no sanitizer reports"
+fi
+
+# ---------------------------------------------------------------- prompts at cell size
+# A model that recommends cell sizing (cellsam convert --diameter auto, as the bundled one):
+# a box shown at under 1/1.5 of its cell diameter (64) in the whole-image input is decoded
+# in a window that shows it at the cell diameter (zoom 64 / 11, clamped to 4: 256 px)
+"$CLI" convert "$TESTDATA/checkpoint.safetensors" "$TMP/auto.safetensors" --diameter auto >/dev/null 2>&1 ||
+    bad "convert --diameter auto"
+"$CLI" serve --root "$ROOT" --port 0 --threads 2 -m "$TMP/auto.safetensors" --config "$TESTDATA/config.json" \
+    >"$TMP/out" 2>"$TMP/err" &
+PID=$!
+t=0
+while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$TMP/out" 2>/dev/null; do
+    kill -0 $PID 2>/dev/null || break
+    sleep 0.1
+    t=$((t + 1))
+done
+URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$TMP/out")
+expect "open a.png (sizing model)" 200 "$(open_status '{"path":"a.png"}')"
+A=$(json_field id)
+wait_state "$A" embedding ready 120 && ok "embedding of a.png ready (sizing model)" || bad "embedding not ready"
+rle_ok() { # the run lengths cover the mask's box and add up to its area
+    BB=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
+    CNT=$(sed -n 's/.*"counts":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
+    echo "$BB $CNT $(json_field area)" | awk '{split($1,b,","); n=split($2,c,","); t=0; on=0;
+        for(i=1;i<=n;i++){t+=c[i]; if(i%2==0) on+=c[i]}
+        exit !(n==0 && $3==0 || t==(b[3]-b[1])*(b[4]-b[2]) && on==$3)}'
+}
+expect "whole-image box: no window" 200 "$(prompt "$A" '{"box":[400,400,470,460]}')"
+body_has '"view":null' && ok "a box of ordinary size decodes in the whole-image input" || bad "view: $(head -c 300 "$TMP/body")"
+expect "small box prompt" 200 "$(prompt "$A" '{"box":[500,500,510,511]}')"
+VIEW=$(sed -n 's/.*"view":\[\([0-9,]*\)\].*/\1/p' "$TMP/body")
+echo "$VIEW" | awk -F, '{exit !($3==256 && $1<=500 && $1+$3>=510 && $2<=500 && $2+$3>=511)}' &&
+    ok "small box: decoded in a 256 px window around it ($VIEW)" || bad "small box view '$VIEW': $(head -c 300 "$TMP/body")"
+body_has '"view_encoded":true' && ok "the window was encoded for it" || bad "window not encoded"
+rle_ok && ok "window mask: run lengths match its box and area" || bad "window mask RLE inconsistent"
+BBW=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body")
+echo "$BBW $VIEW" | awk '{split($1,b,","); split($2,v,",");
+    exit !(b[1]==b[3] || b[1]>=v[1] && b[2]>=v[2] && b[3]<=v[1]+v[3] && b[4]<=v[2]+v[3])}' &&
+    ok "window mask lies in its window ($BBW)" || bad "window mask $BBW outside $VIEW"
+sed 's/"decode_ms".*//; s/"ref":[0-9]*//' "$TMP/body" >"$TMP/win1.json"
+WREF=$(json_field ref)
+expect "small box again" 200 "$(prompt "$A" '{"box":[500,500,510,511]}')"
+body_has '"view_encoded":false' && ok "its window is kept: no second encoding" || bad "window encoded again"
+sed 's/"decode_ms".*//; s/"ref":[0-9]*//; s/"view_encoded":false/"view_encoded":true/' "$TMP/body" >"$TMP/win2.json"
+cmp -s "$TMP/win1.json" "$TMP/win2.json" && ok "the kept window gives the same mask" || bad "kept window: another mask"
+expect "nearby small box" 200 "$(prompt "$A" '{"box":[520,505,531,515]}')"
+body_has "\"view\":\[$VIEW\]" && body_has '"view_encoded":false' && ok "a nearby cell shares the window" ||
+    bad "nearby box: $(head -c 300 "$TMP/body")"
+expect "refinement in the window" 200 "$(prompt "$A" "{\"box\":[500,500,510,511],\"points\":[[505,505,1]],\"mask_input\":{\"ref\":$WREF,\"index\":0}}")"
+body_has '"mask_input_used":true' && body_has "\"view\":\[$VIEW\]" && ok "refinement decodes in the mask's window" ||
+    bad "refinement view: $(head -c 300 "$TMP/body")"
+expect "small box in the corner" 200 "$(prompt "$A" '{"box":[0,0,9,9]}')"
+body_has '"view":\[0,0,256\]' && ok "a corner window starts at the image's corner" || bad "corner: $(head -c 300 "$TMP/body")"
+# large cells on a small image: a 190 px box on the 256 px b.png (760 network px whole) is
+# decoded at zoom 2^-1.5 in a 2897 px window, the image edge-padded; the mask stays inside
+expect "open sub/b.png (sizing model)" 200 "$(open_status '{"path":"sub/b.png"}')"
+B=$(json_field id)
+wait_state "$B" embedding ready 120 && ok "embedding of b ready (sizing model)" || bad "embedding of b not ready"
+expect "large box on a small image" 200 "$(prompt "$B" '{"box":[10,10,200,200]}')"
+body_has '"view":\[0,0,2897\]' && ok "large cell: the padded image seen at its cell size" || bad "view: $(head -c 300 "$TMP/body")"
+BBL=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body")
+echo "$BBL" | awk -F, '{exit !($3<=256 && $4<=256)}' && rle_ok && ok "its mask lies in the image ($BBL)" ||
+    bad "large-box mask $BBL"
+kill -TERM $PID
+wait $PID
+expect "the sizing model's server stops cleanly" 0 $?
+PID=
+if grep -q 'ERROR: AddressSanitizer\|runtime error:\|LeakSanitizer' "$TMP/err"; then
+    bad "sanitizer report (sizing model): $(grep -m3 'ERROR\|runtime error' "$TMP/err")"
 fi
 
 echo "cli_server: $PASS passed, $FAIL failed"
