@@ -1518,7 +1518,6 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     }
     if (im->emb_state != ST_READY || (!rc && v.side && !ve)) { /* evicted while waiting */
         slot->busy = 0;
-        slot->serial = slot->serial == want ? want : 0;
         pthread_cond_broadcast(&s->ctx_cv);
         pthread_mutex_unlock(&s->mu);
         free(mask_in);
