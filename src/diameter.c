@@ -146,7 +146,17 @@ int cs_window_origin(int b0, int halo, int S, int n) {
 /* User boxes on an image larger than one network input at the zoom: the image is cut
  * into blocks as the zoomed tiling cuts it (cs_zoom_tiling), and each box is prompted
  * once, in the S x S window around the block that holds its centre; blocks without a
- * box cost nothing. Windows get the image-wide per-channel min-max, as tiles do. */
+ * box cost nothing. Windows get the image-wide per-channel min-max, as tiles do;
+ * progress counts the windows. */
+typedef struct {
+    int block, box;
+} box_in_block;
+
+static int cmp_box_in_block(const void *a, const void *b) {
+    const box_in_block *x = a, *y = b;
+    return x->block != y->block ? (x->block > y->block) - (x->block < y->block) : (x->box > y->box) - (x->box < y->box);
+}
+
 static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, int W, cellsam_segment_params q,
                                  double zoom, label_paste *lp, int *n_boxes) {
     const cellsam_box *boxes = q.boxes;
@@ -156,29 +166,33 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
     const int nbx = (W + B - 1) / B, nby = (H + B - 1) / B;
     float mn[3], mx[3];
     cs_hw3_minmax(hw3, (size_t)W * H, mn, mx);
-    int *block_of = cs_alloc((size_t)nb, sizeof *block_of);
+    box_in_block *order = cs_alloc((size_t)nb, sizeof *order);
     cellsam_box *win = cs_alloc((size_t)nb, sizeof *win);
-    if (!block_of || !win) {
-        free(block_of);
+    if (!order || !win) {
+        free(order);
         free(win);
         return cs_error(CELLSAM_ERR_NOMEM, "out of memory for %d boxes", nb);
     }
+    int n_windows = 0;
     for (int i = 0; i < nb; i++) {
         const double cx = 0.5 * ((double)boxes[i].x1 + boxes[i].x2), cy = 0.5 * ((double)boxes[i].y1 + boxes[i].y2);
         const int bx = cx < 0 ? 0 : cx >= W ? nbx - 1 : (int)(cx / B);
         const int by = cy < 0 ? 0 : cy >= H ? nby - 1 : (int)(cy / B);
-        block_of[i] = by * nbx + bx;
+        order[i] = (box_in_block){by * nbx + bx, i};
     }
-    int rc = CELLSAM_OK;
+    qsort(order, (size_t)nb, sizeof *order, cmp_box_in_block); /* windows in raster order */
+    for (int i = 0; i < nb; i++) n_windows += i == 0 || order[i].block != order[i - 1].block;
+    int rc = CELLSAM_OK, done = 0;
     *n_boxes = 0;
-    for (int blk = 0; blk < nbx * nby && !rc; blk++) {
+    for (int i = 0; i < nb && !rc;) {
+        const int blk = order[i].block;
         const int x0 = cs_window_origin((blk % nbx) * B, halo, S, W), y0 = cs_window_origin((blk / nbx) * B, halo, S, H);
         const int w = W < S ? W : S, h = H < S ? H : S;
         int k = 0;
-        for (int i = 0; i < nb; i++)
-            if (block_of[i] == blk)
-                win[k++] = (cellsam_box){boxes[i].x1 - x0, boxes[i].y1 - y0, boxes[i].x2 - x0, boxes[i].y2 - y0};
-        if (!k) continue;
+        for (; i < nb && order[i].block == blk; i++) {
+            const cellsam_box *b = &boxes[order[i].box];
+            win[k++] = (cellsam_box){b->x1 - x0, b->y1 - y0, b->x2 - x0, b->y2 - y0};
+        }
         rc = cs_poll_abort(q.abort, q.progress_user);
         float *canvas = rc ? NULL : cs_zoom_canvas(hw3, W, x0, y0, w, h, S);
         if (!rc && !canvas) rc = CELLSAM_ERR_NOMEM;
@@ -194,8 +208,9 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
         *n_boxes += tr.n_boxes;
         rc = paste_labels(lp, W, &tr, S, x0, y0, w, h);
         cs_tile_result_free(&tr);
+        if (q.progress) q.progress(++done, n_windows, q.progress_user);
     }
-    free(block_of);
+    free(order);
     free(win);
     return rc;
 }
