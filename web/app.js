@@ -623,7 +623,9 @@ async function sendPrompt() {
     p.candidates = j.masks;
     p.chosen = j.best;
     applyCandidate(p, j.best);
-    $('prompt-info').textContent = `decoder ${j.decode_ms.toFixed(1)} ms, round trip ${(performance.now() - t0).toFixed(0)} ms`;
+    // a window at cell size (small or large cells; the server says which): named, with its encoding
+    const at = j.view ? `, at cell size in a ${j.view[2]} px window${j.view_encoded ? ' (encoded now)' : ''}` : '';
+    $('prompt-info').textContent = `decoder ${j.decode_ms.toFixed(1)} ms, round trip ${(performance.now() - t0).toFixed(0)} ms${at}`;
   } catch (err) {
     if (err.status === 409) message('the embedding is not ready yet');
     else message('prompt failed: ' + err.message, 5000);
