@@ -512,16 +512,18 @@ fi
 # in a window that shows it at the cell diameter (zoom 64 / 11, clamped to 4: 256 px)
 "$CLI" convert "$TESTDATA/checkpoint.safetensors" "$TMP/auto.safetensors" --diameter auto >/dev/null 2>&1 ||
     bad "convert --diameter auto"
+# (files of its own: the first server's URL line must not be read while this one starts)
 "$CLI" serve --root "$ROOT" --port 0 --threads 2 -m "$TMP/auto.safetensors" --config "$TESTDATA/config.json" \
-    >"$TMP/out" 2>"$TMP/err" &
+    >"$TMP/out2" 2>"$TMP/err2" &
 PID=$!
 t=0
-while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$TMP/out" 2>/dev/null; do
+while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$TMP/out2" 2>/dev/null; do
     kill -0 $PID 2>/dev/null || break
     sleep 0.1
     t=$((t + 1))
 done
-URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$TMP/out")
+URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$TMP/out2")
+[ -n "$URL" ] && ok "the sizing model's server is up" || bad "the sizing model's server printed no URL: $(cat "$TMP/err2")"
 expect "open a.png (sizing model)" 200 "$(open_status '{"path":"a.png"}')"
 A=$(json_field id)
 wait_state "$A" embedding ready 120 && ok "embedding of a.png ready (sizing model)" || bad "embedding not ready"
@@ -572,8 +574,8 @@ kill -TERM $PID
 wait $PID
 expect "the sizing model's server stops cleanly" 0 $?
 PID=
-if grep -q 'ERROR: AddressSanitizer\|runtime error:\|LeakSanitizer' "$TMP/err"; then
-    bad "sanitizer report (sizing model): $(grep -m3 'ERROR\|runtime error' "$TMP/err")"
+if grep -q 'ERROR: AddressSanitizer\|runtime error:\|LeakSanitizer' "$TMP/err2"; then
+    bad "sanitizer report (sizing model): $(grep -m3 'ERROR\|runtime error' "$TMP/err2")"
 fi
 
 echo "cli_server: $PASS passed, $FAIL failed"
