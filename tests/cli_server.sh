@@ -86,16 +86,25 @@ echo "not an image" >"$ROOT/notes.png"
 echo "text" >"$ROOT/readme.txt"
 
 # ---------------------------------------------------------------- start
-"$CLI" serve --root "$ROOT" --port 0 --threads 2 --cache 2 --max-upload 1 \
-    -m "$TESTDATA/checkpoint.safetensors" --config "$TESTDATA/config.json" >"$TMP/out" 2>"$TMP/err" &
-PID=$!
-t=0
-while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$TMP/out" 2>/dev/null; do
-    kill -0 $PID 2>/dev/null || break
-    sleep 0.1
-    t=$((t + 1))
-done
-URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$TMP/out")
+# start_server OUT ERR [serve options]: serve in the background (PID), stdout to OUT and
+# stderr to ERR (fresh files per server: a stale URL line must not be read while the new
+# server truncates its file); waits up to 60 s for the URL line and sets URL ("" if none)
+start_server() {
+    so=$1
+    se=$2
+    shift 2
+    "$CLI" serve "$@" >"$so" 2>"$se" &
+    PID=$!
+    t=0
+    while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$so" 2>/dev/null; do
+        kill -0 $PID 2>/dev/null || break
+        sleep 0.1
+        t=$((t + 1))
+    done
+    URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$so")
+}
+start_server "$TMP/out" "$TMP/err" --root "$ROOT" --port 0 --threads 2 --cache 2 --max-upload 1 \
+    -m "$TESTDATA/checkpoint.safetensors" --config "$TESTDATA/config.json"
 if [ -z "$URL" ]; then
     echo "cli_server: FAIL: the server did not print its URL: $(cat "$TMP/out" "$TMP/err")"
     echo "cli_server: 0 passed, 1 failed"
@@ -512,17 +521,8 @@ fi
 # in a window that shows it at the cell diameter (zoom 64 / 11, clamped to 4: 256 px)
 "$CLI" convert "$TESTDATA/checkpoint.safetensors" "$TMP/auto.safetensors" --diameter auto >/dev/null 2>&1 ||
     bad "convert --diameter auto"
-# (files of its own: the first server's URL line must not be read while this one starts)
-"$CLI" serve --root "$ROOT" --port 0 --threads 2 -m "$TMP/auto.safetensors" --config "$TESTDATA/config.json" \
-    >"$TMP/out2" 2>"$TMP/err2" &
-PID=$!
-t=0
-while [ $t -lt 600 ] && ! grep -q '^cellsam serve: http' "$TMP/out2" 2>/dev/null; do
-    kill -0 $PID 2>/dev/null || break
-    sleep 0.1
-    t=$((t + 1))
-done
-URL=$(sed -n '1s#^cellsam serve: \(http://127\.0\.0\.1:[0-9]*\)/$#\1#p' "$TMP/out2")
+start_server "$TMP/out2" "$TMP/err2" --root "$ROOT" --port 0 --threads 2 -m "$TMP/auto.safetensors" \
+    --config "$TESTDATA/config.json"
 [ -n "$URL" ] && ok "the sizing model's server is up" || bad "the sizing model's server printed no URL: $(cat "$TMP/err2")"
 expect "open a.png (sizing model)" 200 "$(open_status '{"path":"a.png"}')"
 A=$(json_field id)
