@@ -48,6 +48,13 @@ json_field() { # first "key":value (number, string or literal) of $TMP/body
     sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p" "$TMP/body" | head -1
 }
 body_has() { grep -q -- "$1" "$TMP/body"; }
+rle_ok() { # the mask's run lengths cover its box exactly and their "on" runs add up to its area (sets BB)
+    BB=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
+    CNT=$(sed -n 's/.*"counts":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
+    echo "$BB $CNT $(json_field area)" | awk '{split($1,b,","); n=split($2,c,","); t=0; on=0;
+        for(i=1;i<=n;i++){t+=c[i]; if(i%2==0) on+=c[i]}
+        exit !(n==0 && $3==0 || t==(b[3]-b[1])*(b[4]-b[2]) && on==$3)}'
+}
 # le32 N: 4 bytes little-endian (printf octal escapes; POSIX sh has no binary output otherwise)
 le32() {
     n=$1
@@ -209,14 +216,8 @@ prompt() { req POST "/api/images/$1/prompt" -H 'Content-Type: application/json' 
 expect "box prompt" 200 "$(prompt "$A" '{"box":[400,400,470,460]}')"
 cp "$TMP/body" "$TMP/box1.json"
 [ "$(grep -o '"counts"' "$TMP/body" | wc -l)" = 1 ] && ok "box prompt gives one mask" || bad "mask count"
-# the run lengths cover the mask's box exactly and their "on" runs add up to its area
-BB=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body")
-CNT=$(sed -n 's/.*"counts":\[\([0-9,]*\)\].*/\1/p' "$TMP/body")
 AREA=$(json_field area)
-echo "$BB $CNT $AREA" | awk '{split($1,b,","); n=split($2,c,","); t=0; on=0;
-    for(i=1;i<=n;i++){t+=c[i]; if(i%2==0) on+=c[i]}
-    exit !(n==0 && $3==0 || t==(b[3]-b[1])*(b[4]-b[2]) && on==$3)}' &&
-    ok "mask run lengths match its box and area ($AREA px)" || bad "mask RLE inconsistent: bbox $BB area $AREA"
+rle_ok && ok "mask run lengths match its box and area ($AREA px)" || bad "mask RLE inconsistent: bbox $BB area $AREA"
 REF=$(json_field ref)
 expect "points prompt" 200 "$(prompt "$A" '{"points":[[430,430,1],[300,300,0]]}')"
 expect "multimask prompt" 200 "$(prompt "$A" '{"box":[400,400,470,460],"multimask":true}')"
@@ -527,13 +528,6 @@ start_server "$TMP/out2" "$TMP/err2" --root "$ROOT" --port 0 --threads 2 -m "$TM
 expect "open a.png (sizing model)" 200 "$(open_status '{"path":"a.png"}')"
 A=$(json_field id)
 wait_state "$A" embedding ready 120 && ok "embedding of a.png ready (sizing model)" || bad "embedding not ready"
-rle_ok() { # the run lengths cover the mask's box and add up to its area
-    BB=$(sed -n 's/.*"bbox":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
-    CNT=$(sed -n 's/.*"counts":\[\([0-9,]*\)\].*/\1/p' "$TMP/body" | head -1)
-    echo "$BB $CNT $(json_field area)" | awk '{split($1,b,","); n=split($2,c,","); t=0; on=0;
-        for(i=1;i<=n;i++){t+=c[i]; if(i%2==0) on+=c[i]}
-        exit !(n==0 && $3==0 || t==(b[3]-b[1])*(b[4]-b[2]) && on==$3)}'
-}
 expect "whole-image box: no window" 200 "$(prompt "$A" '{"box":[400,400,470,460]}')"
 body_has '"view":null' && ok "a box of ordinary size decodes in the whole-image input" || bad "view: $(head -c 300 "$TMP/body")"
 expect "small box prompt" 200 "$(prompt "$A" '{"box":[500,500,510,511]}')"
