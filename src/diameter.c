@@ -124,19 +124,6 @@ static int paste_init(label_paste *lp, int H, int W, size_t max_labels) {
     return cs_error(CELLSAM_ERR_NOMEM, "out of memory for a %d x %d label image", W, H);
 }
 
-void cs_hw3_minmax(const float *hw3, size_t n_pixels, float mn[3], float mx[3]) {
-    for (int c = 0; c < 3; c++) {
-        mn[c] = INFINITY;
-        mx[c] = -INFINITY;
-    }
-    for (size_t i = 0; i < n_pixels; i++)
-        for (int c = 0; c < 3; c++) {
-            const float v = hw3[i * 3 + c];
-            if (v < mn[c]) mn[c] = v;
-            if (v > mx[c]) mx[c] = v;
-        }
-}
-
 int cs_window_origin(int b0, int halo, int S, int n) {
     if (n <= S) return 0;
     int o = b0 - halo;
@@ -165,7 +152,7 @@ static int segment_boxes_windows(cellsam_context *ctx, const float *hw3, int H, 
     const int B = q.block_size, halo = q.overlap;
     const int nbx = (W + B - 1) / B, nby = (H + B - 1) / B;
     float mn[3], mx[3];
-    cs_hw3_minmax(hw3, (size_t)W * H, mn, mx);
+    cs_tile_channel_minmax_hw3(hw3, (size_t)W * H, mn, mx);
     box_in_block *order = cs_alloc((size_t)nb, sizeof *order);
     cellsam_box *win = cs_alloc((size_t)nb, sizeof *win);
     if (!order || !win) {

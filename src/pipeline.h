@@ -72,9 +72,6 @@ int cs_diameter_check(float diameter);
 /* An S x S canvas (free()) holding the w x h region at (x0, y0) of a W-wide H x W x 3
  * image in its top-left corner, the rest edge-padded; NULL (error set) when out of memory. */
 float *cs_zoom_canvas(const float *hw3, int W, int x0, int y0, int w, int h, int S);
-/* Per-channel min and max of an image (tiles and windows of it are min-max normalised
- * with the image's, as the official tiled pipeline does). */
-void cs_hw3_minmax(const float *hw3, size_t n_pixels, float mn[3], float mx[3]);
 /* The origin of a window of S pixels along an axis of n that starts `halo` before b0,
  * moved inside the axis (0 when the axis is shorter than S). */
 int cs_window_origin(int b0, int halo, int S, int n);

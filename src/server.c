@@ -503,7 +503,7 @@ static int compute_embedding(cs_server *s, cellsam_context *ctx, const image *im
         if (!win) rc = CELLSAM_ERR_NOMEM;
         else {
             float mn[3], mx[3];
-            cs_hw3_minmax(hw3, (size_t)im->width * im->height, mn, mx);
+            cs_tile_channel_minmax_hw3(hw3, (size_t)im->width * im->height, mn, mx);
             cs_tile_apply_minmax(win, (size_t)S * S, mn, mx);
         }
         in = win;

@@ -304,6 +304,37 @@ int cs_tile_read_region(cs_region_read_fn read, void *user, int height, int widt
     return rc;
 }
 
+/* Fold n interleaved x3 pixels into the running per-channel min and max (the first
+ * call starts them); a NaN is only flagged, min-max finishes it. */
+static void minmax_accumulate(const float *buf, size_t n, int first, float mn[3], float mx[3], int has_nan[3]) {
+    for (int c = 0; c < 3; c++) {
+        if (first) mn[c] = mx[c] = buf[c];
+        for (size_t i = 0; i < n; i++) {
+            const float v = buf[i * 3 + c];
+            if (isnan(v)) has_nan[c] = 1;
+            else {
+                if (v < mn[c] || isnan(mn[c])) mn[c] = v;
+                if (v > mx[c] || isnan(mx[c])) mx[c] = v;
+            }
+        }
+    }
+}
+
+static void minmax_finish(const int has_nan[3], float mn[3], float mx[3]) {
+    for (int c = 0; c < 3; c++)
+        if (has_nan[c]) mn[c] = mx[c] = NAN; /* numpy min/max propagate NaN */
+}
+
+void cs_tile_channel_minmax_hw3(const float *hw3, size_t n_pixels, float ch_min[3], float ch_max[3]) {
+    int has_nan[3] = {0, 0, 0};
+    if (!n_pixels) {
+        for (int c = 0; c < 3; c++) ch_min[c] = ch_max[c] = NAN;
+        return;
+    }
+    minmax_accumulate(hw3, n_pixels, 1, ch_min, ch_max, has_nan);
+    minmax_finish(has_nan, ch_min, ch_max);
+}
+
 static int channel_minmax(tl_mem *mem, cs_region_read_fn read, void *user, int H, int W, float mn[3],
                           float mx[3]) {
     int rows = (int)((size_t)1 << 18) / W;
@@ -320,22 +351,10 @@ static int channel_minmax(tl_mem *mem, cs_region_read_fn read, void *user, int H
             rc = callback_error(rc, "tiling: reading the image for min-max");
             break;
         }
-        const size_t n = (size_t)nr * W;
-        for (int c = 0; c < 3; c++) {
-            if (first) mn[c] = mx[c] = buf[c];
-            for (size_t i = 0; i < n; i++) {
-                const float v = buf[i * 3 + c];
-                if (isnan(v)) has_nan[c] = 1;
-                else {
-                    if (v < mn[c] || isnan(mn[c])) mn[c] = v;
-                    if (v > mx[c] || isnan(mx[c])) mx[c] = v;
-                }
-            }
-        }
+        minmax_accumulate(buf, (size_t)nr * W, first, mn, mx, has_nan);
         first = 0;
     }
-    for (int c = 0; c < 3 && !rc; c++)
-        if (has_nan[c]) mn[c] = mx[c] = NAN; /* numpy min/max propagate NaN */
+    if (!rc) minmax_finish(has_nan, mn, mx);
     tl_free(mem, buf);
     return rc;
 }

@@ -133,6 +133,9 @@ int cs_tile_read_region(cs_region_read_fn read, void *user, int height, int widt
 int cs_tile_channel_minmax(cs_region_read_fn read, void *user, int height, int width,
                            float ch_min[3], float ch_max[3]);
 
+/* The same on an image in memory (n_pixels x 3 interleaved). */
+void cs_tile_channel_minmax_hw3(const float *hw3, size_t n_pixels, float ch_min[3], float ch_max[3]);
+
 /* The official rule on n pixels of an interleaved x3 buffer, in place. */
 void cs_tile_apply_minmax(float *hw3, size_t n_pixels, const float ch_min[3],
                           const float ch_max[3]);

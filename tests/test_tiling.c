@@ -824,6 +824,10 @@ static void test_minmax(void **state) {
     float mn[3], mx[3];
     assert_int_equal(cs_tile_channel_minmax(timg_read, &im, 23, 31, mn, mx), 0);
     assert_true(mn[0] == 5 && mx[0] == 5 && mn[1] == 2 && mx[1] == 10 && mn[2] == -3 && mx[2] == 7);
+    float mn2[3], mx2[3]; /* the in-memory version: the same values */
+    cs_tile_channel_minmax_hw3(im.px, 23 * 31, mn2, mx2);
+    assert_memory_equal(mn, mn2, sizeof mn);
+    assert_memory_equal(mx, mx2, sizeof mx);
     /* through the tiler: the tile the segmenter sees is normalised */
     cs_tile_params p = params(400, 8, 8, 0.5, CS_HALO_PERIODIC);
     p.minmax_normalize = 1;
@@ -850,6 +854,8 @@ static void test_minmax(void **state) {
     im.px[3 * 40 + 1] = NAN;
     assert_int_equal(cs_tile_channel_minmax(timg_read, &im, 23, 31, mn, mx), 0);
     assert_true(isnan(mn[1]) && isnan(mx[1]) && mn[2] == -3);
+    cs_tile_channel_minmax_hw3(im.px, 23 * 31, mn2, mx2);
+    assert_true(isnan(mn2[1]) && isnan(mx2[1]) && mn2[2] == -3 && mx2[2] == 7 && mn2[0] == 5);
     float px[6] = {1, 2, 3, 4, 5, 6};
     cs_tile_apply_minmax(px, 2, mn, mx);
     assert_true(isnan(px[1]) && isnan(px[4]));
