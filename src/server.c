@@ -94,6 +94,8 @@ typedef struct image {
     float *emb;
     int emb_c, emb_h, emb_w;
     uint64_t emb_serial;
+    float range[6]; /* per-channel min, then max, of the model input: found by the
+                       whole-image embedding pass, given to windows (as tiles get it) */
     double emb_t0, emb_seconds;
     char emb_error[256];
     /* segment all */
@@ -486,28 +488,63 @@ static int load_model_input(const image *im, const char *abs, float **hw3, char 
     return rc;
 }
 
+/* Read only a region of the image file (TIFF: the strips or tiles it touches) and
+ * place its channels as the model takes them. */
+static int load_region_input(const image *im, const char *abs, int x0, int y0, int w, int h, float **hw3, char *err,
+                             size_t esz) {
+    *hw3 = NULL;
+    cs_image_reader *r = NULL;
+    if (cs_image_reader_open(abs, &r)) {
+        snprintf(err, esz, "%s", cellsam_last_error());
+        return -1;
+    }
+    cs_image_info info;
+    cs_image_reader_info(r, &info);
+    cs_image reg;
+    int rc = 0;
+    if (info.width != im->width || info.height != im->height) {
+        snprintf(err, esz, "the file changed since it was opened; open it again");
+        rc = -1;
+    } else if (cs_image_reader_read_region(r, x0, y0, w, h, &reg)) {
+        snprintf(err, esz, "%s", cellsam_last_error());
+        rc = -1;
+    } else {
+        if (cs_image_to_model_input(&reg, im->nuclear, im->cell, im->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL,
+                                    hw3)) {
+            snprintf(err, esz, "%s", cellsam_last_error());
+            rc = -1;
+        }
+        cs_image_free(&reg);
+    }
+    cs_image_reader_close(r);
+    return rc;
+}
+
 /* The SAM embedding of an image (v NULL or whole) or of a window of it, computed
- * with ctx (which then holds it). A window is seen as segment --boxes sees it at cell
- * size: edge-padded, min-max normalised with the whole image's range. */
+ * with ctx (which then holds it). The whole image's pass also writes the image's
+ * per-channel range (min x3, max x3) to `range`. A window is seen as segment --boxes
+ * sees it at cell size: edge-padded, min-max normalised with that range; only the
+ * window's region of the file is read. */
 static int compute_embedding(cs_server *s, cellsam_context *ctx, const image *im, const char *abs, const view *v,
-                             float **emb, int *C, int *h, int *w, char *err, size_t esz) {
+                             float range[6], float **emb, int *C, int *h, int *w, char *err, size_t esz) {
     float *hw3 = NULL, *chw = NULL, *sam = NULL, *win = NULL;
-    if (load_model_input(im, abs, &hw3, err, esz)) return -1;
+    const int is_window = v && v->side;
+    const int S = is_window ? v->side : 0, vw = is_window && im->width - v->x0 < S ? im->width - v->x0 : S,
+              vh = is_window && im->height - v->y0 < S ? im->height - v->y0 : S;
+    if (is_window ? load_region_input(im, abs, v->x0, v->y0, vw, vh, &hw3, err, esz)
+                  : load_model_input(im, abs, &hw3, err, esz))
+        return -1;
     int rc = CELLSAM_OK;
     const float *in = hw3;
     int iw = im->width, ih = im->height;
-    if (v && v->side) {
-        const int S = v->side, vw = im->width - v->x0 < S ? im->width - v->x0 : S,
-                  vh = im->height - v->y0 < S ? im->height - v->y0 : S;
-        win = cs_zoom_canvas(hw3, im->width, v->x0, v->y0, vw, vh, S);
+    if (is_window) {
+        win = cs_zoom_canvas(hw3, vw, 0, 0, vw, vh, S);
         if (!win) rc = CELLSAM_ERR_NOMEM;
-        else {
-            float mn[3], mx[3];
-            cs_tile_channel_minmax_hw3(hw3, (size_t)im->width * im->height, mn, mx);
-            cs_tile_apply_minmax(win, (size_t)S * S, mn, mx);
-        }
+        else cs_tile_apply_minmax(win, (size_t)S * S, range, range + 3);
         in = win;
         iw = ih = S;
+    } else {
+        cs_tile_channel_minmax_hw3(hw3, (size_t)im->width * im->height, range, range + 3);
     }
     chw = cs_alloc((size_t)iw * ih, 3 * sizeof(float));
     sam = cs_alloc((size_t)3 * CS_PREP_SIZE, CS_PREP_SIZE * sizeof(float));
@@ -572,9 +609,10 @@ static void *worker_main(void *arg) {
             im->emb_state = ST_RUNNING;
             im->emb_t0 = t0;
             pthread_mutex_unlock(&s->mu);
-            float *emb = NULL;
+            float *emb = NULL, range[6];
             int C = 0, h = 0, w = 0;
-            int rc = abs ? compute_embedding(s, s->worker_ctx, im, abs, NULL, &emb, &C, &h, &w, err, sizeof err) : -1;
+            int rc = abs ? compute_embedding(s, s->worker_ctx, im, abs, NULL, range, &emb, &C, &h, &w, err, sizeof err)
+                         : -1;
             if (!abs) snprintf(err, sizeof err, "out of memory");
             pthread_mutex_lock(&s->mu);
             if (!rc) {
@@ -584,6 +622,7 @@ static void *worker_main(void *arg) {
                 im->emb_h = h;
                 im->emb_w = w;
                 im->emb_serial = ++s->serial;
+                memcpy(im->range, range, sizeof range);
                 im->emb_state = ST_READY;
                 im->emb_seconds = cs_now_seconds() - t0;
                 s->emb_estimate = im->emb_seconds;
@@ -1496,10 +1535,12 @@ static enum MHD_Result h_prompt(cs_server *s, struct MHD_Connection *c, request 
     if (im->emb_state == ST_READY && v.side && !ve) {
         /* a new window: encoded with this context, outside the lock (the handler's
            reference keeps the image), then kept in place of the least recently used */
+        float range[6];
+        memcpy(range, im->range, sizeof range);
         pthread_mutex_unlock(&s->mu);
         float *emb = NULL;
         int C, eh, ew;
-        rc = compute_embedding(s, slot->ctx, im, im->abs, &v, &emb, &C, &eh, &ew, msg, sizeof msg) ? -1 : 0;
+        rc = compute_embedding(s, slot->ctx, im, im->abs, &v, range, &emb, &C, &eh, &ew, msg, sizeof msg) ? -1 : 0;
         pthread_mutex_lock(&s->mu);
         slot->serial = 0;
         if (!rc && im->emb_state == ST_READY) { /* (not dropped or re-channelled meanwhile) */
