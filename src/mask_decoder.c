@@ -96,11 +96,9 @@ typedef struct {
     int nq, dh;
 } t2i_fold;
 
-/* Prompt-side buffers of the folded attentions: cs_fold_ws (mask_decoder_factored.h). */
-typedef cs_fold_ws fold_ws;
 
 static void i2t_prepare(const cs_attn *a, int P, int heads, const float *tok_pe, const float *tok, int nk,
-                        const float *qp_pre, const float *norm_w, const float *norm_b, fold_ws *f, i2t_fold *out) {
+                        const float *qp_pre, const float *norm_w, const float *norm_b, cs_fold_ws *f, i2t_fold *out) {
     const int I = a->internal, dh = I / heads, R = nk * heads;
     cs_linear(tok_pe, nk, P, a->k_w, a->k_b, I, f->kp, 1);
     cs_linear(tok, nk, P, a->v_w, a->v_b, I, f->vp, 1);
@@ -129,7 +127,7 @@ static void i2t_prepare(const cs_attn *a, int P, int heads, const float *tok_pe,
     out->nk = nk;
 }
 
-static void t2i_prepare(const cs_attn *a, int P, int heads, const float *q_in, int nq, fold_ws *f, t2i_fold *out) {
+static void t2i_prepare(const cs_attn *a, int P, int heads, const float *q_in, int nq, cs_fold_ws *f, t2i_fold *out) {
     const int I = a->internal, dh = I / heads;
     cs_linear(q_in, nq, P, a->q_w, a->q_b, I, f->qp, 1);
     for (int h = 0; h < heads; h++)
@@ -217,7 +215,7 @@ static void acc_merge(block_ws *to, const block_ws *from, int R2, int P) {
 }
 
 /* The token-to-image attention's output rows (nq x P) from the accumulators. */
-static void t2i_finish(const cs_attn *a, const t2i_fold *f, int P, int heads, const block_ws *bw, fold_ws *fw,
+static void t2i_finish(const cs_attn *a, const t2i_fold *f, int P, int heads, const block_ws *bw, cs_fold_ws *fw,
                        float *out) {
     const int I = a->internal, dh = I / heads, nq = f->nq, R2 = nq * heads;
     for (int r = 0; r < R2; r++) {
@@ -288,7 +286,7 @@ typedef struct {
     int *tok;            /* image tokens to upscale */
     unsigned char *done; /* tokens already upscaled */
     attn_ws aw;          /* self-attention, and layer 0's token-to-image attention */
-    fold_ws fw;          /* the folded attentions' prompt side */
+    cs_fold_ws fw;          /* the folded attentions' prompt side */
     cs_fx_item fx;          /* factored decoding (batches), allocated on first use */
 } item_ws;
 
