@@ -96,7 +96,6 @@ typedef struct {
     int nq, dh;
 } t2i_fold;
 
-
 static void i2t_prepare(const cs_attn *a, int P, int heads, const float *tok_pe, const float *tok, int nk,
                         const float *qp_pre, const float *norm_w, const float *norm_b, cs_fold_ws *f, i2t_fold *out) {
     const int I = a->internal, dh = I / heads, R = nk * heads;
