@@ -294,6 +294,9 @@ typedef struct {
     int max_steps;             /* total optimiser steps (0 = epochs decide); wins over epochs */
     int images_per_step;       /* gradient accumulation (2) */
     int prompts_per_image;     /* boxes decoded per image per step (16) */
+    float box_jitter;          /* box prompt noise: each side moves by up to this fraction of
+                                  the box's size, and at most 200 x it pixels (0.1: SAM's 10 %
+                                  and 20 px); larger values teach the decoder imprecise boxes */
     float lr, weight_decay, clip_norm;
     int warmup_steps;
     int train_encoders;        /* 1: back-propagate into both ViTs; 0: frozen (fine-tuning) */

@@ -29,6 +29,7 @@ cellsam_train_params cellsam_train_default_params(void) {
     p.epochs = 10;
     p.images_per_step = 2;
     p.prompts_per_image = 16;
+    p.box_jitter = 0.1f;
     p.lr = 4e-4f;
     p.weight_decay = 1e-4f;
     p.clip_norm = 1.0f;
@@ -351,13 +352,14 @@ static int trainer_save(trainer *t) {
     return rc;
 }
 
-/* Jittered box prompt around a ground-truth box: up to 10% of its size per side,
- * at most 20 px (SAM's training noise), so the decoder copes with detector boxes. */
-static void jitter_box(cs_rng *r, const float *in, float *out) {
+/* Jittered box prompt around a ground-truth box: up to `frac` of its size per side,
+ * at most 200 frac px (SAM's training noise at 0.1: 10 %, 20 px), so the decoder
+ * copes with detector boxes. */
+static void jitter_box(cs_rng *r, float frac, const float *in, float *out) {
     float w = in[2] - in[0], h = in[3] - in[1];
     for (int k = 0; k < 4; k++) {
         float side = (k % 2 == 0) ? w : h;
-        float amp = fminf(0.1f * side, 20.0f);
+        float amp = fminf(frac * side, 200.0f * frac);
         out[k] = in[k] + (float)(cs_rng_uniform(r) * 2.0 - 1.0) * amp;
     }
     for (int k = 0; k < 4; k++) out[k] = fminf(fmaxf(out[k], 0.0f), (float)IMG);
@@ -381,7 +383,7 @@ static int step_decoder(trainer *t, const cs_train_sample *s, const float *emb, 
         ids[i] = ids[j];
         ids[j] = tmp;
     }
-    for (int i = 0; i < K; i++) jitter_box(&t->rng, s->boxes_xyxy + 4 * (ids[i] - 1), t->boxes + 4 * i);
+    for (int i = 0; i < K; i++) jitter_box(&t->rng, t->tp->box_jitter, s->boxes_xyxy + 4 * (ids[i] - 1), t->boxes + 4 * i);
     int rc = cs_tdecoder_forward(t->dec, emb, t->boxes, K, t->logits, t->iou, 1, t->tp->n_threads);
     if (rc) {
         free(ids);
@@ -612,7 +614,7 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
         return cs_error(CELLSAM_ERR_INVALID, "training needs a data folder and an output path");
     if (tp->prompts_per_image < 1 || tp->prompts_per_image > 256 || tp->images_per_step < 1 ||
         tp->images_per_step > 1024 || tp->epochs < 0 || tp->n_threads < 1 || !(tp->lr > 0) ||
-        (!tp->train_decoder && !tp->train_detector))
+        (!tp->train_decoder && !tp->train_detector) || !(tp->box_jitter >= 0 && tp->box_jitter <= 0.5f))
         return cs_error(CELLSAM_ERR_INVALID, "invalid training parameters");
     if (tp->anchor_matching < -1 || tp->anchor_matching > 2)
         return cs_error(CELLSAM_ERR_INVALID, "detector matching %d is not -1 (the model's), 0, 1 or 2",

@@ -199,6 +199,20 @@ awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < 0.8 * a) }' ||
     fail "loss did not fall by 20% over 25 steps on one image ($first -> $last)"
 ok "over-fitting one image: loss $first -> $last"
 
+# the box prompt noise reaches the decoder: one step from the same seed, with exact boxes and with
+# the default noise, gives two mask losses; out of range is a usage error
+for jit in 0 0.1; do
+    "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/one" --val-fraction 0 --no-detector --steps 1 --batch 1 \
+        --prompts 8 --seed 3 --box-jitter $jit --threads 2 --out "$TMP/j$jit.safetensors" 2>"$TMP/j$jit.log" ||
+        fail "--box-jitter $jit: $(tail -3 "$TMP/j$jit.log")"
+done
+m0=$(sed -n 's/.*step 1\/1 loss .*(mask \([0-9.]*\) .*/\1/p' "$TMP/j0.log")
+m1=$(sed -n 's/.*step 1\/1 loss .*(mask \([0-9.]*\) .*/\1/p' "$TMP/j0.1.log")
+[ -n "$m0" ] && [ -n "$m1" ] && [ "$m0" != "$m1" ] || fail "--box-jitter 0 and 0.1 gave the same mask loss ($m0, $m1)"
+"$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/one" --box-jitter 0.6 --out "$TMP/x.safetensors" 2>"$TMP/e"
+[ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "box-jitter" "$TMP/e" || fail "--box-jitter 0.6: $(cat "$TMP/e")"
+ok "--box-jitter reaches the decoder's prompts (mask loss $m0 exact, $m1 jittered); 0.6 is refused"
+
 # errors: one line, non-zero exit
 "$CLI" train --arch tiny --out "$TMP/x.safetensors" >/dev/null 2>"$TMP/e"
 [ $? = 2 ] || fail "train without --data should exit 2"

@@ -34,6 +34,8 @@ static void usage(const char *cmd) {
            "  --resume           continue from FILE and FILE.state when they exist\n"
            "  --epochs N (%d)  --steps N (stop after N optimiser steps)  --batch N images per step\n"
            "  --prompts N        boxes decoded per image (16)\n"
+           "  --box-jitter F     box prompt noise: each side moves by up to F of the box's size\n"
+           "                     (0.1, SAM's); larger F teaches the decoder imprecise boxes\n"
            "  --lr X  --weight-decay X  --clip X  --warmup N\n"
            "  --no-augment       no flips, rotations, crops or intensity changes\n"
            "  --whole-image-max-side N  take images up to N px per side whole (no tiler halo), as\n"
@@ -175,6 +177,7 @@ static int run(const char *cmd, int argc, char **argv) {
         FLOAT_OPT("--lr", 1e-9, 1.0, p.lr)
         FLOAT_OPT("--weight-decay", 0.0, 1.0, p.weight_decay)
         FLOAT_OPT("--clip", 0.0, 1e6, p.clip_norm)
+        FLOAT_OPT("--box-jitter", 0.0, 0.5, p.box_jitter)
         FLOAT_OPT("--val-fraction", 0.0, 0.9, p.val_fraction)
         else {
             cli_error(cmd, "unknown option '%s' (see --help)", a);
