@@ -1168,7 +1168,7 @@ int cs_image_reader_read_region(cs_image_reader *r, int x, int y, int w, int h, 
 }
 
 /* Whole image: hand over the decoded buffer instead of copying it. */
-static int reader_take_all(cs_image_reader *r, cs_image *out) {
+int cs_image_reader_read_all(cs_image_reader *r, cs_image *out) {
     if (r->have_full) {
         *out = r->full;
         memset(&r->full, 0, sizeof r->full);
@@ -1183,7 +1183,7 @@ int cs_image_read(const char *path, cs_image *out) {
     cs_image_reader *r;
     int rc = cs_image_reader_open(path, &r);
     if (rc) return rc;
-    rc = reader_take_all(r, out);
+    rc = cs_image_reader_read_all(r, out);
     cs_image_reader_close(r);
     return rc;
 }
@@ -1193,7 +1193,7 @@ int cs_image_decode(const unsigned char *buf, size_t size, const char *name_hint
     cs_image_reader *r;
     int rc = cs_image_reader_open_memory(buf, size, name_hint, &r);
     if (rc) return rc;
-    rc = reader_take_all(r, out);
+    rc = cs_image_reader_read_all(r, out);
     cs_image_reader_close(r);
     return rc;
 }

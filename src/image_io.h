@@ -77,6 +77,9 @@ int cs_image_reader_open_memory(const unsigned char *buf, size_t size, const cha
 void cs_image_reader_info(const cs_image_reader *r, cs_image_info *info);
 /* x, y, w, h must lie inside the image. */
 int cs_image_reader_read_region(cs_image_reader *r, int x, int y, int w, int h, cs_image *out);
+/* The whole image. A format decoded at open hands its buffer over instead of copying it,
+ * so read nothing more from the reader afterwards: close it. */
+int cs_image_reader_read_all(cs_image_reader *r, cs_image *out);
 void cs_image_reader_close(cs_image_reader *r);
 int cs_image_read_region(const char *path, int x, int y, int w, int h, cs_image *out);
 

@@ -467,57 +467,33 @@ static json_t *status_json(const cs_server *s, const image *im) {
 
 /* ------------------------------------------------------------ worker */
 
-/* Read the image file again and place its channels as the model takes them. */
-static int load_model_input(const image *im, const char *abs, float **hw3, char *err, size_t esz) {
-    *hw3 = NULL;
-    cs_image img;
-    if (cs_image_read(abs, &img)) {
-        snprintf(err, esz, "%s", cellsam_last_error());
-        return -1;
-    }
-    int rc = 0;
-    if (img.width != im->width || img.height != im->height) {
-        snprintf(err, esz, "the file changed since it was opened; open it again");
-        rc = -1;
-    } else if (cs_image_to_model_input(&img, im->nuclear, im->cell, im->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL,
-                                       hw3)) {
-        snprintf(err, esz, "%s", cellsam_last_error());
-        rc = -1;
-    }
-    cs_image_free(&img);
-    return rc;
-}
-
-/* Read only a region of the image file (TIFF: the strips or tiles it touches) and
- * place its channels as the model takes them. */
-static int load_region_input(const image *im, const char *abs, int x0, int y0, int w, int h, float **hw3, char *err,
-                             size_t esz) {
+/* Read the image file again, all of it or only view v's window of it (for a TIFF, only
+ * the strips or tiles that touch it; w x h pixels), and place its channels as the model
+ * takes them. */
+static int load_model_input(const image *im, const char *abs, const view *v, int w, int h, float **hw3, char *err,
+                            size_t esz) {
     *hw3 = NULL;
     cs_image_reader *r = NULL;
-    if (cs_image_reader_open(abs, &r)) {
-        snprintf(err, esz, "%s", cellsam_last_error());
-        return -1;
-    }
-    cs_image_info info;
-    cs_image_reader_info(r, &info);
-    cs_image reg;
-    int rc = 0;
-    if (info.width != im->width || info.height != im->height) {
-        snprintf(err, esz, "the file changed since it was opened; open it again");
-        rc = -1;
-    } else if (cs_image_reader_read_region(r, x0, y0, w, h, &reg)) {
-        snprintf(err, esz, "%s", cellsam_last_error());
-        rc = -1;
-    } else {
-        if (cs_image_to_model_input(&reg, im->nuclear, im->cell, im->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL,
-                                    hw3)) {
-            snprintf(err, esz, "%s", cellsam_last_error());
-            rc = -1;
+    cs_image img;
+    int rc = cs_image_reader_open(abs, &r);
+    if (!rc) {
+        cs_image_info info;
+        cs_image_reader_info(r, &info);
+        if (info.width != im->width || info.height != im->height) {
+            cs_image_reader_close(r);
+            snprintf(err, esz, "the file changed since it was opened; open it again");
+            return -1;
         }
-        cs_image_free(&reg);
+        rc = v && v->side ? cs_image_reader_read_region(r, v->x0, v->y0, w, h, &img) : cs_image_reader_read_all(r, &img);
+        cs_image_reader_close(r);
     }
-    cs_image_reader_close(r);
-    return rc;
+    if (!rc) {
+        rc = cs_image_to_model_input(&img, im->nuclear, im->cell, im->grey ? CS_CHANNELS_GREY : CS_CHANNELS_OFFICIAL,
+                                     hw3);
+        cs_image_free(&img);
+    }
+    if (rc) snprintf(err, esz, "%s", cellsam_last_error());
+    return rc ? -1 : 0;
 }
 
 /* The SAM embedding of an image (v NULL or whole) or of a window of it, computed
@@ -531,9 +507,7 @@ static int compute_embedding(cs_server *s, cellsam_context *ctx, const image *im
     const int is_window = v && v->side;
     const int S = is_window ? v->side : 0, vw = is_window && im->width - v->x0 < S ? im->width - v->x0 : S,
               vh = is_window && im->height - v->y0 < S ? im->height - v->y0 : S;
-    if (is_window ? load_region_input(im, abs, v->x0, v->y0, vw, vh, &hw3, err, esz)
-                  : load_model_input(im, abs, &hw3, err, esz))
-        return -1;
+    if (load_model_input(im, abs, v, vw, vh, &hw3, err, esz)) return -1;
     int rc = CELLSAM_OK;
     const float *in = hw3;
     int iw = im->width, ih = im->height;
@@ -658,7 +632,7 @@ static void *worker_main(void *arg) {
                 pthread_mutex_unlock(&s->mu);
                 sp.embedding = emb;
             }
-            int rc = abs ? load_model_input(im, abs, &hw3, err, sizeof err) : -1;
+            int rc = abs ? load_model_input(im, abs, NULL, 0, 0, &hw3, err, sizeof err) : -1;
             if (!abs) snprintf(err, sizeof err, "out of memory");
             int aborted = 0;
             if (!rc) {

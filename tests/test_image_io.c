@@ -365,6 +365,15 @@ static void test_tiff_regions(void **state) {
         expect_error(cs_image_reader_read_region(r, -1, 0, 1, 1, &bad), CELLSAM_ERR_INVALID, NULL, "negative region");
         expect_error(cs_image_reader_read_region(r, 0, 0, 0, 1, &bad), CELLSAM_ERR_INVALID, NULL, "empty region");
         cs_image_reader_close(r);
+        /* the whole image at once, as cs_image_read reads it */
+        if (cs_image_reader_open(path, &r)) fail_msg("open %s: %s", path, cellsam_last_error());
+        cs_image all;
+        if (cs_image_reader_read_all(r, &all)) fail_msg("read all of %s: %s", path, cellsam_last_error());
+        cs_image_reader_close(r);
+        char what[96];
+        snprintf(what, sizeof what, "spec %zu, read all", i);
+        check_tiff_values(what, &all, &specs[i], 0, 0, page_of, sample_of);
+        cs_image_free(&all);
     }
     /* Non-TIFF formats crop the decoded image. */
     int64_t shape[2] = {5, 4};
@@ -376,6 +385,14 @@ static void test_tiff_regions(void **state) {
     assert_int_equal(cs_image_read_region(p, 1, 2, 2, 3, &reg), 0);
     for (int y = 0; y < 3; y++)
         for (int x = 0; x < 2; x++) assert_true(reg.data[y * 2 + x] == (float)((2 + y) * 4 + 1 + x) * 3);
+    cs_image_free(&reg);
+    /* ... and hand the decoded image over whole */
+    cs_image_reader *r;
+    assert_int_equal(cs_image_reader_open(p, &r), 0);
+    assert_int_equal(cs_image_reader_read_all(r, &reg), 0);
+    cs_image_reader_close(r);
+    assert_true(reg.width == 4 && reg.height == 5 && reg.channels == 1);
+    for (int i = 0; i < 20; i++) assert_true(reg.data[i] == (float)(i * 3));
     cs_image_free(&reg);
 }
 
