@@ -98,7 +98,7 @@ expect_log() { grep -q "detector targets: $2, as the starting model's ($3" "$TMP
 expect_log mmodel dense "recorded in its metadata"
 expect_log hmodel dense "recorded in its metadata" # the record wins over a changed NMS hint
 expect_log rmodel hungarian "recorded in its metadata"
-expect_log bmodel dense "box NMS 0.2"
+expect_log bmodel dense "box NMS 0.15"
 expect_log officialmodel hungarian "box NMS none"
 "$CLI" info "$TMP/t_rmodel.safetensors" >"$TMP/info_r" || fail "the twice fine-tuned model does not load"
 grep -q "^trained with  hungarian detector targets" "$TMP/info_r" || fail "info does not show the record: $(cat "$TMP/info_r")"
