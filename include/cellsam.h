@@ -317,10 +317,6 @@ typedef struct {
                                   those its metadata records (cellsam.detector_targets), else
                                   dense when it recommends a box NMS (it was trained one-to-many,
                                   as cellsam's models are), else Hungarian (the official one) */
-    int iou_scores;            /* 1: the detector's score learns each box's IoU with its cell
-                                  (GFL's quality focal loss) instead of 1, so that the
-                                  threshold and the box NMS keep the best-placed boxes; 0
-                                  (default): Anchor-DETR's hard targets */
     int whole_image_max_side;  /* 0 (default): samples are tiles of the official tiler, as tiled
                                   inference sees them; N: images up to N px per side are taken
                                   whole, without the tiler's halo, as whole-image inference sees

@@ -189,11 +189,6 @@ typedef struct {
      * nearest anchor. Duplicates are left to the pipeline's mask IoU filter, as
      * FCOS-style detectors leave them to NMS; losses are normalised by the positives. */
     float dense_center;
-    /* 1: a positive's classification target is the IoU of its predicted box with its
-     * cell's box (held constant), with GFL's quality focal loss, instead of 1, so that
-     * scores rank boxes by how well they fit and the box NMS keeps the best-placed
-     * one. 0 (default): hard targets, Anchor-DETR's loss. */
-    int iou_targets;
 } cs_detr_loss_params;
 cs_detr_loss_params cs_detr_loss_default_params(void);
 

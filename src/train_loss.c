@@ -57,23 +57,6 @@ static double focal_elem(double x, double t, double alpha, double gamma, double 
     return a_t * ce * mg;
 }
 
-/* Quality focal loss (GFL, Li et al. 2020) for a positive whose soft target t is its
- * box's IoU: a * BCE(p, t) * |t - p|^gamma, minimal at p = t. For t in {0, 1} it is
- * focal_elem's loss with alpha_t = a. *dx receives d/dx (t held constant). */
-static double quality_focal_elem(double x, double t, double a, double gamma, double *dx) {
-    double p = sigmoid_d(x);
-    double ce = t * softplus(-x) + (1.0 - t) * softplus(x);
-    double m = fabs(p - t);
-    double mg = gamma == 0 ? 1.0 : (gamma == 2 ? m * m : pow(m, gamma));
-    if (dx) {
-        double dmg = 0; /* d(m^gamma)/dm, limit 0 at m = 0 for gamma > 1 */
-        if (gamma != 0 && m > 0) dmg = gamma == 2 ? 2.0 * m : gamma * pow(m, gamma - 1.0);
-        double sgn = p > t ? 1.0 : p < t ? -1.0 : 0.0;
-        *dx = a * ((p - t) * mg + ce * dmg * sgn * p * (1.0 - p));
-    }
-    return a * ce * mg;
-}
-
 double cs_loss_sigmoid_focal(const float *x, const float *t, size_t n, float alpha, float gamma,
                              float scale, float *grad) {
     if (n == 0) return 0;
@@ -161,14 +144,6 @@ static inline box_xyxy to_xyxy(double cx, double cy, double w, double h) {
     if (!(h > 0)) h = 0;
     box_xyxy b = {cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h, w * h};
     return b;
-}
-
-/* IoU of two xyxy boxes (no gradient): the quality target of iou_targets. */
-static inline double iou_value(const box_xyxy *a, const box_xyxy *b) {
-    double iw = fmin(a->x2, b->x2) - fmax(a->x1, b->x1);
-    double ih = fmin(a->y2, b->y2) - fmax(a->y1, b->y1);
-    double inter = (iw > 0 ? iw : 0) * (ih > 0 ? ih : 0);
-    return inter / (a->area + b->area - inter + GIOU_EPS);
 }
 
 /* GIoU of two xyxy boxes (no gradient): the matcher's inner loop. */
@@ -274,7 +249,6 @@ cs_detr_loss_params cs_detr_loss_default_params(void) {
     p.target_class = 1;
     p.anchors = NULL;
     p.dense_center = 0;
-    p.iou_targets = 0;
     return p;
 }
 
@@ -315,8 +289,6 @@ static int check_detr_args(const float *logits, const float *boxes, int Q, int n
     if (!(p->dense_center >= 0 && p->dense_center <= 1))
         return cs_error(CELLSAM_ERR_INVALID, "DETR loss: dense centre fraction %g outside 0..1",
                         (double)p->dense_center);
-    if (p->iou_targets != 0 && p->iou_targets != 1)
-        return cs_error(CELLSAM_ERR_INVALID, "DETR loss: iou_targets %d is not 0 or 1", p->iou_targets);
     if (p->dense_center > 0 && !p->anchors)
         return cs_error(CELLSAM_ERR_INVALID, "DETR loss: one-to-many targets need anchors");
     size_t n_logits;
@@ -495,16 +467,9 @@ int cs_detr_loss(const float *logits, const float *boxes, int Q, int n_classes, 
     for (int q = 0; q < Q; q++) {
         for (int c = 0; c < n_classes; c++) {
             size_t i = (size_t)q * n_classes + c;
-            int positive = owner && owner[q] >= 0 && c == p->target_class;
+            double t = (owner && owner[q] >= 0 && c == p->target_class) ? 1.0 : 0.0;
             double d;
-            if (positive && p->iou_targets) {
-                const float *b = boxes + (size_t)q * 4, *g = gt_boxes + (size_t)owner[q] * 4;
-                box_xyxy pb = to_xyxy(b[0], b[1], b[2], b[3]), gb = to_xyxy(g[0], g[1], g[2], g[3]);
-                cls_sum += quality_focal_elem(logits[i], iou_value(&pb, &gb), alpha >= 0 ? alpha : 1.0, gamma,
-                                              dlogits ? &d : NULL);
-            } else {
-                cls_sum += focal_elem(logits[i], positive ? 1.0 : 0.0, alpha, gamma, dlogits ? &d : NULL);
-            }
+            cls_sum += focal_elem(logits[i], t, alpha, gamma, dlogits ? &d : NULL);
             if (dlogits) dlogits[i] = (float)(gscale * d);
         }
     }

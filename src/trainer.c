@@ -442,7 +442,6 @@ static int step_detector(trainer *t, const cs_train_sample *s, const float *feat
         lp.anchors = t->anchors;
         if (t->matching == 2) lp.dense_center = 0.5f;
     }
-    lp.iou_targets = t->tp->iou_scores;
     double total = 0;
     for (int l = 0; l < L; l++) {
         cs_detr_loss_value v;
@@ -617,8 +616,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
         tp->images_per_step > 1024 || tp->epochs < 0 || tp->n_threads < 1 || !(tp->lr > 0) ||
         (!tp->train_decoder && !tp->train_detector) || !(tp->box_jitter >= 0 && tp->box_jitter <= 0.5f))
         return cs_error(CELLSAM_ERR_INVALID, "invalid training parameters");
-    if (tp->iou_scores != 0 && tp->iou_scores != 1)
-        return cs_error(CELLSAM_ERR_INVALID, "iou_scores %d is not 0 or 1", tp->iou_scores);
     if (tp->anchor_matching < -1 || tp->anchor_matching > 2)
         return cs_error(CELLSAM_ERR_INVALID, "detector matching %d is not -1 (the model's), 0, 1 or 2",
                         tp->anchor_matching);
@@ -732,8 +729,6 @@ int cellsam_train(const cellsam_train_params *tp, cellsam_train_report *report_o
                      t->matching == 2 ? t->hint[HINT_BOX_NMS] : "none");
         }
     }
-    if (tp->train_detector && tp->iou_scores)
-        tlog(t, "detector scores: trained towards each box's IoU with its cell (quality focal loss)");
     if (tp->train_detector) {
         snprintf(t->hint[HINT_TARGETS], sizeof t->hint[HINT_TARGETS], "%s", cs_detector_targets[t->matching]);
         if (t->matching == 2)

@@ -213,21 +213,6 @@ m1=$(sed -n 's/.*step 1\/1 loss .*(mask \([0-9.]*\) .*/\1/p' "$TMP/j0.1.log")
 [ $? = 2 ] && [ "$(wc -l <"$TMP/e")" = 1 ] && grep -q "box-jitter" "$TMP/e" || fail "--box-jitter 0.6: $(cat "$TMP/e")"
 ok "--box-jitter reaches the decoder's prompts (mask loss $m0 exact, $m1 jittered); 0.6 is refused"
 
-# IoU-quality detector scores reach the loss: one step from the same seed with and without them
-# gives two detector losses, and the run says so
-for q in hard iou; do
-    flag=; [ $q = iou ] && flag=--iou-scores
-    "$CLI" finetune -m "$TMP/m.safetensors" --data "$TMP/one" --val-fraction 0 --no-decoder --steps 1 --batch 1 \
-        --seed 3 $flag --threads 2 --out "$TMP/q$q.safetensors" 2>"$TMP/q$q.log" ||
-        fail "finetune $flag: $(tail -3 "$TMP/q$q.log")"
-done
-dh=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/qhard.log")
-di=$(sed -n 's/.*step 1\/1 loss .* det \([0-9.]*\)).*/\1/p' "$TMP/qiou.log")
-[ -n "$dh" ] && [ -n "$di" ] && [ "$dh" != "$di" ] || fail "--iou-scores did not change the detector loss ($dh, $di)"
-grep -q "detector scores: trained towards each box's IoU" "$TMP/qiou.log" || fail "--iou-scores not reported"
-grep -q "detector scores" "$TMP/qhard.log" && fail "hard targets reported as IoU scores"
-ok "--iou-scores reaches the detector loss ($dh with hard targets, $di with IoU targets)"
-
 # errors: one line, non-zero exit
 "$CLI" train --arch tiny --out "$TMP/x.safetensors" >/dev/null 2>"$TMP/e"
 [ $? = 2 ] || fail "train without --data should exit 2"

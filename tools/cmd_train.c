@@ -50,9 +50,6 @@ static void usage(const char *cmd) {
            "                     the starting model records; without a record dense when it recommends\n"
            "                     a box NMS, as cellsam's models do, else hungarian, as for the official\n"
            "                     checkpoint)\n"
-           "  --iou-scores       the detector's score learns each box's IoU with its cell (GFL's\n"
-           "                     quality focal loss) instead of 1: threshold and box NMS then keep\n"
-           "                     the best-placed boxes\n"
            "  --time-limit SEC   save and stop cleanly after SEC seconds (resume later)\n"
            "  --save-every N     also save every N steps\n"
            "  --threads N  --seed N\n"
@@ -132,8 +129,6 @@ static int run(const char *cmd, int argc, char **argv) {
             p.cache_embeddings = 0;
         } else if (!strcmp(a, "--reset-detector-head")) {
             p.reset_detector_head = 1;
-        } else if (!strcmp(a, "--iou-scores")) {
-            p.iou_scores = 1;
         } else if (!strcmp(a, "--trunk-from-sam")) {
             p.trunk_from_sam = 1;
         } else if (ft && !strcmp(a, "--detector-from")) {
