@@ -66,7 +66,7 @@ static void usage(void) {
         "Thresholds: --bbox-threshold 0.4  --iou-threshold 0.5  --min-size 25  --remove-boundaries\n"
         "  --box-nms IOU   drop a detected box overlapping a higher-scored one by IoU > IOU before\n"
         "                  decoding (0 = off, the official behaviour). Default: what the model's\n"
-        "                  metadata recommends (cellsam-trained models: 0.2), else off\n"
+        "                  metadata recommends (the bundled model: 0.15; `cellsam info` shows it), else off\n"
         "            --no-normalize (skip the percentile clip + CLAHE)\n"
         "  --full-masks    upscale every mask on the whole image, as the official code, instead of\n"
         "                  around its box (grown while the mask reaches the border: only parts cut\n"
